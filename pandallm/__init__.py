@@ -1,0 +1,3 @@
+"""pandallm: a Lightning trainer for LLaMA-family language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from pandallm.cli import main
+
+main()

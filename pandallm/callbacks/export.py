@@ -1,0 +1,48 @@
+"""Exporting the trained model in Hugging Face format when `fit` ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+log = logging.getLogger(__name__)
+
+
+def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
+    """Whether no rank holds the whole model (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+class HFExport(L.Callback):
+    def __init__(self, enabled: bool = True, dirpath: str | None = None) -> None:
+        """
+        Args:
+            enabled: Export the final weights and the tokenizer when `fit` finishes.
+            dirpath: Where; default `hf/` inside the run directory (the logger's directory).
+        """
+        self.enabled = enabled
+        self.dirpath = dirpath
+
+    def directory(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "hf"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled:
+            return
+        if shards_parameters(trainer.strategy):
+            # Rank 0 holds only its shard here; saving it would write a model that loads with wrong weights.
+            log.warning(
+                "pandallm: no Hugging Face export at the end of a run with %s, whose weights are sharded; the "
+                "Lightning checkpoint holds them",
+                type(trainer.strategy).__name__,
+            )
+            return
+        if trainer.is_global_zero:
+            directory = pl_module.export_hf(self.directory(trainer))
+            log.info("pandallm: exported the model in Hugging Face format to %s", directory)
+        trainer.strategy.barrier("hf_export")

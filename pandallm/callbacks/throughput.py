@@ -1,0 +1,38 @@
+"""Logging training throughput in tokens per second."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class TokensPerSecond(L.Callback):
+    """Logs `train/tokens_per_sec`: non-padding tokens of all ranks per second of wall time, per optimizer step.
+
+    Lightning's `ThroughputMonitor` counts rank 0's items times the world size and names them "items"; here
+    the tokens of every rank are summed (one small all-reduce per optimizer step), padding excluded.
+    """
+
+    def __init__(self) -> None:
+        self._tokens = 0
+        self._start: float | None = None
+        self._step = -1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._tokens, self._start, self._step = 0, time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._tokens += int(batch["attention_mask"].sum())
+        if trainer.global_step == self._step:  # still accumulating gradients
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        tokens = trainer.strategy.reduce(torch.tensor(float(self._tokens), device=pl_module.device), reduce_op="sum")
+        pl_module.log("train/tokens_per_sec", float(tokens) / max(now - self._start, 1e-9), on_step=True)
+        self._tokens, self._start, self._step = 0, now, trainer.global_step

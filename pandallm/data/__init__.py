@@ -1,0 +1,3 @@
+from pandallm.data.datamodule import PandaDataModule
+
+__all__ = ["PandaDataModule"]

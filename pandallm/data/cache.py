@@ -1,0 +1,71 @@
+"""A tokenized-dataset cache keyed by content: the bytes of the data files, the tokenizer and the settings.
+
+A second run with the same inputs loads Arrow files (memory-mapped) instead of tokenizing again; changing any
+data file, the tokenizer or a setting gives a new key. Entries are written under a temporary name and renamed
+last, so a run killed while tokenizing never leaves a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from datasets import DatasetDict, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+# Bump when the encoding rules change, so that caches built by an older pandallm are not reused.
+FORMAT_VERSION = 1
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of everything that decides how text becomes ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        vocabulary = backend.to_str()
+    else:  # a Python-only tokenizer: its vocabulary is the best description we have
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    described = {
+        "class": type(tokenizer).__name__,
+        "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest(),
+        "special": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    described = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()[:24]
+
+
+def load_or_build(cache_dir: str | Path, key: str, build: Callable[[Path], DatasetDict]) -> DatasetDict:
+    """Load the entry `key`, building it with `build(scratch_dir)` first if it is not there."""
+    cache_dir = Path(cache_dir)
+    entry = cache_dir / key
+    if (entry / "dataset_dict.json").is_file():
+        return load_from_disk(str(entry))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
+    scratch = cache_dir / f".{key}.scratch-{os.getpid()}"
+    try:
+        build(scratch).save_to_disk(str(tmp))
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not (entry / "dataset_dict.json").is_file():  # not a concurrent writer that got there first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return load_from_disk(str(entry))

@@ -1,0 +1,257 @@
+"""The LightningDataModule: record files in, padded batches of `input_ids` / `labels` / `position_ids` out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from functools import cached_property, partial
+from pathlib import Path
+
+import lightning as L
+from datasets import Dataset, DatasetDict, concatenate_datasets
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
+from pandallm.data.collate import collate_prompts, collate_rows
+from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
+from pandallm.data.tokenize import ROW_FEATURES, special_ids, tokenize_documents, tokenize_instructions
+from pandallm.errors import DataFormatError, DatasetError
+from pandallm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+class PandaDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
+        pretraining_data_dir: str | None = "dataset/pretraining",
+        val_files: list[str] | None = None,
+        val_fraction: float = 0.0,
+        test_files: list[str] | None = None,
+        predict_files: list[str] | None = None,
+        max_seq_length: int = 2048,
+        per_device_train_batch_size: int = 1,
+        per_device_eval_batch_size: int = 2,
+        num_workers: int = 2,
+        prefetch_factor: int = 2,
+        preprocessing_num_workers: int = 1,
+        cache_dir: str = ".cache/pandallm",
+        split_seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
+            instruction_tuning_data_dir: `{"input", "target"}` records (`.json` arrays, `.jsonl`); null: none.
+            pretraining_data_dir: `{"title", "content"}` records, packed into `max_seq_length` blocks; null: none.
+            val_files: Validation files of either kind (detected from their fields).
+            val_fraction: Share of the training records (per kind, seeded by `split_seed`) held out for validation.
+            test_files: Files for `pandallm test`, of either kind.
+            predict_files: Records whose `input` `pandallm predict` completes.
+            max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
+            per_device_train_batch_size: Rows per training batch on each device.
+            per_device_eval_batch_size: Rows per validation / test / predict batch on each device.
+            num_workers: Data-loader worker processes.
+            prefetch_factor: Batches each worker loads ahead.
+            preprocessing_num_workers: Processes that tokenize (`datasets.map(num_proc=...)`).
+            cache_dir: Where tokenized datasets are kept, keyed by the files' content, the tokenizer and settings.
+            split_seed: Seed of the `val_fraction` hold-out.
+        """
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise DatasetError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if max_seq_length < 2:
+            raise DatasetError(f"data.max_seq_length must be at least 2, got {max_seq_length}")
+        if instruction_tuning_data_dir is None and pretraining_data_dir is None:
+            raise DatasetError("no training data: set data.instruction_tuning_data_dir or data.pretraining_data_dir")
+        self.tokenizer_name = tokenizer
+        self.data_dirs: dict[RecordKind, str | None] = {
+            "instruction": instruction_tuning_data_dir,
+            "pretraining": pretraining_data_dir,
+        }
+        self.val_files = list(val_files or [])
+        self.val_fraction = val_fraction
+        self.test_files = list(test_files or [])
+        self.predict_files = list(predict_files or [])
+        self.max_seq_length = max_seq_length
+        self.train_batch_size = per_device_train_batch_size
+        self.eval_batch_size = per_device_eval_batch_size
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.preprocessing_num_workers = preprocessing_num_workers
+        self.cache_dir = cache_dir
+        self.split_seed = split_seed
+        self.datasets: DatasetDict | None = None
+
+    # ---- preparing -------------------------------------------------------------------------------------------
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer_name is None:
+            raise DatasetError("data.tokenizer is not set (it is linked from model.tokenizer / model_name_or_path)")
+        return load_tokenizer(self.tokenizer_name)
+
+    @property
+    def pad_id(self) -> int:
+        # Any id works: padded positions are masked from the loss by `labels`, not by this id.
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def prepare_data(self) -> None:
+        # Lightning runs this once per node before `setup`: malformed data fails here, before any training.
+        self._load()
+
+    def setup(self, stage: str) -> None:
+        if self.datasets is None:
+            self.datasets = self._load()
+            sizes = {split: len(ds) for split, ds in self.datasets.items()}
+            tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
+            log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
+        if stage == "fit" and len(self.datasets["train"]) == 0:
+            raise DatasetError("the training data is empty")
+        if stage == "validate" and len(self.datasets["validation"]) == 0:
+            raise DatasetError("no validation data: set data.val_files or data.val_fraction")
+        if stage == "test" and len(self.datasets["test"]) == 0:
+            raise DatasetError("no test data: set data.test_files")
+        if stage == "predict" and not self.predict_files:
+            raise DatasetError("no prompts: set data.predict_files")
+
+    def _sources(self) -> dict[str, list[tuple[RecordKind | None, Path]]]:
+        """The files of each split, with their kind where the directory says it."""
+        sources: dict[str, list[tuple[RecordKind | None, Path]]] = {split: [] for split in SPLITS}
+        for kind, directory in self.data_dirs.items():
+            if directory is not None:
+                option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
+                sources["train"] += [(kind, path) for path in find_data_files(directory, option)]
+        sources["validation"] = [(None, Path(p)) for p in self.val_files]
+        sources["test"] = [(None, Path(p)) for p in self.test_files]
+        for split in ("validation", "test"):
+            for _, path in sources[split]:
+                if not path.is_file():
+                    raise DatasetError(
+                        f"data.{'val' if split == 'validation' else split}_files: '{path}': no such file"
+                    )
+        return sources
+
+    def _load(self) -> DatasetDict:
+        sources = self._sources()
+        key = cache_key(
+            {
+                "files": {
+                    split: [(kind, file_digest(path)) for kind, path in files] for split, files in sources.items()
+                },
+                "tokenizer": tokenizer_digest(self.tokenizer),
+                "max_seq_length": self.max_seq_length,
+                "val_fraction": self.val_fraction,
+                "split_seed": self.split_seed,
+            }
+        )
+        datasets = load_or_build(self.cache_dir, key, partial(self._build, sources))
+        # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
+        for split in SPLITS:
+            if split not in datasets:
+                datasets[split] = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+        return datasets
+
+    def _build(self, sources: dict[str, list[tuple[RecordKind | None, Path]]], scratch: Path) -> DatasetDict:
+        records: dict[str, dict[RecordKind, list[Record]]] = {s: {"instruction": [], "pretraining": []} for s in SPLITS}
+        for split, files in sources.items():
+            for kind, path in files:
+                found_kind, found = read_records(path, kind)
+                records[split][found_kind] += found
+        if self.val_fraction > 0:
+            for kind, train in records["train"].items():
+                records["train"][kind], held_out = hold_out(train, self.val_fraction, self.split_seed)
+                records["validation"][kind] += held_out
+        built = {}
+        for split, by_kind in records.items():
+            parts = []
+            if by_kind["instruction"]:
+                rows, num_truncated = tokenize_instructions(
+                    by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers
+                )
+                if num_truncated:
+                    log.warning(
+                        "%s: %d of %d instruction records are longer than max_seq_length=%d; their prompts were "
+                        "truncated from the left (see README, 'Data formats')",
+                        split,
+                        num_truncated,
+                        len(rows),
+                        self.max_seq_length,
+                    )
+                parts.append(rows)
+            if by_kind["pretraining"]:
+                parts.append(
+                    tokenize_documents(
+                        by_kind["pretraining"],
+                        self.tokenizer,
+                        self.max_seq_length,
+                        self.preprocessing_num_workers,
+                        scratch / split,
+                    )
+                )
+            if parts:
+                built[split] = concatenate_datasets(parts)
+        return DatasetDict(built)
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+
+    def num_train_batches(self, world_size: int) -> int:
+        """Training batches per epoch on each rank (Lightning's DistributedSampler pads ranks to equal length)."""
+        assert self.datasets is not None, "setup('fit') must run first"
+        rows_per_rank = math.ceil(len(self.datasets["train"]) / world_size)
+        return math.ceil(rows_per_rank / self.train_batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], self.train_batch_size, True, collate_rows)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.datasets["validation"]) == 0:
+            return []  # Lightning then skips validation
+        return self._loader(self.datasets["validation"], self.eval_batch_size, False, collate_rows)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"], self.eval_batch_size, False, collate_rows)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.prompts(), self.eval_batch_size, False, collate_prompts)
+
+    def prompts(self) -> list[dict]:
+        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit)."""
+        bos_id, _ = special_ids(self.tokenizer)
+        head = [] if bos_id is None else [bos_id]
+        rows = []
+        for name in self.predict_files:
+            path = Path(name)
+            for line, value in iter_json_values(path):
+                if not isinstance(value, dict) or not isinstance(value.get("input"), str):
+                    raise DataFormatError(path, line, "input", "expected an object with a string 'input'")
+                ids = self.tokenizer(value["input"], add_special_tokens=False)["input_ids"]
+                ids = ids[max(len(ids) - (self.max_seq_length - len(head)), 0) :]
+                rows.append({"input_ids": head + ids, "index": len(rows), "input": value["input"]})
+        return rows
+
+
+def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split off a seeded random `fraction` of `records` (at least one when there are two or more)."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    num_held = min(max(round(fraction * len(records)), 1), len(records) - 1)
+    held = set(random.Random(seed).sample(range(len(records)), num_held))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]

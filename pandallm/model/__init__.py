@@ -1,0 +1,3 @@
+from pandallm.model.module import PandaLLM
+
+__all__ = ["PandaLLM"]

@@ -1,0 +1,193 @@
+"""The LightningModule: a Hugging Face `LlamaForCausalLM`, its loss, optimizer, schedule and metrics."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from pandallm.errors import ModelError
+from pandallm.model.build import build_model, is_preset, model_config, num_parameters
+from pandallm.model.export import save_hf
+from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
+from pandallm.tokenizer import load_tokenizer
+
+
+class PandaLLM(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "llama-tiny",
+        tokenizer: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 1e-3,
+        adam_betas: tuple[float, float] = (0.9, 0.99),
+        adam_epsilon: float = 1e-6,
+        weight_decay: float = 0.0,
+        lr_scheduler: ScheduleName = "linear",
+        warmup_steps: int = 50,
+        warmup_proportion: float | None = None,
+        min_lr_ratio: float = 0.0,
+        poly_power: float = 1.0,
+        max_new_tokens: int = 128,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: A preset (llama-7b, llama-13b, llama-33b, llama-65b, llama-mini, llama-tiny),
+                trained from scratch, or a Hugging Face LLaMA checkpoint: a local directory or a hub id.
+            tokenizer: Tokenizer directory, hub id or sentencepiece `.model` file; default: the checkpoint's own.
+            config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
+            attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
+            gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
+            learning_rate: Peak AdamW learning rate.
+            adam_betas: AdamW betas.
+            adam_epsilon: AdamW epsilon.
+            weight_decay: AdamW weight decay, applied to matrices only (not norms).
+            lr_scheduler: `linear`, `cosine`, `poly` (warmup, then decay to `min_lr_ratio`), `warmup` (warmup,
+                then constant) or `constant` (no warmup).
+            warmup_steps: Warmup length in optimizer steps.
+            warmup_proportion: Warmup length as a share of all optimizer steps; replaces `warmup_steps` when set.
+            min_lr_ratio: Learning rate at the end of a decay, as a share of the peak.
+            poly_power: Exponent of the `poly` decay.
+            max_new_tokens: Tokens `pandallm predict` generates per prompt.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if tokenizer is None and is_preset(model_name_or_path):
+            raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
+        self.tokenizer_name = tokenizer or model_name_or_path
+        # Built in `configure_model`, inside the strategy's context (meta device, sharding), never here: parsing
+        # or instantiating a 65B recipe allocates nothing.
+        self.model: LlamaForCausalLM | None = None
+        self._eval_sums: torch.Tensor | None = None
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.tokenizer_name)
+
+    @property
+    def config(self):
+        """The model's `LlamaConfig`, available before the weights exist."""
+        if self.model is not None:
+            return self.model.config
+        h = self.hparams
+        return model_config(h.model_name_or_path, len(self.tokenizer), h.config_overrides)
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.config)
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once (fit, then validate)
+            return
+        h = self.hparams
+        self.model = build_model(h.model_name_or_path, len(self.tokenizer), h.config_overrides, h.attn_implementation)
+        if h.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # No attention mask on purpose. Rows are right-padded and attention is causal, so real tokens never see
+        # padding; and with no mask, transformers reads document boundaries from `position_ids` (a restart at 0)
+        # and keeps attention inside each document, on sdpa, eager and flash-attention alike. `use_cache=False`:
+        # with a cache, transformers would not look for those boundaries.
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_lm_loss_sum(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, count = self._loss_sum(batch)
+        loss = loss_sum / count.clamp(min=1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, count = self._loss_sum(batch)
+        self._eval_sums += torch.stack([loss_sum.detach().double(), count.double()])
+
+    test_step = validation_step
+
+    def _log_eval(self, stage: str) -> None:
+        # Token-weighted over the whole set and all ranks, so that the perplexity is exp of the true mean loss.
+        loss_sum, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        if count == 0:
+            return
+        loss = loss_sum / count
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        prompt_length = batch["input_ids"].shape[1]
+        generated = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        outputs = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        return [{"input": text, "output": out} for text, out in zip(batch["input"], outputs, strict=True)]
+
+    # ---- optimization ----------------------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "num_train_batches"):
+            raise ModelError("PandaLLM computes its schedule from a PandaDataModule; pass one to the trainer")
+        batches = datamodule.num_train_batches(trainer.world_size)
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
+        return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},  # norms
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon, fused=self.device.type == "cuda"
+        )
+        total = self.total_steps()
+        schedule = Schedule(
+            h.lr_scheduler,
+            total,
+            warmup_steps(total, h.warmup_steps, h.warmup_proportion),
+            h.min_lr_ratio,
+            h.poly_power,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
+        }
+
+    # ---- export ----------------------------------------------------------------------------------------------
+
+    def export_hf(self, directory: str | Path) -> Path:
+        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm."""
+        return save_hf(self.model, self.tokenizer, directory)

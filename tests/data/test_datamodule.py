@@ -1,0 +1,139 @@
+"""The data module on real files: exact rows, the content-keyed cache, splits, batching and errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+import pandallm.data.datamodule as datamodule_module
+from pandallm.data import PandaDataModule
+from pandallm.data.encode import IGNORE_INDEX
+from pandallm.errors import DataFormatError, DatasetError
+from tests.conftest import DOCUMENTS, write_jsonl
+
+
+def make(tokenizer_dir: str, **kwargs) -> PandaDataModule:
+    defaults = {"tokenizer": tokenizer_dir, "max_seq_length": 64, "num_workers": 0}
+    return PandaDataModule(**{**defaults, **kwargs})
+
+
+def ready(dm: PandaDataModule, stage: str = "fit") -> PandaDataModule:
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm
+
+
+def test_instruction_row_golden(tmp_path: Path, tokenizer_dir: str) -> None:
+    # Golden ids of the shipped demo tokenizer, reviewed piece by piece:
+    # prompt: ▁What ▁is ▁the ▁c ap it al ▁of ▁F r ance ?   target: ▁P ar is .   then </s>
+    write_jsonl(tmp_path / "it" / "a.jsonl", [{"input": "What is the capital of France?", "target": "Paris."}])
+    dm = ready(
+        make(
+            tokenizer_dir,
+            instruction_tuning_data_dir=str(tmp_path / "it"),
+            pretraining_data_dir=None,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    row = dm.datasets["train"][0]
+    prompt = [1, 454, 299, 263, 270, 400, 289, 288, 284, 533, 1217, 575, 1248]
+    target = [406, 278, 275, 1232, 2]
+    assert row["input_ids"] == prompt + target
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + target
+    assert dm.tokenizer.convert_ids_to_tokens(target) == ["▁P", "ar", "is", ".", "</s>"]
+
+
+def test_pretraining_blocks_cover_every_document_token(tmp_path: Path, tokenizer_dir: str) -> None:
+    write_jsonl(tmp_path / "pt" / "d.jsonl", DOCUMENTS)
+    dm = ready(
+        make(
+            tokenizer_dir,
+            instruction_tuning_data_dir=None,
+            pretraining_data_dir=str(tmp_path / "pt"),
+            cache_dir=str(tmp_path / "cache"),
+            max_seq_length=32,
+        )
+    )
+    tok = dm.tokenizer
+    expected = []
+    for doc in DOCUMENTS:
+        text = f"{doc['title']}\n{doc['content']}" if doc["title"] else doc["content"]
+        expected += [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    rows = dm.datasets["train"]
+    assert [t for ids in rows["input_ids"] for t in ids] == expected
+    assert all(len(ids) == 32 for ids in rows["input_ids"][:-1])
+    assert rows["labels"] == rows["input_ids"]
+
+
+def test_second_run_loads_the_cache_without_tokenizing(data_dirs, tokenizer_dir, monkeypatch) -> None:
+    first = ready(make(tokenizer_dir, **data_dirs))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(datamodule_module, "tokenize_instructions", fail)
+    monkeypatch.setattr(datamodule_module, "tokenize_documents", fail)
+    second = ready(make(tokenizer_dir, **data_dirs))
+    assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    with pytest.raises(AssertionError, match="tokenized again"):  # a new setting is a new key
+        ready(make(tokenizer_dir, **data_dirs, max_seq_length=48))
+
+
+def test_changing_a_file_rebuilds(data_dirs, tokenizer_dir) -> None:
+    first = ready(make(tokenizer_dir, **data_dirs))
+    write_jsonl(Path(data_dirs["instruction_tuning_data_dir"]) / "c.jsonl", [{"input": "New?", "target": "Yes."}])
+    second = ready(make(tokenizer_dir, **data_dirs))
+    assert len(second.datasets["train"]) == len(first.datasets["train"]) + 1
+
+
+def test_val_fraction_holds_out_records_and_val_files_are_detected(data_dirs, tokenizer_dir, tmp_path) -> None:
+    val_file = write_jsonl(tmp_path / "val.jsonl", [{"input": "Held?", "target": "Out."}])
+    full = ready(make(tokenizer_dir, **data_dirs))
+    split = ready(make(tokenizer_dir, **data_dirs, val_fraction=0.2, val_files=[str(val_file)]))
+    assert len(split.datasets["train"]) < len(full.datasets["train"])
+    assert len(split.datasets["validation"]) > 1
+    train_rows = {tuple(ids) for ids in split.datasets["train"]["input_ids"]}
+    val_only = [ids for ids in split.datasets["validation"]["input_ids"] if tuple(ids) not in train_rows]
+    assert val_only  # at least the explicit file's row and the unique held-out documents
+
+
+def test_batches_pad_to_the_longest_row_not_max_seq_length(data_dirs, tokenizer_dir) -> None:
+    dm = ready(
+        make(
+            tokenizer_dir,
+            **{**data_dirs, "pretraining_data_dir": None},
+            max_seq_length=512,
+            per_device_train_batch_size=4,
+        )
+    )
+    for batch in dm.train_dataloader():
+        longest = int(batch["attention_mask"].sum(1).max())
+        assert batch["input_ids"].shape[1] == longest < 512
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_malformed_record_fails_in_prepare_data_with_file_and_line(data_dirs, tokenizer_dir) -> None:
+    bad = Path(data_dirs["instruction_tuning_data_dir"]) / "z.jsonl"
+    bad.write_text('{"input": "a", "target": "b"}\n{"input": "a", "target": ["b"]}\n')
+    with pytest.raises(DataFormatError, match=r"z.jsonl:2: field 'target': expected a string, got list"):
+        make(tokenizer_dir, **data_dirs).prepare_data()
+
+
+def test_missing_inputs_are_named(data_dirs, tokenizer_dir, tmp_path) -> None:
+    with pytest.raises(DatasetError, match="pretraining_data_dir '.*nowhere' is not a directory"):
+        make(tokenizer_dir, **{**data_dirs, "pretraining_data_dir": str(tmp_path / "nowhere")}).prepare_data()
+    with pytest.raises(DatasetError, match="val_files: '.*missing.jsonl': no such file"):
+        make(tokenizer_dir, **data_dirs, val_files=[str(tmp_path / "missing.jsonl")]).prepare_data()
+    with pytest.raises(DatasetError, match="no validation data"):
+        ready(make(tokenizer_dir, **data_dirs), "validate")
+    with pytest.raises(DatasetError, match="no training data"):
+        make(tokenizer_dir, instruction_tuning_data_dir=None, pretraining_data_dir=None)
+
+
+def test_num_train_batches_follows_the_distributed_sampler(data_dirs, tokenizer_dir) -> None:
+    dm = ready(make(tokenizer_dir, **data_dirs, per_device_train_batch_size=3))
+    rows = len(dm.datasets["train"])
+    assert dm.num_train_batches(1) == len(dm.train_dataloader()) == math.ceil(rows / 3)
+    assert dm.num_train_batches(2) == math.ceil(math.ceil(rows / 2) / 3)

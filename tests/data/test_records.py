@@ -1,0 +1,78 @@
+"""Malformed data fails before training, naming the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pandallm.data.records import find_data_files, read_records
+from pandallm.errors import DataFormatError, DatasetError
+from tests.conftest import write_jsonl
+
+
+def test_jsonl_records_carry_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input": "a", "target": "b"}\n\n{"input": "c", "target": "d"}\n')
+    kind, records = read_records(path)
+    assert kind == "instruction"
+    assert [(r.line, r.fields) for r in records] == [
+        (1, {"input": "a", "target": "b"}),
+        (3, {"input": "c", "target": "d"}),
+    ]
+
+
+def test_json_array_records_carry_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"title": "t", "content": "x"}, {"title": "", "content": "y"}], indent=2))
+    kind, records = read_records(path)
+    assert kind == "pretraining"
+    assert [r.line for r in records] == [2, 6]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "problem"),
+    [
+        ('{"input": "a", "target": "b"}\n{"input": "a", "target": }\n', 2, None, "invalid JSON"),
+        ('{"input": "a", "target": "b"}\n{"input": "a"}\n', 2, "target", "missing"),
+        ('{"input": "a", "target": "b"}\n\n{"input": 3, "target": "b"}\n', 3, "input", "expected a string, got int"),
+        ('{"input": "a", "target": "b"}\n["a", "b"]\n', 2, None, "expected an object"),
+        ('{"input": "a", "target": "  "}\n', 1, "target", "is empty"),
+    ],
+)
+def test_malformed_jsonl_names_file_line_and_field(tmp_path: Path, text, line, field, problem) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataFormatError) as error:
+        read_records(path, "instruction")
+    assert (error.value.path, error.value.line, error.value.field) == (str(path), line, field)
+    assert str(error.value).startswith(f"{path}:{line}: ")
+    assert problem in str(error.value)
+
+
+def test_malformed_json_array_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"title": "a", "content": "b"},\n  {"title": "c", "content": "d"\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad.json:4: invalid JSON"):
+        read_records(path, "pretraining")
+    path.write_text('[\n  {"title": "a", "content": "b"},\n  {"title": "c", "content": 7}\n]\n')
+    with pytest.raises(DataFormatError, match=r"bad.json:3: field 'content': expected a string, got int"):
+        read_records(path, "pretraining")
+    path.write_text('{"title": "a", "content": "b"}')
+    with pytest.raises(DataFormatError, match=r"bad.json:1: expected a JSON array"):
+        read_records(path, "pretraining")
+
+
+def test_unknown_record_kind_lists_the_expected_fields(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "v.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataFormatError, match=r"v.jsonl:1: cannot tell the record kind.*\['input', 'target'\]"):
+        read_records(path)
+
+
+def test_missing_and_empty_directories(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="instruction_tuning_data_dir '.*nope' is not a directory"):
+        find_data_files(tmp_path / "nope", "instruction_tuning_data_dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no .json or .jsonl files"):
+        find_data_files(tmp_path / "empty", "instruction_tuning_data_dir")
