@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from pandallm.callbacks.export import HFExport
 from pandallm.callbacks.predictions import PredictionWriter
+from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.model.module import PandaLLM
@@ -40,7 +41,8 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
         seed_everything_default=42,
         trainer_defaults={
             "logger": {"class_path": CSVLogger.__module__ + ".CSVLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [TokensPerSecond()],
+            "callbacks": [TokensPerSecond(), RNGState()],
+            "use_distributed_sampler": False,  # PandaDataModule shards the data across ranks itself
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # PandaLLM.configure_optimizers owns the optimizer and schedule

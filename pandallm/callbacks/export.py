@@ -42,7 +42,8 @@ class HFExport(L.Callback):
                 type(trainer.strategy).__name__,
             )
             return
+        directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:
-            directory = pl_module.export_hf(self.directory(trainer))
+            pl_module.export_hf(directory)
             log.info("pandallm: exported the model in Hugging Face format to %s", directory)
         trainer.strategy.barrier("hf_export")

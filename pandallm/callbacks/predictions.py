@@ -19,6 +19,7 @@ class PredictionWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         self.path = path
+        self._resolved: Path | None = None
 
     def _file(self, trainer: L.Trainer) -> Path:
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
@@ -27,11 +28,12 @@ class PredictionWriter(BasePredictionWriter):
         return path
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self._file(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        # Resolved once, on every rank: `trainer.log_dir` is a collective under DDP.
+        self._resolved = self._file(trainer)
+        self._resolved.parent.mkdir(parents=True, exist_ok=True)
+        self._resolved.write_text("")
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx, dataloader_idx):
-        with self._file(trainer).open("a", encoding="utf-8") as f:
+        with self._resolved.open("a", encoding="utf-8") as f:
             for item in prediction:
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")

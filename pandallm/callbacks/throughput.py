@@ -21,8 +21,15 @@ class TokensPerSecond(L.Callback):
         self._start: float | None = None
         self._step = -1
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._tokens, self._start, self._step = 0, time.perf_counter(), trainer.global_step
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Started here rather than at epoch start: a run resumed mid-epoch does not start an epoch.
+        if self._start is None:
+            self._tokens, self._start, self._step = 0, time.perf_counter(), trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = None  # validation time is not training time
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -9,13 +9,16 @@ from functools import cached_property, partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
+from pandallm.data.sharding import shard_indices
 from pandallm.data.tokenize import ROW_FEATURES, special_ids, tokenize_documents, tokenize_instructions
 from pandallm.errors import DataFormatError, DatasetError
 from pandallm.tokenizer import load_tokenizer
@@ -42,7 +45,7 @@ class PandaDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         preprocessing_num_workers: int = 1,
         cache_dir: str = ".cache/pandallm",
-        split_seed: int = 42,
+        seed: int = 42,
     ) -> None:
         """
         Args:
@@ -50,7 +53,7 @@ class PandaDataModule(L.LightningDataModule):
             instruction_tuning_data_dir: `{"input", "target"}` records (`.json` arrays, `.jsonl`); null: none.
             pretraining_data_dir: `{"title", "content"}` records, packed into `max_seq_length` blocks; null: none.
             val_files: Validation files of either kind (detected from their fields).
-            val_fraction: Share of the training records (per kind, seeded by `split_seed`) held out for validation.
+            val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
             test_files: Files for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
@@ -60,7 +63,7 @@ class PandaDataModule(L.LightningDataModule):
             prefetch_factor: Batches each worker loads ahead.
             preprocessing_num_workers: Processes that tokenize (`datasets.map(num_proc=...)`).
             cache_dir: Where tokenized datasets are kept, keyed by the files' content, the tokenizer and settings.
-            split_seed: Seed of the `val_fraction` hold-out.
+            seed: Seed of the `val_fraction` hold-out and of the training data order.
         """
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -85,7 +88,7 @@ class PandaDataModule(L.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.preprocessing_num_workers = preprocessing_num_workers
         self.cache_dir = cache_dir
-        self.split_seed = split_seed
+        self.seed = seed
         self.datasets: DatasetDict | None = None
 
     # ---- preparing -------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ class PandaDataModule(L.LightningDataModule):
                 "tokenizer": tokenizer_digest(self.tokenizer),
                 "max_seq_length": self.max_seq_length,
                 "val_fraction": self.val_fraction,
-                "split_seed": self.split_seed,
+                "seed": self.seed,
             }
         )
         datasets = load_or_build(self.cache_dir, key, partial(self._build, sources))
@@ -165,7 +168,7 @@ class PandaDataModule(L.LightningDataModule):
                 records[split][found_kind] += found
         if self.val_fraction > 0:
             for kind, train in records["train"].items():
-                records["train"][kind], held_out = hold_out(train, self.val_fraction, self.split_seed)
+                records["train"][kind], held_out = hold_out(train, self.val_fraction, self.seed)
                 records["validation"][kind] += held_out
         built = {}
         for split, by_kind in records.items():
@@ -201,36 +204,56 @@ class PandaDataModule(L.LightningDataModule):
     # ---- loading ---------------------------------------------------------------------------------------------
 
     def num_train_batches(self, world_size: int) -> int:
-        """Training batches per epoch on each rank (Lightning's DistributedSampler pads ranks to equal length)."""
+        """Training batches per epoch on each rank."""
         assert self.datasets is not None, "setup('fit') must run first"
         rows_per_rank = math.ceil(len(self.datasets["train"]) / world_size)
         return math.ceil(rows_per_rank / self.train_batch_size)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:  # used on its own, outside a Trainer
+            return 0, 1
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise DatasetError(
+                "pandallm shards the data across ranks itself; set trainer.use_distributed_sampler: false "
+                "(pandallm's default) so that Lightning does not shard it a second time"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, rows, batch_size: int, collate, train: bool = False) -> DataLoader:
+        rank, world_size = self._rank_and_world()
+        shard = Subset(rows, shard_indices(len(rows), rank, world_size, pad=train)) if world_size > 1 else rows
         workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=partial(collate, pad_id=self.pad_id),
-            num_workers=workers,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            persistent_workers=workers > 0,
-        )
+        common = {
+            "batch_size": batch_size,
+            "collate_fn": partial(collate, pad_id=self.pad_id),
+            "num_workers": workers,
+            "prefetch_factor": self.prefetch_factor if workers > 0 else None,
+            "persistent_workers": workers > 0,
+        }
+        if not train:
+            return DataLoader(shard, shuffle=False, **common)
+        # The training loader is stateful: Lightning stores its position (the shuffle generator, batches
+        # yielded, worker states) in checkpoints, so a run resumed mid-epoch continues with the next unseen
+        # batch. Lightning stores rank 0's state only; since every rank's shard has the same length and the
+        # generator the same seed, rank 0's state is every rank's. Its own generator also keeps the order
+        # independent of the global RNG.
+        generator = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(shard, shuffle=True, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], self.train_batch_size, True, collate_rows)
+        return self._loader(self.datasets["train"], self.train_batch_size, collate_rows, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.datasets["validation"]) == 0:
             return []  # Lightning then skips validation
-        return self._loader(self.datasets["validation"], self.eval_batch_size, False, collate_rows)
+        return self._loader(self.datasets["validation"], self.eval_batch_size, collate_rows)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], self.eval_batch_size, False, collate_rows)
+        return self._loader(self.datasets["test"], self.eval_batch_size, collate_rows)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.prompts(), self.eval_batch_size, False, collate_prompts)
+        return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
     def prompts(self) -> list[dict]:
         """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit)."""

@@ -1,0 +1,34 @@
+"""Test-only callbacks, loaded into `pandallm fit` subprocesses with `--trainer.callbacks+=tests.helpers.X`."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs the whole process group right after optimizer step `step`, before that step's checkpoint is
+    written (Lightning runs ModelCheckpoint after other callbacks): a node dying at an arbitrary point."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class SignalAtStep(L.Callback):
+    """Sends `signum` to this process (all ranks: each rank signals itself) after optimizer step `step`; with
+    `twice`, sends it again right away, as an impatient scheduler would."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), twice: bool = False, rank: int | None = None):
+        self.step, self.signum, self.twice, self.rank = step, signum, twice, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+            if self.twice:
+                os.kill(os.getpid(), self.signum)
