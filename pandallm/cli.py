@@ -8,9 +8,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from pandallm.callbacks.export import HFExport
+from pandallm.callbacks.graceful_stop import GracefulStop
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
+from pandallm.checkpoint.atomic import AtomicCheckpoints
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.model.module import PandaLLM
 
@@ -41,7 +43,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
         seed_everything_default=42,
         trainer_defaults={
             "logger": {"class_path": CSVLogger.__module__ + ".CSVLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [TokensPerSecond(), RNGState()],
+            "callbacks": [TokensPerSecond(), RNGState(), GracefulStop(), AtomicCheckpoints()],
             "use_distributed_sampler": False,  # PandaDataModule shards the data across ranks itself
         },
         save_config_kwargs={"overwrite": True},

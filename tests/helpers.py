@@ -32,3 +32,23 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
             if self.twice:
                 os.kill(os.getpid(), self.signum)
+
+
+class KillDuringCheckpointWrite(L.Callback):
+    """At optimizer step `step`, makes the next checkpoint write stop halfway and SIGKILL the process group:
+    a node dying while a checkpoint file is being written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        import pandallm.checkpoint.atomic as atomic
+
+        def write_half_then_die(file, data) -> None:
+            file.write(bytes(data[: len(data) // 2]))
+            file.flush()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+        atomic._write_bytes = write_half_then_die

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import cached_property
 from pathlib import Path
@@ -12,12 +13,16 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from pandallm.checkpoint import compat
+from pandallm.data.cache import tokenizer_digest
 from pandallm.errors import ModelError
 from pandallm.model.build import build_model, is_preset, model_config, num_parameters
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class PandaLLM(L.LightningModule):
@@ -38,6 +43,7 @@ class PandaLLM(L.LightningModule):
         min_lr_ratio: float = 0.0,
         poly_power: float = 1.0,
         max_new_tokens: int = 128,
+        nonfinite: Literal["error", "skip"] = "error",
     ) -> None:
         """
         Args:
@@ -58,6 +64,8 @@ class PandaLLM(L.LightningModule):
             min_lr_ratio: Learning rate at the end of a decay, as a share of the peak.
             poly_power: Exponent of the `poly` decay.
             max_new_tokens: Tokens `pandallm predict` generates per prompt.
+            nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
+                step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -68,6 +76,8 @@ class PandaLLM(L.LightningModule):
         # or instantiating a 65B recipe allocates nothing.
         self.model: LlamaForCausalLM | None = None
         self._eval_sums: torch.Tensor | None = None
+        self._last_loss: torch.Tensor | None = None
+        self.skipped_steps = 0
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -107,9 +117,67 @@ class PandaLLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer.precision == "16-mixed":
+            return  # fp16's GradScaler skips overflowing steps itself, by design
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # Under DDP the gradients are already averaged over ranks here, so a NaN on any rank reaches every rank
+        # and all of them take the same decision below: no rank waits for another in a collective.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        self.log("train/grad_norm", norm, on_step=True)
+        if torch.isfinite(norm):
+            return
+        loss = float(self._last_loss) if self._last_loss is not None else float("nan")
+        message = (
+            f"step {self.trainer.global_step}: gradient norm {norm.item()} (loss on rank {self.global_rank}: {loss})"
+        )
+        if self.hparams.nonfinite == "error":
+            raise FloatingPointError(f"{message}; set model.nonfinite: skip to skip such steps instead")
+        for p in self.parameters():
+            p.grad = None  # AdamW leaves parameters without gradients untouched: no update, no moment change
+        self.skipped_steps += 1
+        if self.global_rank == 0:
+            log.warning("pandallm: %s; update skipped (%d skipped so far)", message, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def _run_record(self) -> dict:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
+        run = {}
+        if trainer is not None:
+            run = {"world_size": trainer.world_size, "accumulate_grad_batches": trainer.accumulate_grad_batches}
+        return compat.record(
+            self.config,
+            tokenizer_digest(self.tokenizer),
+            dict(self.hparams),
+            dict(getattr(datamodule, "hparams", {}) or {}),
+            run,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        path = str(self.trainer.ckpt_path) if self._trainer is not None else "the checkpoint"
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        changed = compat.check(path, checkpoint, self._run_record(), shapes)
+        if changed and self._trainer is not None and self.trainer.state.fn == "fit" and self.global_rank == 0:
+            log.warning(
+                "pandallm: resuming from %s with changed settings; the run will not continue exactly as the "
+                "uninterrupted one would:\n  %s",
+                path,
+                "\n  ".join(changed),
+            )
+        self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
