@@ -52,3 +52,22 @@ class KillDuringCheckpointWrite(L.Callback):
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
         atomic._write_bytes = write_half_then_die
+
+
+class NaNForwardAtStep(L.Callback):
+    """Makes the model's output NaN for the batch of optimizer step `step` (on `rank` only, if given), once."""
+
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
+        self._hook = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank) and self._hook is None:
+            embeddings = pl_module.model.get_input_embeddings()
+            self._hook = embeddings.register_forward_hook(lambda module, args, output: output * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            self.step = -1

@@ -1,4 +1,4 @@
-"""Checkpoint files that are either complete or absent.
+"""Checkpoint files that are either complete or absent, and that are pandallm's when loaded.
 
 Lightning's `TorchCheckpointIO` writes through an fsspec transaction whose temporary file lives in the system
 temp directory; when that is another filesystem than the checkpoints (local /tmp, checkpoints on NFS or Lustre,
@@ -17,12 +17,24 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from pandallm.errors import ModelError
+
 
 def _write_bytes(file, data: bytes) -> None:
     file.write(data)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        # Checked before Lightning reads anything, so a file from elsewhere gets this message, not a KeyError.
+        if not isinstance(checkpoint, dict) or "pandallm" not in checkpoint or "state_dict" not in checkpoint:
+            raise ModelError(
+                f"{path} is not a pandallm checkpoint (it has no 'pandallm' record); to start from a Hugging Face "
+                "model, set model.model_name_or_path instead of --ckpt_path"
+            )
+        return checkpoint
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # object stores: their uploads are atomic already
             return super().save_checkpoint(checkpoint, path, storage_options)

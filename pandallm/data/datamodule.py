@@ -7,6 +7,7 @@ import math
 import random
 from functools import cached_property, partial
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -39,6 +40,9 @@ class PandaDataModule(L.LightningDataModule):
         test_files: list[str] | None = None,
         predict_files: list[str] | None = None,
         max_seq_length: int = 2048,
+        overlong_records: Literal["truncate", "drop"] = "truncate",
+        bad_records: Literal["error", "skip"] = "error",
+        max_bad_fraction: float = 0.01,
         per_device_train_batch_size: int = 1,
         per_device_eval_batch_size: int = 2,
         num_workers: int = 2,
@@ -57,6 +61,12 @@ class PandaDataModule(L.LightningDataModule):
             test_files: Files for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
+            overlong_records: Instruction records longer than `max_seq_length`: `truncate` cuts the prompt from
+                the left so that the target and EOS fit (README, "Data formats"); `drop` leaves them out. Either
+                way they are counted and reported.
+            bad_records: `error` stops at the first malformed record; `skip` leaves malformed records out,
+                reports each with its file and line, and fails if they exceed `max_bad_fraction`.
+            max_bad_fraction: Largest share of malformed records `skip` accepts.
             per_device_train_batch_size: Rows per training batch on each device.
             per_device_eval_batch_size: Rows per validation / test / predict batch on each device.
             num_workers: Data-loader worker processes.
@@ -83,6 +93,9 @@ class PandaDataModule(L.LightningDataModule):
         self.test_files = list(test_files or [])
         self.predict_files = list(predict_files or [])
         self.max_seq_length = max_seq_length
+        self.overlong_records = overlong_records
+        self.bad_records = bad_records
+        self.max_bad_fraction = max_bad_fraction
         self.train_batch_size = per_device_train_batch_size
         self.eval_batch_size = per_device_eval_batch_size
         self.num_workers = num_workers
@@ -115,8 +128,15 @@ class PandaDataModule(L.LightningDataModule):
             sizes = {split: len(ds) for split, ds in self.datasets.items()}
             tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
             log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
-        if stage == "fit" and len(self.datasets["train"]) == 0:
-            raise DatasetError("the training data is empty")
+        if stage == "fit":
+            _, world_size = self._rank_and_world()
+            needed = world_size * self.train_batch_size
+            if len(self.datasets["train"]) < needed:
+                raise DatasetError(
+                    f"the training data has {len(self.datasets['train'])} rows, fewer than one batch across ranks "
+                    f"({world_size} x data.per_device_train_batch_size={self.train_batch_size}); add data or "
+                    "lower the batch size"
+                )
         if stage == "validate" and len(self.datasets["validation"]) == 0:
             raise DatasetError("no validation data: set data.val_files or data.val_fraction")
         if stage == "test" and len(self.datasets["test"]) == 0:
@@ -152,6 +172,8 @@ class PandaDataModule(L.LightningDataModule):
                 "max_seq_length": self.max_seq_length,
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
+                "overlong_records": self.overlong_records,
+                "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
         datasets = load_or_build(self.cache_dir, key, partial(self._build, sources))
@@ -163,10 +185,13 @@ class PandaDataModule(L.LightningDataModule):
 
     def _build(self, sources: dict[str, list[tuple[RecordKind | None, Path]]], scratch: Path) -> DatasetDict:
         records: dict[str, dict[RecordKind, list[Record]]] = {s: {"instruction": [], "pretraining": []} for s in SPLITS}
+        skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
         for split, files in sources.items():
             for kind, path in files:
-                found_kind, found = read_records(path, kind)
+                found_kind, found = read_records(path, kind, skipped)
                 records[split][found_kind] += found
+        if skipped:
+            self._report_skipped(skipped, sum(len(r) for by_kind in records.values() for r in by_kind.values()))
         if self.val_fraction > 0:
             for kind, train in records["train"].items():
                 records["train"][kind], held_out = hold_out(train, self.val_fraction, self.seed)
@@ -175,17 +200,18 @@ class PandaDataModule(L.LightningDataModule):
         for split, by_kind in records.items():
             parts = []
             if by_kind["instruction"]:
-                rows, num_truncated = tokenize_instructions(
-                    by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers
+                drop = self.overlong_records == "drop"
+                rows, num_overlong = tokenize_instructions(
+                    by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
                 )
-                if num_truncated:
+                if num_overlong:
                     log.warning(
-                        "%s: %d of %d instruction records are longer than max_seq_length=%d; their prompts were "
-                        "truncated from the left (see README, 'Data formats')",
+                        "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
                         split,
-                        num_truncated,
-                        len(rows),
+                        num_overlong,
+                        len(by_kind["instruction"]),
                         self.max_seq_length,
+                        "they were dropped" if drop else "their prompts were truncated from the left",
                     )
                 parts.append(rows)
             if by_kind["pretraining"]:
@@ -201,6 +227,17 @@ class PandaDataModule(L.LightningDataModule):
             if parts:
                 built[split] = concatenate_datasets(parts)
         return DatasetDict(built)
+
+    def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+        total = num_valid + len(skipped)
+        shown = "\n  ".join(str(error) for error in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning("pandallm data: skipped %d of %d records as malformed:\n  %s%s", len(skipped), total, shown, more)
+        if len(skipped) > self.max_bad_fraction * total:
+            raise DatasetError(
+                f"{len(skipped)} of {total} records ({len(skipped) / total:.1%}) are malformed, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}; the first: {skipped[0]}"
+            )
 
     # ---- loading ---------------------------------------------------------------------------------------------
 

@@ -45,8 +45,12 @@ def find_data_files(directory: str | Path, option: str) -> list[Path]:
     return files
 
 
-def iter_json_values(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield `(line, value)` for each record of a `.jsonl` file or each element of a `.json` array."""
+def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
+    """Yield `(line, value)` for each record of a `.jsonl` file or each element of a `.json` array.
+
+    With `skipped`, a `.jsonl` line that is not valid JSON is appended to it instead of raising. A `.json` array
+    with a syntax error always raises: nothing after the error can be read reliably.
+    """
     if path.suffix not in DATA_SUFFIXES:
         raise DatasetError(f"{path}: unsupported file type '{path.suffix}' (expected .json or .jsonl)")
     if not path.is_file():
@@ -57,19 +61,24 @@ def iter_json_values(path: Path) -> Iterator[tuple[int, object]]:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataFormatError(path, line, None, "not valid UTF-8") from e
     if path.suffix == ".jsonl":
-        yield from _iter_jsonl(path, text)
+        yield from _iter_jsonl(path, text, skipped)
     else:
         yield from _iter_json_array(path, text)
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
+def _iter_jsonl(path: Path, text: str, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield line_number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})") from e
+            error = DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            if skipped is None:
+                raise error from e
+            skipped.append(error)
+            continue
+        yield line_number, value
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
@@ -144,14 +153,25 @@ def detect_kind(value: object, path: Path, line: int) -> RecordKind:
     raise DataFormatError(path, line, None, f"cannot tell the record kind: expected fields {expected}, got {keys}")
 
 
-def read_records(path: str | Path, kind: RecordKind | None = None) -> tuple[RecordKind, list[Record]]:
-    """Read and validate every record of one file. With `kind=None` the kind is detected from the first record."""
+def read_records(
+    path: str | Path, kind: RecordKind | None = None, skipped: list[DataFormatError] | None = None
+) -> tuple[RecordKind, list[Record]]:
+    """Read and validate every record of one file. With `kind=None` the kind is detected from the first record.
+
+    Strict by default: the first malformed record raises. With `skipped`, malformed records are appended to it
+    and left out (see `iter_json_values` for the one exception).
+    """
     path = Path(path)
     records: list[Record] = []
-    for line, value in iter_json_values(path):
-        if kind is None:
-            kind = detect_kind(value, path, line)
-        records.append(validate(value, kind, path, line))
+    for line, value in iter_json_values(path, skipped):
+        try:
+            if kind is None:
+                kind = detect_kind(value, path, line)
+            records.append(validate(value, kind, path, line))
+        except DataFormatError as error:
+            if skipped is None:
+                raise
+            skipped.append(error)
     if kind is None:
         raise DatasetError(f"{path}: holds no records")
     return kind, records

@@ -49,9 +49,10 @@ def _encode_instructions(batch: dict, tokenizer: PreTrainedTokenizerBase, max_se
 
 
 def tokenize_instructions(
-    records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, num_proc: int
+    records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, num_proc: int, drop_overlong: bool
 ) -> tuple[Dataset, int]:
-    """Instruction rows, and how many records had to be truncated to `max_seq_length`."""
+    """Instruction rows, and how many records did not fit `max_seq_length` (truncated, or with `drop_overlong`
+    left out)."""
     texts = Dataset.from_dict(
         {"input": [r.fields["input"] for r in records], "target": [r.fields["target"] for r in records]}
     )
@@ -64,8 +65,10 @@ def tokenize_instructions(
         features=Features({**ROW_FEATURES, "truncated": Value("bool")}),
         desc="Tokenizing instruction records",
     )
-    num_truncated = sum(rows["truncated"])
-    return rows.remove_columns("truncated"), num_truncated
+    num_overlong = sum(rows["truncated"])
+    if drop_overlong and num_overlong:
+        rows = rows.filter(lambda truncated: not truncated, input_columns="truncated")
+    return rows.remove_columns("truncated"), num_overlong
 
 
 def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:

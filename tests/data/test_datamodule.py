@@ -11,7 +11,7 @@ import pandallm.data.datamodule as datamodule_module
 from pandallm.data import PandaDataModule
 from pandallm.data.encode import IGNORE_INDEX
 from pandallm.errors import DataFormatError, DatasetError
-from tests.conftest import DOCUMENTS, write_jsonl
+from tests.conftest import DOCUMENTS, INSTRUCTIONS, write_jsonl
 
 
 def make(tokenizer_dir: str, **kwargs) -> PandaDataModule:
@@ -137,3 +137,58 @@ def test_num_train_batches_follows_the_distributed_sampler(data_dirs, tokenizer_
     rows = len(dm.datasets["train"])
     assert dm.num_train_batches(1) == len(dm.train_dataloader()) == math.ceil(rows / 3)
     assert dm.num_train_batches(2) == math.ceil(math.ceil(rows / 2) / 3)
+
+
+def test_skip_mode_leaves_out_and_reports_malformed_records(tmp_path, tokenizer_dir, caplog) -> None:
+    it = tmp_path / "it"
+    write_jsonl(it / "good.jsonl", [{"input": f"Q{i}?", "target": f"A{i}."} for i in range(199)])
+    (it / "bad.jsonl").write_text('{"input": "x", "target": 5}\n{"input": "y", "target": "z"}\n')
+    settings = {"instruction_tuning_data_dir": str(it), "pretraining_data_dir": None, "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: field 'target'"):
+        make(tokenizer_dir, **settings).prepare_data()  # strict by default
+    dm = ready(make(tokenizer_dir, **settings, bad_records="skip", max_bad_fraction=0.01))
+    assert len(dm.datasets["train"]) == 200
+    assert any("skipped 1 of 201 records" in r.getMessage() and "bad.jsonl:1" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DatasetError, match=r"1 of 201 records \(0.5%\) are malformed, more than data.max_bad_fraction"):
+        make(tokenizer_dir, **settings, bad_records="skip", max_bad_fraction=0.001).prepare_data()
+
+
+def test_overlong_records_are_truncated_or_dropped_and_counted(tmp_path, tokenizer_dir, caplog) -> None:
+    it = write_jsonl(
+        tmp_path / "it" / "a.jsonl", [{"input": "word " * 80, "target": "Yes."}, {"input": "Hi", "target": "Hello."}]
+    )
+    settings = {"instruction_tuning_data_dir": str(it.parent), "pretraining_data_dir": None, "max_seq_length": 24}
+    truncated = ready(make(tokenizer_dir, **settings, cache_dir=str(tmp_path / "a"), per_device_train_batch_size=1))
+    # "Hi" + "Hello." fits whole: <s> ▁H i ▁H ell o . </s>
+    assert [len(ids) for ids in truncated.datasets["train"]["input_ids"]] == [24, 8]
+    assert (
+        truncated.datasets["train"][0]["labels"][-4:] == truncated.datasets["train"][0]["input_ids"][-4:]
+    )  # target kept
+    dropped = ready(
+        make(
+            tokenizer_dir,
+            **settings,
+            cache_dir=str(tmp_path / "b"),
+            overlong_records="drop",
+            per_device_train_batch_size=1,
+        )
+    )
+    assert len(dropped.datasets["train"]) == 1
+    assert any(
+        "1 of 2 instruction records are longer than max_seq_length=24; they were dropped" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_too_small_training_data_fails_before_training(tmp_path, tokenizer_dir) -> None:
+    it = write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS[:2])
+    dm = make(
+        tokenizer_dir,
+        instruction_tuning_data_dir=str(it.parent),
+        pretraining_data_dir=None,
+        cache_dir=str(tmp_path / "c"),
+        per_device_train_batch_size=4,
+    )
+    dm.prepare_data()
+    with pytest.raises(DatasetError, match=r"has 2 rows, fewer than one batch across ranks \(1 x .*=4\)"):
+        dm.setup("fit")

@@ -1,0 +1,149 @@
+"""Runs that go wrong: non-finite steps, resuming with other settings or another model, unsafe checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pandallm.cli import cli
+from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
+from tests.helpers import NaNForwardAtStep
+
+pytestmark = pytest.mark.integration
+
+
+def args(root: Path, *extra: str) -> list[str]:
+    write_jsonl(root / "it" / "a.jsonl", INSTRUCTIONS * 4)
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=6",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.save_dir={root}",
+        "--trainer.logger.name=r",
+        f"--trainer.default_root_dir={root}",
+        "--export.enabled=false",
+        "--model.model_name_or_path=llama-tiny",
+        f"--model.tokenizer={TOKENIZER_DIR}",
+        f"--data.instruction_tuning_data_dir={root / 'it'}",
+        "--data.pretraining_data_dir=null",
+        "--data.max_seq_length=32",
+        "--data.per_device_train_batch_size=4",
+        "--data.num_workers=0",
+        f"--data.cache_dir={root / 'cache'}",
+        *extra,
+    ]
+
+
+class SnapshotWeights(NaNForwardAtStep):
+    """Records the weights before and after the poisoned step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.optimizer_before = {k: v.clone() for k, v in trainer.optimizers[0].state_dict()["state"][0].items()}
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.optimizer_after = {k: v.clone() for k, v in trainer.optimizers[0].state_dict()["state"][0].items()}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
+    run = cli(args(tmp_path), run=False)
+    run.trainer.callbacks.append(NaNForwardAtStep(step=3))
+    with pytest.raises(FloatingPointError, match=r"step 3: gradient norm nan \(loss on rank 0: nan\)"):
+        run.trainer.fit(run.model, run.datamodule)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:
+    run = cli(args(tmp_path, "--model.nonfinite=skip"), run=False)
+    snapshot = SnapshotWeights(step=3)
+    run.trainer.callbacks.append(snapshot)
+    run.trainer.fit(run.model, run.datamodule)
+    assert run.model.skipped_steps == 1 and run.trainer.global_step == 6
+    assert all(torch.equal(snapshot.before[k], snapshot.after[k]) for k in snapshot.before)
+    assert all(
+        torch.equal(snapshot.optimizer_before[k], snapshot.optimizer_after[k]) for k in snapshot.optimizer_before
+    )
+    assert all(torch.isfinite(v).all() for v in run.model.state_dict().values())
+
+
+def test_nonfinite_on_one_ddp_rank_stops_both_without_a_hang(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "pandallm",
+        "fit",
+        *args(tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2"),
+        "--trainer.callbacks+=tests.helpers.NaNForwardAtStep",
+        "--trainer.callbacks.step=2",
+        "--trainer.callbacks.rank=1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert done.returncode != 0
+    assert "FloatingPointError: step 2: gradient norm nan (loss on rank 1: nan)" in done.stderr
+    assert "FloatingPointError: step 2: gradient norm nan (loss on rank 0:" in done.stderr
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    run = cli(args(tmp_path), run=False)
+    run.trainer.fit(run.model, run.datamodule)
+    path = tmp_path / "done.ckpt"
+    run.trainer.save_checkpoint(path)
+    return path
+
+
+def test_resuming_with_other_settings_names_each_difference(tmp_path: Path, checkpoint: Path, caplog) -> None:
+    run = cli(
+        args(tmp_path, "--trainer.max_steps=8", "--model.learning_rate=5e-4", "--data.per_device_train_batch_size=2"),
+        run=False,
+    )
+    run.trainer.fit(run.model, run.datamodule, ckpt_path=checkpoint)
+    warning = next(r.getMessage() for r in caplog.records if "changed settings" in r.getMessage())
+    assert "model.learning_rate: 0.001 -> 0.0005" in warning
+    assert "data.per_device_train_batch_size: 4 -> 2" in warning
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    run = cli(args(tmp_path, "--model.config_overrides={num_hidden_layers: 3, hidden_size: 32}"), run=False)
+    with pytest.raises(ValueError, match=r"cannot resume from .*done.ckpt:\n  model shape: hidden_size: 64 -> 32"):
+        run.trainer.fit(run.model, run.datamodule, ckpt_path=checkpoint)
+
+
+def test_a_checkpoint_from_elsewhere_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 0, "global_step": 0}, foreign)
+    run = cli(args(tmp_path), run=False)
+    with pytest.raises(ValueError, match="foreign.ckpt is not a pandallm checkpoint"):
+        run.trainer.fit(run.model, run.datamodule, ckpt_path=foreign)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {EXPLOITED}",))
+
+
+EXPLOITED = Path("/tmp/pandallm-test-exploited")
+
+
+def test_checkpoints_load_without_running_pickled_code(tmp_path: Path) -> None:
+    EXPLOITED.unlink(missing_ok=True)
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "payload": Exploit()}))
+    run = cli(args(tmp_path), run=False)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        run.trainer.fit(run.model, run.datamodule, ckpt_path=evil)
+    assert not EXPLOITED.exists()
