@@ -20,7 +20,13 @@ from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
 from pandallm.data.sharding import shard_indices
-from pandallm.data.tokenize import ROW_FEATURES, special_ids, tokenize_documents, tokenize_instructions
+from pandallm.data.tokenize import (
+    ROW_FEATURES,
+    pack_instructions,
+    special_ids,
+    tokenize_documents,
+    tokenize_instructions,
+)
 from pandallm.errors import DataFormatError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 
@@ -40,6 +46,7 @@ class PandaDataModule(L.LightningDataModule):
         test_files: list[str] | None = None,
         predict_files: list[str] | None = None,
         max_seq_length: int = 2048,
+        packing: bool = False,
         overlong_records: Literal["truncate", "drop"] = "truncate",
         bad_records: Literal["error", "skip"] = "error",
         max_bad_fraction: float = 0.01,
@@ -61,6 +68,8 @@ class PandaDataModule(L.LightningDataModule):
             test_files: Files for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
+            packing: Pack whole instruction rows into `max_seq_length` blocks (best-fit decreasing); attention
+                and positions stay per row. Pretraining documents are always packed.
             overlong_records: Instruction records longer than `max_seq_length`: `truncate` cuts the prompt from
                 the left so that the target and EOS fit (README, "Data formats"); `drop` leaves them out. Either
                 way they are counted and reported.
@@ -93,6 +102,7 @@ class PandaDataModule(L.LightningDataModule):
         self.test_files = list(test_files or [])
         self.predict_files = list(predict_files or [])
         self.max_seq_length = max_seq_length
+        self.packing = packing
         self.overlong_records = overlong_records
         self.bad_records = bad_records
         self.max_bad_fraction = max_bad_fraction
@@ -173,6 +183,7 @@ class PandaDataModule(L.LightningDataModule):
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
                 "overlong_records": self.overlong_records,
+                "packing": self.packing,
                 "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
@@ -213,6 +224,8 @@ class PandaDataModule(L.LightningDataModule):
                         self.max_seq_length,
                         "they were dropped" if drop else "their prompts were truncated from the left",
                     )
+                if self.packing:
+                    rows = pack_instructions(rows, self.max_seq_length, scratch / f"{split}-packed")
                 parts.append(rows)
             if by_kind["pretraining"]:
                 parts.append(

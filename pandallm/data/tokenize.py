@@ -9,6 +9,7 @@ from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.encode import document_ids, instruction_row, pack_documents
+from pandallm.data.packing import pack_rows, plan_packs
 from pandallm.data.records import Record
 
 ROW_FEATURES = Features(
@@ -114,3 +115,15 @@ def tokenize_documents(
 def _procs(num_proc: int, num_records: int) -> int | None:
     # Starting processes costs more than tokenizing a few thousand records.
     return num_proc if num_proc > 1 and num_records >= 4 * 1000 else None
+
+
+def pack_instructions(rows: Dataset, max_seq_length: int, scratch: Path) -> Dataset:
+    """Instruction rows packed whole into blocks of at most `max_seq_length` tokens."""
+    plan = plan_packs([len(ids) for ids in rows["input_ids"]], max_seq_length)
+    return Dataset.from_generator(
+        _packed, gen_kwargs={"rows": rows, "plan": plan}, features=ROW_FEATURES, cache_dir=str(scratch)
+    )
+
+
+def _packed(rows: Dataset, plan: list[list[int]]) -> Iterator[dict]:
+    yield from pack_rows(rows, plan)

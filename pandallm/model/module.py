@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -77,6 +78,7 @@ class PandaLLM(L.LightningModule):
         self.model: LlamaForCausalLM | None = None
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
+        self._window_tokens: torch.Tensor | int = 0
         self.skipped_steps = 0
 
     @cached_property
@@ -114,15 +116,40 @@ class PandaLLM(L.LightningModule):
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return causal_lm_loss_sum(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
 
+    @property
+    def _token_weighted(self) -> bool:
+        # DeepSpeed keeps gradients in its own partitioned buffers, out of reach of `_normalize_gradients`.
+        return not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
         self._last_loss = loss.detach()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
-        return loss
+        if not self._token_weighted:
+            return loss
+        # The update must follow the mean over every target token of the accumulated batch of all ranks, not the
+        # mean of per-micro-batch means, which over-weights the tokens of short micro-batches (transformers
+        # #34191). That token count is known only once the window is complete, so the summed loss is
+        # back-propagated here and the gradients are divided by it in `_normalize_gradients`.
+        self._window_tokens = self._window_tokens + count
+        return loss_sum
+
+    def _normalize_gradients(self) -> None:
+        tokens = torch.as_tensor(self._window_tokens, dtype=torch.float32, device=self.device)
+        self._window_tokens = 0
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        # Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP / FSDP average over ranks.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._token_weighted:
+            self._normalize_gradients()
         if self.trainer.precision == "16-mixed":
             return  # fp16's GradScaler skips overflowing steps itself, by design
         grads = [p.grad for p in self.parameters() if p.grad is not None]
