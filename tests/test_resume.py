@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,17 +111,17 @@ def test_resume_two_process_ddp(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, data, 3, "--trainer.strategy=ddp", "--trainer.devices=2")
 
 
-@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp"])
-def test_sigterm_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path: Path, ddp: bool) -> None:
+@pytest.mark.parametrize("ddp", [False, True], ids=["single-sigterm", "ddp-sigusr1"])
+def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path: Path, ddp: bool) -> None:
     data = instruction_data(tmp_path)
     extra = ["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else []
     fit(tmp_path, "straight", data, *extra)
-    # Two SIGTERMs in a row (to rank 1 only, under DDP): one save, every rank stops after the same step.
+    # Two signals in a row (SIGUSR1 to rank 1 only, under DDP): one save, every rank stops after the same step.
     signal_args = [
         "--trainer.callbacks+=tests.helpers.SignalAtStep",
         "--trainer.callbacks.step=3",
         "--trainer.callbacks.twice=true",
-        *(["--trainer.callbacks.rank=1"] if ddp else []),
+        *([f"--trainer.callbacks.signum={int(signal.SIGUSR1)}", "--trainer.callbacks.rank=1"] if ddp else []),
     ]
     stopped = fit(tmp_path, "resumed", data, *extra, *signal_args, expect_code=143)
     assert stopped.stderr.count("pandallm: stopping on") == 1
