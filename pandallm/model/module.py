@@ -101,6 +101,10 @@ class PandaLLM(L.LightningModule):
             return
         h = self.hparams
         self.model = build_model(h.model_name_or_path, len(self.tokenizer), h.config_overrides, h.attn_implementation)
+        # `from_pretrained` returns the model in eval mode, and Lightning keeps submodules' modes as it finds
+        # them: without this, a fine-tuned checkpoint would train with dropout off, and transformers' gradient
+        # checkpointing (active only in training mode) would silently do nothing.
+        self.model.train()
         if h.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

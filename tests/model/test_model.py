@@ -83,3 +83,14 @@ def test_checkpoint_embeddings_grow_to_the_tokenizer(tmp_path) -> None:
     embeddings = model.get_input_embeddings().weight
     assert embeddings.shape[0] == 104
     torch.testing.assert_close(embeddings[100:], embeddings[:100].mean(0, keepdim=True).expand(4, -1))
+
+
+def test_a_checkpoint_trains_in_training_mode(tmp_path) -> None:
+    from pandallm.model import PandaLLM
+    from tests.conftest import TOKENIZER_DIR
+
+    tiny_model("sdpa").save_pretrained(tmp_path)  # from_pretrained hands models back in eval mode
+    module = PandaLLM(model_name_or_path=str(tmp_path), tokenizer=str(TOKENIZER_DIR), gradient_checkpointing=True)
+    module.configure_model()
+    assert module.model.training and all(m.training for m in module.model.modules())
+    assert module.model.is_gradient_checkpointing
