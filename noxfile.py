@@ -16,10 +16,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run("ruff", "check", "pandallm", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "pandallm", "tests", "noxfile.py")
+    session.run("ruff", "check", "pandallm", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "pandallm", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(python=False)
 def demo(session: nox.Session) -> None:
     session.run("pandallm", "fit", "--config", "recipes/tiny.yaml")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """The CPU benchmarks; each prints a table and writes benchmarks/results/<name>.json."""
+    session.run("python", "-m", "benchmarks.vs_hf_trainer", *session.posargs)
+    session.run("python", "-m", "benchmarks.data_pipeline")

@@ -32,21 +32,36 @@ LR, BATCH, SEQ = 1e-3, 8, 256
 
 def pandallm_run(work: Path, init: Path, steps: int, packing: bool) -> tuple[list[float], float, int]:
     """Per-step losses, seconds of training, tokens trained on."""
-    run = cli([
-        "--trainer.accelerator=cpu", f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.num_sanity_val_steps=0",
-        "--trainer.gradient_clip_val=1.0", "--export.enabled=false",
-        f"--model.model_name_or_path={init}", "--model.lr_scheduler=constant", "--model.warmup_steps=0",
-        f"--model.learning_rate={LR}", "--data.pretraining_data_dir=null", f"--data.max_seq_length={SEQ}",
-        f"--data.per_device_train_batch_size={BATCH}", "--data.num_workers=0", f"--data.packing={packing}",
-        f"--data.cache_dir={work / 'cache'}",
-    ], run=False)
+    run = cli(
+        [
+            "--trainer.accelerator=cpu",
+            f"--trainer.max_steps={steps}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.gradient_clip_val=1.0",
+            "--export.enabled=false",
+            f"--model.model_name_or_path={init}",
+            "--model.lr_scheduler=constant",
+            "--model.warmup_steps=0",
+            f"--model.learning_rate={LR}",
+            "--data.pretraining_data_dir=null",
+            f"--data.max_seq_length={SEQ}",
+            f"--data.per_device_train_batch_size={BATCH}",
+            "--data.num_workers=0",
+            f"--data.packing={packing}",
+            f"--data.cache_dir={work / 'cache'}",
+        ],
+        run=False,
+    )
     dm = run.datamodule
     dm.prepare_data()
     dm.setup("fit")
     # The HF Trainer's order: the data set's, without shuffling.
-    dm.train_dataloader = lambda: DataLoader(dm.datasets["train"], batch_size=BATCH, shuffle=False,
-                                             collate_fn=partial(collate_rows, pad_id=dm.pad_id))
+    dm.train_dataloader = lambda: DataLoader(
+        dm.datasets["train"], batch_size=BATCH, shuffle=False, collate_fn=partial(collate_rows, pad_id=dm.pad_id)
+    )
     losses: list[float] = []
     tokens = 0
 
@@ -72,10 +87,24 @@ def pandallm_run(work: Path, init: Path, steps: int, packing: bool) -> tuple[lis
 def hf_run(work: Path, init: Path, steps: int, rows) -> tuple[list[float], float, int]:
     model = LlamaForCausalLM.from_pretrained(init, attn_implementation="sdpa")
     args = TrainingArguments(
-        output_dir=str(work / "hf"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-        adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-6, weight_decay=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=1.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-        dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_epsilon=1e-6,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
     )
 
     def collate(features):
@@ -110,9 +139,16 @@ def main() -> None:
         LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(init)
         tokenizer.save_pretrained(init)
         parity, _, _ = pandallm_run(work, init, options.steps, packing=False)
-        run = cli([f"--model.model_name_or_path={init}", "--data.pretraining_data_dir=null",
-                   f"--data.max_seq_length={SEQ}", f"--data.cache_dir={work / 'cache'}", "--data.num_workers=0"],
-                  run=False)
+        run = cli(
+            [
+                f"--model.model_name_or_path={init}",
+                "--data.pretraining_data_dir=null",
+                f"--data.max_seq_length={SEQ}",
+                f"--data.cache_dir={work / 'cache'}",
+                "--data.num_workers=0",
+            ],
+            run=False,
+        )
         run.datamodule.prepare_data()
         run.datamodule.setup("fit")
         hf_losses, _, _ = hf_run(work, init, options.steps, run.datamodule.datasets["train"])
@@ -139,8 +175,10 @@ def main() -> None:
         print(f"{'run':<18}{'tokens/s (median)':>20}")
         for name, value in median.items():
             print(f"{name:<18}{value:>20.0f}")
-        print(f"ratio unpacked/HF: {result['ratio_unpacked_vs_hf']:.2f}   packed/HF padded: "
-              f"{result['ratio_packed_vs_hf_padded']:.2f}")
+        print(
+            f"ratio unpacked/HF: {result['ratio_unpacked_vs_hf']:.2f}   packed/HF padded: "
+            f"{result['ratio_packed_vs_hf_padded']:.2f}"
+        )
         print("written:", write_result("vs_hf_trainer", result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
