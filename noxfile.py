@@ -30,3 +30,4 @@ def bench(session: nox.Session) -> None:
     """The CPU benchmarks; each prints a table and writes benchmarks/results/<name>.json."""
     session.run("python", "-m", "benchmarks.vs_hf_trainer", *session.posargs)
     session.run("python", "-m", "benchmarks.data_pipeline")
+    session.run("python", "-m", "benchmarks.overhead")
