@@ -13,7 +13,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.errors import ModelError
-from pandallm.model.build import build_model, is_preset, model_config, num_parameters
+from pandallm.model.build import (
+    gguf_location,
+    grow_embeddings,
+    is_gguf,
+    is_preset,
+    load_model,
+    model_config,
+    num_parameters,
+)
+from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
@@ -28,6 +37,8 @@ class PandaLLM(L.LightningModule):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
+        delta_from: str | None = None,
+        delta_replaces: list[str] = list(DEFAULT_REPLACED),  # noqa: B006 (jsonargparse reads it)
         learning_rate: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.99),
         adam_epsilon: float = 1e-6,
@@ -42,11 +53,16 @@ class PandaLLM(L.LightningModule):
         """
         Args:
             model_name_or_path: A preset (llama-7b, llama-13b, llama-33b, llama-65b, llama-mini, llama-tiny),
-                trained from scratch, or a Hugging Face LLaMA checkpoint: a local directory or a hub id.
-            tokenizer: Tokenizer directory, hub id or sentencepiece `.model` file; default: the checkpoint's own.
+                trained from scratch; a Hugging Face LLaMA checkpoint: a local directory or a hub id; or a `.gguf`
+                file (dequantized on load; needs the `gguf` package).
+            tokenizer: Tokenizer directory, hub id, sentencepiece `.model` or `.gguf` file; default: the checkpoint's.
             config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
             attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
             gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
+            delta_from: Base checkpoint that `model_name_or_path` holds delta weights of (PandaLLM's released
+                models): the weights trained from are base + delta.
+            delta_replaces: Tensors that the delta stores whole rather than as a difference (PandaLLM's extended
+                vocabularies); `[]` for deltas that add every tensor (FastChat / Vicuna).
             learning_rate: Peak AdamW learning rate.
             adam_betas: AdamW betas.
             adam_epsilon: AdamW epsilon.
@@ -63,6 +79,8 @@ class PandaLLM(L.LightningModule):
         self.save_hyperparameters()
         if tokenizer is None and is_preset(model_name_or_path):
             raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
+        if is_gguf(model_name_or_path):
+            gguf_location(model_name_or_path)  # a missing file fails here, at parse time
         self.tokenizer_name = tokenizer or model_name_or_path
         # Built in `configure_model`, inside the strategy's context (meta device, sharding), never here: parsing
         # or instantiating a 65B recipe allocates nothing.
@@ -88,9 +106,21 @@ class PandaLLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
             return
         h = self.hparams
-        self.model = build_model(h.model_name_or_path, len(self.tokenizer), h.config_overrides, h.attn_implementation)
+        vocab_size = len(self.tokenizer)
+        model = load_model(
+            h.model_name_or_path,
+            vocab_size,
+            h.config_overrides,
+            h.attn_implementation,
+            delta_from=h.delta_from,
+            delta_replaces=tuple(h.delta_replaces),
+        )
+        grow_embeddings(model, vocab_size)
         if h.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
+        # trainer switches to eval and back for validation itself.
+        self.model = model.train()
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
