@@ -1,7 +1,10 @@
-"""The LightningModule: a Hugging Face `LlamaForCausalLM`, its loss, optimizer, schedule and metrics."""
+"""The LightningModule: a Hugging Face `LlamaForCausalLM` (with LoRA adapters, on a quantized base if asked), its
+loss, optimizer, schedule and metrics.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import cached_property
 from pathlib import Path
@@ -9,6 +12,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -25,8 +29,16 @@ from pandallm.model.build import (
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.model.peft import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, load_adapter, merged_copy
+from pandallm.model.quantize import QuantBits, prepare_quantized
+from pandallm.model.trainable_state import check_restorable, keep_trainable
+from pandallm.optim.optimizers import OptimizerName, build_optimizer
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+AdapterSaveType = Literal["adapter_only", "merge"]
 
 
 class PandaLLM(L.LightningModule):
@@ -39,6 +51,17 @@ class PandaLLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         delta_from: str | None = None,
         delta_replaces: list[str] = list(DEFAULT_REPLACED),  # noqa: B006 (jsonargparse reads it)
+        use_lora: bool = False,
+        lora_r: int = 64,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = list(DEFAULT_TARGET_MODULES),  # noqa: B006
+        modules_to_save: list[str] | None = None,
+        use_dora: bool = False,
+        lora_adapter: str | None = None,
+        use_quant: bool = False,
+        bit_training: QuantBits = 4,
+        optimizer: OptimizerName = "adamw",
         learning_rate: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.99),
         adam_epsilon: float = 1e-6,
@@ -63,10 +86,25 @@ class PandaLLM(L.LightningModule):
                 models): the weights trained from are base + delta.
             delta_replaces: Tensors that the delta stores whole rather than as a difference (PandaLLM's extended
                 vocabularies); `[]` for deltas that add every tensor (FastChat / Vicuna).
-            learning_rate: Peak AdamW learning rate.
-            adam_betas: AdamW betas.
-            adam_epsilon: AdamW epsilon.
-            weight_decay: AdamW weight decay, applied to matrices only (not norms).
+            use_lora: Train LoRA adapters (peft) on a frozen base instead of every weight.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the adapters' input.
+            lora_target_modules: Layers that get adapters, by name; default: every linear projection of the decoder.
+            modules_to_save: Modules trained fully and saved with the adapters, e.g. `[embed_tokens, lm_head]` when
+                the tokenizer adds tokens (Chinese-LLaMA-Alpaca).
+            use_dora: Weight-decomposed LoRA (DoRA): adapters learn a direction, plus a magnitude per output.
+            lora_adapter: Start from this saved PEFT adapter directory (its own LoRA settings apply) instead of
+                fresh adapters.
+            use_quant: Load the frozen base quantized with bitsandbytes (needs `use_lora`).
+            bit_training: Bits of the quantized base: 4 (NF4, double quantization, bf16 compute: QLoRA) or 8
+                (LLM.int8()).
+            optimizer: `adamw`, `adamw_8bit`, `paged_adamw`, `paged_adamw_8bit` (bitsandbytes), `lamb`
+                (pytorch-optimizer) or `nvlamb` (NVIDIA's LAMB); see README, "Optimizers".
+            learning_rate: Peak learning rate.
+            adam_betas: Betas of the moment estimates (all optimizers).
+            adam_epsilon: Epsilon of the optimizer's denominator.
+            weight_decay: Weight decay, applied to matrices only (not norms).
             lr_scheduler: `linear`, `cosine`, `poly` (warmup, then decay to `min_lr_ratio`), `warmup` (warmup,
                 then constant) or `constant` (no warmup).
             warmup_steps: Warmup length in optimizer steps.
@@ -81,10 +119,30 @@ class PandaLLM(L.LightningModule):
             raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
         if is_gguf(model_name_or_path):
             gguf_location(model_name_or_path)  # a missing file fails here, at parse time
+        if use_quant and not use_lora:
+            raise ModelError(
+                "model.use_quant: a quantized base cannot be trained itself; set model.use_lora: true to train "
+                "adapters on it"
+            )
+        self.lora = (
+            LoraSettings(
+                r=lora_r,
+                alpha=lora_alpha,
+                dropout=lora_dropout,
+                target_modules=tuple(lora_target_modules),
+                modules_to_save=tuple(modules_to_save or ()),
+                use_dora=use_dora,
+            )
+            if use_lora
+            else None
+        )
+        # Lightning restores a LoRA run's checkpoint (trainable weights only) into a freshly built base.
+        self.strict_loading = not use_lora
         self.tokenizer_name = tokenizer or model_name_or_path
         # Built in `configure_model`, inside the strategy's context (meta device, sharding), never here: parsing
         # or instantiating a 65B recipe allocates nothing.
-        self.model: LlamaForCausalLM | None = None
+        self.model: LlamaForCausalLM | PeftModel | None = None
+        self._added_tokens = 0
         self._eval_sums: torch.Tensor | None = None
 
     @cached_property
@@ -112,15 +170,51 @@ class PandaLLM(L.LightningModule):
             vocab_size,
             h.config_overrides,
             h.attn_implementation,
+            quant_bits=h.bit_training if h.use_quant else None,
             delta_from=h.delta_from,
             delta_replaces=tuple(h.delta_replaces),
+            device=self._quantization_device(),
         )
-        grow_embeddings(model, vocab_size)
-        if h.gradient_checkpointing:
+        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
+        added = self._added_tokens = grow_embeddings(model, vocab_size)
+        if h.use_quant:
+            model = prepare_quantized(model, h.gradient_checkpointing)
+        elif h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if h.use_lora:
+            model = load_adapter(model, h.lora_adapter) if h.lora_adapter else apply_lora(model, self.lora)
+            trains_embeddings = any("embed_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
+            if added and not trains_embeddings:
+                log.warning(
+                    "pandallm: the tokenizer added %d tokens, but LoRA leaves the embeddings frozen: the new rows "
+                    "stay at their initial mean. List embed_tokens and lm_head in model.modules_to_save to train them",
+                    added,
+                )
         # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
+
+    def _quantization_device(self) -> torch.device | None:
+        """The GPU to quantize the base on (bitsandbytes quantizes while loading); None: the CPU."""
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device if device is not None and device.type == "cuda" else None
+
+    @property
+    def is_adapter_run(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.use_lora:
+            keep_trainable(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
+        if self.hparams.use_lora:
+            path = getattr(self._trainer, "ckpt_path", None)
+            where = where or (f"checkpoint '{path}'" if path else "the checkpoint")
+            check_restorable(checkpoint, self, where)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -200,9 +294,7 @@ class PandaLLM(L.LightningModule):
             {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},  # norms
         ]
-        optimizer = torch.optim.AdamW(
-            groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon, fused=self.device.type == "cuda"
-        )
+        optimizer = build_optimizer(h.optimizer, groups, h.learning_rate, h.adam_betas, h.adam_epsilon, self.device)
         total = self.total_steps()
         schedule = Schedule(
             h.lr_scheduler,
@@ -218,6 +310,19 @@ class PandaLLM(L.LightningModule):
 
     # ---- export ----------------------------------------------------------------------------------------------
 
-    def export_hf(self, directory: str | Path) -> Path:
-        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm."""
-        return save_hf(self.model, self.tokenizer, directory)
+    def export_hf(self, directory: str | Path, adapter_save_type: AdapterSaveType = "adapter_only") -> Path:
+        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm.
+
+        A LoRA run saves either its adapters (`adapter_only`: a PEFT adapter directory, which
+        `PeftModel.from_pretrained(base, directory)` loads) or the adapters merged into a copy of the base
+        (`merge`: a plain transformers checkpoint; a quantized base is dequantized for it).
+        """
+        if not self.is_adapter_run:
+            return save_hf(self.model, self.tokenizer, directory)
+        if adapter_save_type == "merge":
+            return save_hf(merged_copy(self.model), self.tokenizer, directory)
+        if adapter_save_type != "adapter_only":
+            raise ModelError(f"adapter_save_type must be 'adapter_only' or 'merge', got '{adapter_save_type}'")
+        # Embedding rows that grew with the tokenizer are part of the trained model: saved with the adapters (and
+        # peft then does not look the base's vocabulary up on the hub to find out).
+        return save_hf(self.model, self.tokenizer, directory, save_embedding_layers=self._added_tokens > 0)

@@ -13,6 +13,7 @@ from pandallm.model import PandaLLM
 from pandallm.model.build import load_model
 from pandallm.model.presets import llama_tiny
 from pandallm.tokenizer import load_tokenizer
+from tests.conftest import TOKENIZER_DIR
 
 
 def tiny(seed: int, **overrides) -> LlamaForCausalLM:
@@ -73,3 +74,13 @@ def test_a_checkpoint_loads_quantized(tmp_path, bits: int) -> None:
     expected = {4: "Linear4bit", 8: "Linear8bitLt"}[bits]
     assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")} == {expected}
     assert type(model.lm_head).__name__ == "Linear"  # the output layer stays dense, as bitsandbytes leaves it
+
+
+def test_a_preset_quantizes_from_its_fresh_weights() -> None:
+    torch.manual_seed(0)
+    module = PandaLLM(
+        model_name_or_path="llama-tiny", tokenizer=str(TOKENIZER_DIR), use_lora=True, use_quant=True, lora_r=4
+    )
+    module.configure_model()
+    layer = module.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer).__name__ == "Linear4bit"
