@@ -17,7 +17,10 @@ from pandallm.data.datamodule import PandaDataModule
 from pandallm.model.module import PandaLLM
 
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
-TOOLS = {"train-tokenizer": "pandallm.tools.train_tokenizer:main"}
+TOOLS = {
+    "train-tokenizer": "pandallm.tools.train_tokenizer:main",
+    "export": "pandallm.tools.export:main",
+}
 
 
 def resolve_tokenizer(model_name_or_path: str, tokenizer: str | None) -> str:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist, each worker's torch would start one thread per core: 2 workers x 2 threads on 2 cores spin
+# against each other (the SmolLM2 test took 4x its time alone). One core's worth of threads per worker.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 TOKENIZER_DIR = REPO / "dataset" / "tokenizer"
 
 
@@ -47,3 +55,36 @@ def data_dirs(tmp_path: Path) -> dict[str, str]:
         "pretraining_data_dir": str(tmp_path / "pretraining"),
         "cache_dir": str(tmp_path / "cache"),
     }
+
+
+def tiny_fit_args(root: Path, *extra: str) -> list[str]:
+    """CLI arguments of a small CPU run on `llama-tiny` over INSTRUCTIONS, writing everything under `root`."""
+    if not (root / "it" / "a.jsonl").is_file():
+        write_jsonl(root / "it" / "a.jsonl", INSTRUCTIONS * 4)
+        write_jsonl(root / "val.jsonl", INSTRUCTIONS)
+    return [
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.save_dir={root}",
+        "--trainer.logger.name=t",
+        "--model.model_name_or_path=llama-tiny",
+        f"--model.tokenizer={TOKENIZER_DIR}",
+        "--model.learning_rate=1e-2",
+        "--model.warmup_steps=0",
+        f"--data.instruction_tuning_data_dir={root / 'it'}",
+        "--data.pretraining_data_dir=null",
+        f"--data.val_files=[{root / 'val.jsonl'}]",
+        "--data.max_seq_length=32",
+        "--data.per_device_train_batch_size=4",
+        "--data.num_workers=0",
+        f"--data.cache_dir={root / 'cache'}",
+        *extra,
+    ]
+
+
+def metric_column(run_dir: Path, name: str) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]

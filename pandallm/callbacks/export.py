@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -19,14 +20,22 @@ def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
 
 
 class HFExport(L.Callback):
-    def __init__(self, enabled: bool = True, dirpath: str | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        dirpath: str | None = None,
+        adapter_save_type: Literal["adapter_only", "merge"] = "adapter_only",
+    ) -> None:
         """
         Args:
             enabled: Export the final weights and the tokenizer when `fit` finishes.
             dirpath: Where; default `hf/` inside the run directory (the logger's directory).
+            adapter_save_type: For LoRA runs: `adapter_only` writes a PEFT adapter directory (adapters, and the
+                `modules_to_save`), `merge` a plain Hugging Face checkpoint with the adapters merged in.
         """
         self.enabled = enabled
         self.dirpath = dirpath
+        self.adapter_save_type = adapter_save_type
 
     def directory(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "hf"
@@ -44,6 +53,6 @@ class HFExport(L.Callback):
             return
         directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:
-            pl_module.export_hf(directory)
+            pl_module.export_hf(directory, self.adapter_save_type)
             log.info("pandallm: exported the model in Hugging Face format to %s", directory)
         trainer.strategy.barrier("hf_export")

@@ -1,7 +1,11 @@
-"""Building the Hugging Face model: from a preset (random init) or from a checkpoint (a local dir or hub id)."""
+"""Building the Hugging Face model from a starting point: a preset (random init), a checkpoint (a local dir or
+hub id), a GGUF file, or PandaLLM-style delta weights on top of a base checkpoint; optionally quantized.
+"""
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +13,27 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from pandallm.errors import ModelError
+from pandallm.model.delta import DEFAULT_REPLACED, apply_delta
 from pandallm.model.presets import PRESETS, preset
+from pandallm.model.quantize import QuantBits, bnb_config
+
+log = logging.getLogger(__name__)
 
 
 def is_preset(name_or_path: str) -> bool:
     return name_or_path in PRESETS
+
+
+def is_gguf(name_or_path: str) -> bool:
+    return name_or_path.endswith(".gguf")
+
+
+def gguf_location(path: str, key: str = "model.model_name_or_path") -> tuple[str, str]:
+    """(directory, file name) of a GGUF file, as `from_pretrained(directory, gguf_file=name)` takes them."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"{key} '{path}': no such GGUF file")
+    return str(file.parent), file.name
 
 
 def model_config(name_or_path: str, vocab_size: int, overrides: dict[str, Any] | None) -> LlamaConfig:
@@ -33,15 +53,19 @@ def model_config(name_or_path: str, vocab_size: int, overrides: dict[str, Any] |
 
 def _checkpoint_config(name_or_path: str) -> LlamaConfig:
     path = Path(name_or_path)
-    if (name_or_path.startswith((".", "/")) or path.exists()) and not (path / "config.json").is_file():
-        raise ModelError(
-            f"model.model_name_or_path '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
-            "nor a Hugging Face checkpoint directory (no config.json)"
-        )
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as e:
-        raise ModelError(f"model.model_name_or_path '{name_or_path}' could not be loaded: {e}") from e
+    if is_gguf(name_or_path):
+        directory, file = gguf_location(name_or_path)
+        config = AutoConfig.from_pretrained(directory, gguf_file=file)
+    else:
+        if (name_or_path.startswith((".", "/")) or path.exists()) and not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.model_name_or_path '{name_or_path}' is neither a preset ({', '.join(PRESETS)}), a GGUF file "
+                "(*.gguf) nor a Hugging Face checkpoint directory (no config.json)"
+            )
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except OSError as e:
+            raise ModelError(f"model.model_name_or_path '{name_or_path}' could not be loaded: {e}") from e
     if config.model_type != "llama":
         raise ModelError(
             f"model.model_name_or_path '{name_or_path}' is a '{config.model_type}' model; pandallm trains the "
@@ -50,24 +74,102 @@ def _checkpoint_config(name_or_path: str) -> LlamaConfig:
     return config
 
 
+def _from_pretrained(name_or_path: str, config: LlamaConfig, **kwargs: Any) -> LlamaForCausalLM:
+    if not is_gguf(name_or_path):
+        return LlamaForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
+    directory, file = gguf_location(name_or_path)
+    try:  # transformers >= 5.x can keep GGUF blocks packed (with `kernels`); LoRA needs plain nn.Linear weights
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older releases always dequantize
+        pass
+    model = LlamaForCausalLM.from_pretrained(directory, gguf_file=file, config=config, **kwargs)
+    # The weights are dense now, but the model still carries the GGUF "quantizer", which makes save_pretrained
+    # refuse ("quantized with gguf and is not serializable") and peft treat the model as quantized.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    _name(model, name_or_path)  # the file, not its directory: adapters record it as their base
+    return model
+
+
+def _name(model: LlamaForCausalLM, name_or_path: str) -> None:
+    model.name_or_path = model.config.name_or_path = name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    vocab_size: int,
+    overrides: dict[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
+    quant_bits: QuantBits | None = None,
+    delta_from: str | None = None,
+    delta_replaces: tuple[str, ...] | list[str] = DEFAULT_REPLACED,
+    device: torch.device | str | None = None,
+) -> LlamaForCausalLM:
+    """The model at its starting point, with the vocabulary it was saved with (see `grow_embeddings`).
+
+    A preset gets fresh weights (seeded by the caller); `delta_from` names the base checkpoint that the delta
+    weights in `name_or_path` were made from. `quant_bits` loads the linear layers with bitsandbytes (4-bit NF4 or
+    8-bit); `device` is where they are quantized (a GPU, or the CPU).
+    """
+    config = model_config(name_or_path, vocab_size, overrides)
+    config._attn_implementation = attn_implementation
+    if delta_from is not None and is_preset(name_or_path):
+        raise ModelError(f"model.delta_from is set, but model.model_name_or_path '{name_or_path}' is a preset")
+    plain_checkpoint = not (is_preset(name_or_path) or is_gguf(name_or_path) or delta_from)
+    if quant_bits is not None and plain_checkpoint:
+        device_map = {"": torch.device(device)} if device is not None else None
+        return _from_pretrained(
+            name_or_path,
+            config,
+            attn_implementation=attn_implementation,
+            quantization_config=bnb_config(quant_bits),
+            device_map=device_map,
+        )
+    if is_preset(name_or_path):
+        model = LlamaForCausalLM(config)
+    else:
+        model = _from_pretrained(name_or_path, config, attn_implementation=attn_implementation)
+        if delta_from is not None:
+            apply_delta(model, delta_from, name_or_path, delta_replaces)
+    if quant_bits is None:
+        return model
+    # bitsandbytes quantizes while `from_pretrained` loads, so a model that exists only in memory (a preset, a
+    # dequantized GGUF, base + delta) is written as safetensors once and loaded back quantized.
+    with tempfile.TemporaryDirectory(prefix="pandallm-quantize-") as scratch:
+        model.save_pretrained(scratch)
+        del model
+        model = load_model(scratch, vocab_size, None, attn_implementation, quant_bits, device=device)
+    _name(model, name_or_path)  # not the scratch directory: adapters record it as their base
+    return model
+
+
+def grow_embeddings(model: LlamaForCausalLM, vocab_size: int) -> int:
+    """Grow the embeddings to a larger tokenizer; returns the number of rows added.
+
+    The new rows start at the mean of the old ones (transformers' `mean_resizing`), which keeps the first losses
+    sane. This must happen before LoRA wraps the model, or the new rows are neither trained nor saved.
+    """
+    added = vocab_size - model.get_input_embeddings().num_embeddings
+    if added <= 0:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    log.info("pandallm: the tokenizer has %d tokens more than the checkpoint; the embeddings grew to match", added)
+    return added
+
+
 def build_model(
     name_or_path: str,
     vocab_size: int,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    **kwargs: Any,
 ) -> LlamaForCausalLM:
-    """A preset with fresh weights (seeded by the caller), or a checkpoint's weights.
-
-    When the tokenizer has more tokens than the checkpoint's embeddings, the embeddings grow and the new rows
-    start at the mean of the old ones (transformers' `mean_resizing`), which keeps the first losses sane.
-    """
-    config = model_config(name_or_path, vocab_size, overrides)
-    config._attn_implementation = attn_implementation
-    if is_preset(name_or_path):
-        return LlamaForCausalLM(config)
-    model = LlamaForCausalLM.from_pretrained(name_or_path, config=config, attn_implementation=attn_implementation)
-    if vocab_size > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    """`load_model`, with the embeddings grown to the tokenizer's vocabulary."""
+    model = load_model(name_or_path, vocab_size, overrides, attn_implementation, **kwargs)
+    grow_embeddings(model, vocab_size)
     return model
 
 

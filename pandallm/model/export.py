@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """`save_pretrained` of model (safetensors) and tokenizer into `directory`, replacing it as one step.
+def save_hf(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, **kwargs: Any
+) -> Path:
+    """`save_pretrained` of model (safetensors; a PeftModel saves its adapters) and tokenizer into `directory`,
+    replacing it as one step; `kwargs` go to the model's `save_pretrained`.
 
     The export is written under a temporary name and renamed last, so a kill mid-write leaves the previous
     export intact rather than a directory of half-written shards.
@@ -18,7 +23,7 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, director
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **kwargs)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""The LightningModule: a Hugging Face `LlamaForCausalLM`, its loss, optimizer, schedule and metrics."""
+"""The LightningModule: a Hugging Face `LlamaForCausalLM` (with LoRA adapters, on a quantized base if asked), its
+loss, optimizer, schedule and metrics.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +13,35 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.checkpoint import compat
 from pandallm.data.cache import tokenizer_digest
 from pandallm.errors import ModelError
-from pandallm.model.build import build_model, is_preset, model_config, num_parameters
+from pandallm.model.build import (
+    gguf_location,
+    grow_embeddings,
+    is_gguf,
+    is_preset,
+    load_model,
+    model_config,
+    num_parameters,
+)
+from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.model.peft import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, load_adapter, merged_copy
+from pandallm.model.quantize import QuantBits, prepare_quantized
+from pandallm.model.trainable_state import check_restorable, keep_trainable
+from pandallm.optim.optimizers import OptimizerName, build_optimizer
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+AdapterSaveType = Literal["adapter_only", "merge"]
 
 
 class PandaLLM(L.LightningModule):
@@ -34,6 +52,19 @@ class PandaLLM(L.LightningModule):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
+        delta_from: str | None = None,
+        delta_replaces: list[str] = list(DEFAULT_REPLACED),  # noqa: B006 (jsonargparse reads it)
+        use_lora: bool = False,
+        lora_r: int = 64,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] = list(DEFAULT_TARGET_MODULES),  # noqa: B006
+        modules_to_save: list[str] | None = None,
+        use_dora: bool = False,
+        lora_adapter: str | None = None,
+        use_quant: bool = False,
+        bit_training: QuantBits = 4,
+        optimizer: OptimizerName = "adamw",
         learning_rate: float = 1e-3,
         adam_betas: tuple[float, float] = (0.9, 0.99),
         adam_epsilon: float = 1e-6,
@@ -49,15 +80,35 @@ class PandaLLM(L.LightningModule):
         """
         Args:
             model_name_or_path: A preset (llama-7b, llama-13b, llama-33b, llama-65b, llama-mini, llama-tiny),
-                trained from scratch, or a Hugging Face LLaMA checkpoint: a local directory or a hub id.
-            tokenizer: Tokenizer directory, hub id or sentencepiece `.model` file; default: the checkpoint's own.
+                trained from scratch; a Hugging Face LLaMA checkpoint: a local directory or a hub id; or a `.gguf`
+                file (dequantized on load; needs the `gguf` package).
+            tokenizer: Tokenizer directory, hub id, sentencepiece `.model` or `.gguf` file; default: the checkpoint's.
             config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
             attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
             gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
-            learning_rate: Peak AdamW learning rate.
-            adam_betas: AdamW betas.
-            adam_epsilon: AdamW epsilon.
-            weight_decay: AdamW weight decay, applied to matrices only (not norms).
+            delta_from: Base checkpoint that `model_name_or_path` holds delta weights of (PandaLLM's released
+                models): the weights trained from are base + delta.
+            delta_replaces: Tensors that the delta stores whole rather than as a difference (PandaLLM's extended
+                vocabularies); `[]` for deltas that add every tensor (FastChat / Vicuna).
+            use_lora: Train LoRA adapters (peft) on a frozen base instead of every weight.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the adapters' input.
+            lora_target_modules: Layers that get adapters, by name; default: every linear projection of the decoder.
+            modules_to_save: Modules trained fully and saved with the adapters, e.g. `[embed_tokens, lm_head]` when
+                the tokenizer adds tokens (Chinese-LLaMA-Alpaca).
+            use_dora: Weight-decomposed LoRA (DoRA): adapters learn a direction, plus a magnitude per output.
+            lora_adapter: Start from this saved PEFT adapter directory (its own LoRA settings apply) instead of
+                fresh adapters.
+            use_quant: Load the frozen base quantized with bitsandbytes (needs `use_lora`).
+            bit_training: Bits of the quantized base: 4 (NF4, double quantization, bf16 compute: QLoRA) or 8
+                (LLM.int8()).
+            optimizer: `adamw`, `adamw_8bit`, `paged_adamw`, `paged_adamw_8bit` (bitsandbytes), `lamb`
+                (pytorch-optimizer) or `nvlamb` (NVIDIA's LAMB); see README, "Optimizers".
+            learning_rate: Peak learning rate.
+            adam_betas: Betas of the moment estimates (all optimizers).
+            adam_epsilon: Epsilon of the optimizer's denominator.
+            weight_decay: Weight decay, applied to matrices only (not norms).
             lr_scheduler: `linear`, `cosine`, `poly` (warmup, then decay to `min_lr_ratio`), `warmup` (warmup,
                 then constant) or `constant` (no warmup).
             warmup_steps: Warmup length in optimizer steps.
@@ -72,10 +123,32 @@ class PandaLLM(L.LightningModule):
         self.save_hyperparameters()
         if tokenizer is None and is_preset(model_name_or_path):
             raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
+        if is_gguf(model_name_or_path):
+            gguf_location(model_name_or_path)  # a missing file fails here, at parse time
+        if use_quant and not use_lora:
+            raise ModelError(
+                "model.use_quant: a quantized base cannot be trained itself; set model.use_lora: true to train "
+                "adapters on it"
+            )
+        self.lora = (
+            LoraSettings(
+                r=lora_r,
+                alpha=lora_alpha,
+                dropout=lora_dropout,
+                target_modules=tuple(lora_target_modules),
+                modules_to_save=tuple(modules_to_save or ()),
+                use_dora=use_dora,
+            )
+            if use_lora
+            else None
+        )
+        # Lightning restores a LoRA run's checkpoint (trainable weights only) into a freshly built base.
+        self.strict_loading = not use_lora
         self.tokenizer_name = tokenizer or model_name_or_path
         # Built in `configure_model`, inside the strategy's context (meta device, sharding), never here: parsing
         # or instantiating a 65B recipe allocates nothing.
-        self.model: LlamaForCausalLM | None = None
+        self.model: LlamaForCausalLM | PeftModel | None = None
+        self._added_tokens = 0
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
         self._window_tokens: torch.Tensor | int = 0
@@ -100,13 +173,45 @@ class PandaLLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
             return
         h = self.hparams
-        self.model = build_model(h.model_name_or_path, len(self.tokenizer), h.config_overrides, h.attn_implementation)
-        # `from_pretrained` returns the model in eval mode, and Lightning keeps submodules' modes as it finds
-        # them: without this, a fine-tuned checkpoint would train with dropout off, and transformers' gradient
-        # checkpointing (active only in training mode) would silently do nothing.
-        self.model.train()
-        if h.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vocab_size = len(self.tokenizer)
+        model = load_model(
+            h.model_name_or_path,
+            vocab_size,
+            h.config_overrides,
+            h.attn_implementation,
+            quant_bits=h.bit_training if h.use_quant else None,
+            delta_from=h.delta_from,
+            delta_replaces=tuple(h.delta_replaces),
+            device=self._quantization_device(),
+        )
+        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
+        added = self._added_tokens = grow_embeddings(model, vocab_size)
+        if h.use_quant:
+            model = prepare_quantized(model, h.gradient_checkpointing)
+        elif h.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if h.use_lora:
+            model = load_adapter(model, h.lora_adapter) if h.lora_adapter else apply_lora(model, self.lora)
+            trains_embeddings = any("embed_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
+            if added and not trains_embeddings:
+                log.warning(
+                    "pandallm: the tokenizer added %d tokens, but LoRA leaves the embeddings frozen: the new rows "
+                    "stay at their initial mean. List embed_tokens and lm_head in model.modules_to_save to train them",
+                    added,
+                )
+        # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
+        # trainer switches to eval and back for validation itself.
+        self.model = model.train()
+
+    def _quantization_device(self) -> torch.device | None:
+        """The GPU to quantize the base on (bitsandbytes quantizes while loading); None: the CPU."""
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        return device if device is not None and device.type == "cuda" else None
+
+    @property
+    def is_adapter_run(self) -> bool:
+        return isinstance(self.model, PeftModel)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -194,18 +299,26 @@ class PandaLLM(L.LightningModule):
             run,
         )
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
+        if self.hparams.use_lora:
+            keep_trainable(checkpoint, self)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        path = str(self.trainer.ckpt_path) if self._trainer is not None else "the checkpoint"
-        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        changed = compat.check(path, checkpoint, self._run_record(), shapes)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], where: str | None = None) -> None:
+        path = getattr(self._trainer, "ckpt_path", None)
+        where = where or (f"checkpoint '{path}'" if path else "the checkpoint")
+        if self.hparams.use_lora:
+            # Adapter checkpoints hold the trainable weights only; they must fit, and on the same frozen base.
+            check_restorable(checkpoint, self, where)
+            shapes = {name: tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
+        else:
+            shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
+        changed = compat.check(where, checkpoint, self._run_record(), shapes)
         if changed and self._trainer is not None and self.trainer.state.fn == "fit" and self.global_rank == 0:
             log.warning(
                 "pandallm: resuming from %s with changed settings; the run will not continue exactly as the "
                 "uninterrupted one would:\n  %s",
-                path,
+                where,
                 "\n  ".join(changed),
             )
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
@@ -269,9 +382,7 @@ class PandaLLM(L.LightningModule):
             {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},  # norms
         ]
-        optimizer = torch.optim.AdamW(
-            groups, lr=h.learning_rate, betas=tuple(h.adam_betas), eps=h.adam_epsilon, fused=self.device.type == "cuda"
-        )
+        optimizer = build_optimizer(h.optimizer, groups, h.learning_rate, h.adam_betas, h.adam_epsilon, self.device)
         total = self.total_steps()
         schedule = Schedule(
             h.lr_scheduler,
@@ -287,6 +398,19 @@ class PandaLLM(L.LightningModule):
 
     # ---- export ----------------------------------------------------------------------------------------------
 
-    def export_hf(self, directory: str | Path) -> Path:
-        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm."""
-        return save_hf(self.model, self.tokenizer, directory)
+    def export_hf(self, directory: str | Path, adapter_save_type: AdapterSaveType = "adapter_only") -> Path:
+        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm.
+
+        A LoRA run saves either its adapters (`adapter_only`: a PEFT adapter directory, which
+        `PeftModel.from_pretrained(base, directory)` loads) or the adapters merged into a copy of the base
+        (`merge`: a plain transformers checkpoint; a quantized base is dequantized for it).
+        """
+        if not self.is_adapter_run:
+            return save_hf(self.model, self.tokenizer, directory)
+        if adapter_save_type == "merge":
+            return save_hf(merged_copy(self.model), self.tokenizer, directory)
+        if adapter_save_type != "adapter_only":
+            raise ModelError(f"adapter_save_type must be 'adapter_only' or 'merge', got '{adapter_save_type}'")
+        # Embedding rows that grew with the tokenizer are part of the trained model: saved with the adapters (and
+        # peft then does not look the base's vocabulary up on the hub to find out).
+        return save_hf(self.model, self.tokenizer, directory, save_embedding_layers=self._added_tokens > 0)
