@@ -85,7 +85,9 @@ class PandaDataModule(L.LightningDataModule):
             seed: Seed of the `val_fraction` hold-out and of the training data order.
         """
         super().__init__()
-        self.save_hyperparameters()  # stored in checkpoints, to name what changed when a run resumes
+        # Stored in checkpoints, to name what changed when a run resumes. The tokenizer is linked from the model
+        # (and checked by digest); Lightning refuses module and data hparams that share a key with other values.
+        self.save_hyperparameters(ignore=["tokenizer"])
         if not 0.0 <= val_fraction < 1.0:
             raise DatasetError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if max_seq_length < 2:
