@@ -7,11 +7,15 @@ import json
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning
 import torch
 import transformers
+from torch.utils.data import DataLoader
+
+from pandallm.data.collate import collate_rows
 
 
 def environment() -> dict:
@@ -34,3 +38,17 @@ def write_result(name: str, result: dict) -> Path:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({**environment(), **result}, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def prepare_in_order(datamodule, batch_size: int):
+    """Set `datamodule` up for fit and make it serve the training rows in file order, unshuffled, so that every
+    side of a comparison sees the same batches."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.train_dataloader = lambda: DataLoader(
+        datamodule.datasets["train"],
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=partial(collate_rows, pad_id=datamodule.pad_id),
+    )
+    return datamodule

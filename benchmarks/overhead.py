@@ -10,16 +10,13 @@ import argparse
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from benchmarks.common import write_result
+from benchmarks.common import prepare_in_order, write_result
 from pandallm.cli import cli
-from pandallm.data.collate import collate_rows
 from pandallm.model.loss import causal_lm_loss_sum
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +53,7 @@ def build(work: Path, steps: int):
         ],
         run=False,
     )
-    dm = run.datamodule
-    dm.prepare_data()
-    dm.setup("fit")
-    dm.train_dataloader = lambda: DataLoader(
-        dm.datasets["train"], batch_size=8, shuffle=False, collate_fn=partial(collate_rows, pad_id=dm.pad_id)
-    )
-    return run, dm
+    return run, prepare_in_order(run.datamodule, batch_size=8)
 
 
 def pandallm_steps(work: Path, steps: int) -> list[float]:

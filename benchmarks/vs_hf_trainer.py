@@ -14,14 +14,13 @@ import shutil
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import SequentialSampler
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from benchmarks.common import write_result
+from benchmarks.common import prepare_in_order, write_result
 from pandallm.cli import cli
 from pandallm.data.collate import collate_rows
 from pandallm.model.presets import llama_tiny
@@ -55,18 +54,9 @@ def pandallm_run(work: Path, init: Path, steps: int, packing: bool) -> tuple[lis
         ],
         run=False,
     )
-    dm = run.datamodule
-    dm.prepare_data()
-    dm.setup("fit")
-    # The HF Trainer's order: the data set's, without shuffling.
-    dm.train_dataloader = lambda: DataLoader(
-        dm.datasets["train"], batch_size=BATCH, shuffle=False, collate_fn=partial(collate_rows, pad_id=dm.pad_id)
-    )
+    dm = prepare_in_order(run.datamodule, BATCH)  # the HF Trainer's order: the data set's, unshuffled
     losses: list[float] = []
     tokens = 0
-
-    class Record(torch.nn.Module):
-        pass
 
     module = run.model
     original = module.training_step
