@@ -12,12 +12,15 @@ from pandallm.callbacks.graceful_stop import GracefulStop
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
-from pandallm.checkpoint.atomic import AtomicCheckpoints
+from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.model.module import PandaLLM
 
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
-TOOLS = {"train-tokenizer": "pandallm.tools.train_tokenizer:main"}
+TOOLS = {
+    "train-tokenizer": "pandallm.tools.train_tokenizer:main",
+    "export": "pandallm.tools.export:main",
+}
 
 
 def resolve_tokenizer(model_name_or_path: str, tokenizer: str | None) -> str:
@@ -32,6 +35,13 @@ class PandaCLI(LightningCLI):
         )
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                recover_swaps(callback.dirpath)
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:

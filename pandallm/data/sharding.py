@@ -7,7 +7,7 @@ trained on other batches than the uninterrupted run; see tests/test_resume.py).
 
 With `data.shuffle: false`, rank r's k-th batch of B rows is rows {r + W(kB + i)}: over all W ranks, step k reads
 rows [kWB, (k+1)WB), the same rows as the k-th batch of one process with batch size WB. That is how runs of
-different world sizes are compared.
+different world sizes are compared (tests/test_parallel.py).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pandallm.errors import ModelError
 from pandallm.model.build import build_model, is_preset, model_config, num_parameters
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.model.parallel import apply_fsdp2
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
 
@@ -101,6 +102,8 @@ class PandaLLM(L.LightningModule):
         self.model = build_model(h.model_name_or_path, len(self.tokenizer), h.config_overrides, h.attn_implementation)
         if h.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2, one unit per decoder layer
+            apply_fsdp2(self.model, self.device_mesh)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -118,7 +121,11 @@ class PandaLLM(L.LightningModule):
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
         self._last_loss = loss.detach()
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # Logged as the mean over ranks (one all-reduce of a scalar): the loss of the global batch, when ranks hold
+        # equal numbers of target tokens.
+        self.log(
+            "train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True
+        )
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         return loss
 
