@@ -93,3 +93,16 @@ class KillDuringShardedSave(L.Callback):
             return save(obj, f, *args, **kwargs)
 
         torch.save = save_or_die
+
+
+class SlowSteps(L.Callback):
+    """Sleeps `seconds` after every training batch: a tiny model trained slowly enough for a test to act on it
+    while it runs (send a signal, requeue its job)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)
