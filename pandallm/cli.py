@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from pandallm import sweep
 from pandallm.callbacks.export import HFExport
 from pandallm.callbacks.graceful_stop import GracefulStop
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
-from pandallm.checkpoint.atomic import AtomicCheckpoints
+from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.model.module import PandaLLM
 
@@ -36,6 +38,51 @@ class PandaCLI(LightningCLI):
         )
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--sweep",
+            type=str | None,
+            default=None,
+            help="Sweep file: a YAML list of override sets; the selected one is applied last (pandallm.sweep)",
+        )
+        parser.add_argument(
+            "--sweep_index",
+            type=int | None,
+            default=None,
+            help="Entry of the sweep file to run; default SLURM_ARRAY_TASK_ID",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        # jsonargparse prints the config and exits while parsing; with a sweep, printing waits for the sweep.
+        printing = any(a.startswith("--print_config") for a in argv)
+        argv_to_run = [a for a in argv if not a.startswith("--print_config")]
+        self.config = parser.parse_args(argv_to_run)
+        config = self._subcommand_config()
+        if not config.get("sweep"):
+            if printing:
+                parser.parse_args(argv)
+            return
+        points = sweep.load_points(config.sweep)
+        index = sweep.resolve_index(config.sweep_index)
+        point = sweep.select(points, index, config.sweep)
+        print(f"pandallm: sweep {config.sweep}, entry {index}: {sweep.describe(point)}", file=sys.stderr)
+        self.config = parser.parse_args([*argv_to_run, "--config", sweep.as_config(point)])
+        directory = sweep.pin_run_directory(self._subcommand_config(), sweep.run_name(index))
+        print(f"pandallm: sweep run directory {directory}", file=sys.stderr)
+        if printing:
+            print(self._parser(self.config.get("subcommand")).dump(self._subcommand_config(), skip_none=False), end="")
+            sys.exit(0)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                recover_swaps(callback.dirpath)
+
+    def _subcommand_config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:

@@ -33,3 +33,7 @@ class DatasetError(PandaError):
 
 class ModelError(PandaError):
     """A model or checkpoint cannot be used: unknown preset, not a LLaMA architecture, mismatched shapes."""
+
+
+class ConfigError(PandaError):
+    """A configuration file or option cannot be used: a malformed sweep file, an index out of range."""

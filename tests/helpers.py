@@ -71,3 +71,38 @@ class NaNForwardAtStep(L.Callback):
             self._hook.remove()
             self._hook = None
             self.step = -1
+
+
+class KillDuringShardedSave(L.Callback):
+    """At optimizer step `step`, SIGKILLs the process group when global rank 0 is about to write the metadata of
+    a sharded `last.ckpt` (after every rank has written its shard): a node dying in the middle of a sharded save."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        import torch
+
+        save = torch.save
+
+        def save_or_die(obj, f, *args, **kwargs):
+            if str(f).endswith("meta.pt") and "last.ckpt" in str(f):
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = save_or_die
+
+
+class SlowSteps(L.Callback):
+    """Sleeps `seconds` after every training batch: a tiny model trained slowly enough for a test to act on it
+    while it runs (send a signal, requeue its job)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

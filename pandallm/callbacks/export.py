@@ -9,6 +9,9 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
+from pandallm.model.export import save_hf
+
 log = logging.getLogger(__name__)
 
 
@@ -43,16 +46,23 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        if shards_parameters(trainer.strategy):
-            # Rank 0 holds only its shard here; saving it would write a model that loads with wrong weights.
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            # ZeRO-3's gathering goes through the DeepSpeed engine, which this repository cannot run (no GPU);
+            # `pandallm export` converts its checkpoint directory instead.
             log.warning(
-                "pandallm: no Hugging Face export at the end of a run with %s, whose weights are sharded; the "
-                "Lightning checkpoint holds them",
-                type(trainer.strategy).__name__,
+                "pandallm: no Hugging Face export at the end of a DeepSpeed ZeRO-3 run; convert the checkpoint "
+                "with `pandallm export --ckpt_path <checkpoint dir> --output <dir>`"
             )
             return
         directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
-        if trainer.is_global_zero:
+        if shards_parameters(strategy):
+            # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
+            weights = gather_full_state_dict(strategy.model)
+            if trainer.is_global_zero:
+                save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory)
+        elif trainer.is_global_zero:
             pl_module.export_hf(directory, self.adapter_save_type)
+        if trainer.is_global_zero:
             log.info("pandallm: exported the model in Hugging Face format to %s", directory)
-        trainer.strategy.barrier("hf_export")
+        strategy.barrier("hf_export")

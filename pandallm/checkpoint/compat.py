@@ -62,7 +62,11 @@ def check(path: str, checkpoint: dict, current: dict, state_shapes: dict[str, tu
     problems = _differences(saved["shape"], current["shape"], "model shape: ")
     if saved["tokenizer"] != current["tokenizer"]:
         problems.append("tokenizer: the checkpoint was trained with another vocabulary")
+    # A sharded checkpoint (FSDP2, FSDP) comes without "state_dict": the strategy has loaded the shards into the
+    # model itself, strictly, before this check, so there is nothing left to compare here.
     saved_shapes = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    if "state_dict" not in checkpoint:
+        state_shapes = {}
     mismatched = [
         f"{k}: checkpoint {saved_shapes[k]} vs model {state_shapes[k]}"
         for k in saved_shapes.keys() & state_shapes.keys()

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from torch.utils.data import DataLoader, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
@@ -52,6 +53,7 @@ class PandaDataModule(L.LightningDataModule):
         max_bad_fraction: float = 0.01,
         per_device_train_batch_size: int = 1,
         per_device_eval_batch_size: int = 2,
+        shuffle: bool = True,
         num_workers: int = 2,
         prefetch_factor: int = 2,
         preprocessing_num_workers: int = 1,
@@ -78,6 +80,8 @@ class PandaDataModule(L.LightningDataModule):
             max_bad_fraction: Largest share of malformed records `skip` accepts.
             per_device_train_batch_size: Rows per training batch on each device.
             per_device_eval_batch_size: Rows per validation / test / predict batch on each device.
+            shuffle: Shuffle the training rows every epoch (seeded by `seed`); false reads them in order, so that
+                runs with different numbers of ranks see the same global batches (see `pandallm.data.sharding`).
             num_workers: Data-loader worker processes.
             prefetch_factor: Batches each worker loads ahead.
             preprocessing_num_workers: Processes that tokenize (`datasets.map(num_proc=...)`).
@@ -110,6 +114,7 @@ class PandaDataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.train_batch_size = per_device_train_batch_size
         self.eval_batch_size = per_device_eval_batch_size
+        self.shuffle = shuffle
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.preprocessing_num_workers = preprocessing_num_workers
@@ -291,8 +296,12 @@ class PandaDataModule(L.LightningDataModule):
         # batch. Lightning stores rank 0's state only; since every rank's shard has the same length and the
         # generator the same seed, rank 0's state is every rank's. Its own generator also keeps the order
         # independent of the global RNG.
+        # The sampler gets a generator of its own, not the loader's: the loader also draws its workers' base seed
+        # from its generator, once per epoch, and a resumed iterator does not redo that draw, so with a shared
+        # generator every epoch after the resumed one was shuffled differently (seen with num_workers=0).
+        sampler = RandomSampler(shard, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle else None
         generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(shard, shuffle=True, generator=generator, **common)
+        return StatefulDataLoader(shard, sampler=sampler, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["train"], self.train_batch_size, collate_rows, train=True)

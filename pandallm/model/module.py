@@ -32,6 +32,7 @@ from pandallm.model.build import (
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.model.parallel import apply_fsdp2
 from pandallm.model.peft import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, load_adapter, merged_copy
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
@@ -201,6 +202,10 @@ class PandaLLM(L.LightningModule):
                     "stay at their initial mean. List embed_tokens and lm_head in model.modules_to_save to train them",
                     added,
                 )
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2, one unit per decoder layer
+            if h.use_lora or h.use_quant:
+                raise ModelError("FSDP2 (ModelParallelStrategy) trains full models only; use DDP or DeepSpeed for LoRA")
+            apply_fsdp2(model, self.device_mesh)
         # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
@@ -236,7 +241,11 @@ class PandaLLM(L.LightningModule):
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
         self._last_loss = loss.detach()
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # Logged as the mean over ranks (one all-reduce of a scalar): the loss of the global batch, when ranks hold
+        # equal numbers of target tokens.
+        self.log(
+            "train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True
+        )
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         if not self._token_weighted:
             return loss

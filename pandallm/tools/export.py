@@ -1,21 +1,26 @@
 """`pandallm export`: a Hugging Face export of a finished run's checkpoint (or of a starting point), no training.
 
+    pandallm export --ckpt_path runs/llama33b/checkpoints/last.ckpt --output runs/llama33b/hf-last
     pandallm export --config recipes/smollm2_lora.yaml --ckpt_path runs/smollm2_lora/checkpoints/last.ckpt \\
         --output runs/smollm2_lora/merged --adapter_save_type merge
 
-The model is built as the config's `model` section (and any `--model.*` option after it) describes it, on the
-CPU; the checkpoint's weights are restored into it (a LoRA run's adapters onto the base rebuilt from its source),
-and it is saved as a PEFT adapter directory (`adapter_only`) or with the adapters merged into a plain Hugging
-Face checkpoint (`merge`). A run directory's `config.yaml` works as `--config` too. Without `--config`, the model
-settings saved in the checkpoint are used. Without `--ckpt_path`, the starting point itself is exported: a GGUF
-file or delta weights become a plain checkpoint, and `--model.lora_adapter DIR --adapter_save_type merge` merges
-a saved adapter into its base.
+`--ckpt_path` takes a `.ckpt` file, the directory of a sharded checkpoint (FSDP2, Lightning FSDP with
+`state_dict_type: sharded`: torch.distributed.checkpoint shards, read here in one process without GPUs or a process
+group, and without the optimizer state), or a DeepSpeed checkpoint directory (consolidated with Lightning's
+`convert_zero_checkpoint_to_fp32_state_dict`, which needs the `deepspeed` package).
+
+Without `--config`, the model settings saved in the checkpoint are used. With `--config` (a recipe, or a run
+directory's `config.yaml`) and any `--model.*` option, the model is built as they describe, on the CPU, and the
+checkpoint is checked against it as `fit --ckpt_path` checks it. A LoRA run is saved as a PEFT adapter directory
+(`adapter_only`) or with the adapters merged into a plain Hugging Face checkpoint (`merge`). Without
+`--ckpt_path`, the starting point itself is exported: a GGUF file or delta weights become a plain checkpoint, and
+`--model.lora_adapter DIR --adapter_save_type merge` merges a saved adapter into its base.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +29,16 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from pandallm.callbacks.export import HFExport
+from pandallm.checkpoint.sharded import (
+    hf_weights,
+    is_sharded_checkpoint,
+    module_arguments,
+    plain_model,
+    read_metadata,
+    read_sharded_weights,
+)
 from pandallm.errors import ModelError
+from pandallm.model.export import save_hf
 from pandallm.model.module import PandaLLM
 
 log = logging.getLogger(__name__)
@@ -33,13 +47,21 @@ log = logging.getLogger(__name__)
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pandallm export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="A recipe or a run's config.yaml.")
-    parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint (.ckpt) to export.")
-    parser.add_argument("--output", type=str, required=True, help="Directory to write.")
+    parser.add_argument(
+        "--ckpt_path", type=str | None, default=None, help="Checkpoint to export: a .ckpt file or a sharded directory."
+    )
+    parser.add_argument("--output", type=str, required=True, help="Directory to write; replaced as one step.")
     parser.add_argument(
         "--adapter_save_type",
         type=Literal["adapter_only", "merge"] | None,
         default=None,
         help="For LoRA runs; default: the config's export.adapter_save_type.",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=str | None,
+        default=None,
+        help="Tokenizer to save with the model, when the one recorded in the checkpoint is not valid here.",
     )
     parser.add_class_arguments(PandaLLM, "model")
     parser.add_class_arguments(HFExport, "export")
@@ -51,40 +73,69 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "checkpoint").is_dir()
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint file or directory as one dict in Lightning's layout (`state_dict`, `hyper_parameters`, ...)."""
     file = Path(path)
-    if file.is_dir():
-        raise ModelError(
-            f"--ckpt_path '{path}' is a sharded (DeepSpeed / FSDP) checkpoint directory; convert it to a single file "
-            "first (Lightning's convert_zero_checkpoint_to_fp32_state_dict)"
-        )
-    if not file.is_file():
-        raise ModelError(f"--ckpt_path '{path}': no such file")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    if is_sharded_checkpoint(file):
+        return {**read_metadata(file), "state_dict": read_sharded_weights(file)}
+    if is_deepspeed_checkpoint(file):
+        try:
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        except ImportError as e:  # pragma: no cover (needs deepspeed)
+            raise ModelError(f"--ckpt_path {path} is a DeepSpeed checkpoint; converting it needs deepspeed") from e
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_zero_checkpoint_to_fp32_state_dict(str(file), str(Path(tmp) / "full.ckpt"))
+            checkpoint = torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
+    elif file.is_file():
+        # mmap: the tensors are paged in as they are copied out, not read into memory first.
+        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    elif file.is_dir():
+        raise ModelError(f"--ckpt_path {path}: a directory, but neither a sharded nor a DeepSpeed checkpoint")
+    else:
+        raise ModelError(f"--ckpt_path {path}: no such checkpoint file or directory")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ModelError(f"--ckpt_path {path}: not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
 
 
-def restore(model: PandaLLM, checkpoint: dict[str, Any], path: str) -> None:
-    """The checkpoint's weights into the configured `model`, checked as `fit --ckpt_path` checks them."""
-    model.on_load_checkpoint(checkpoint, where=f"checkpoint '{path}'")
-    model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
+def export_full_weights(checkpoint: dict[str, Any], output: str, tokenizer: str | None) -> Path:
+    """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
+    tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
+    arguments = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
+    if tokenizer is not None:
+        arguments["tokenizer"] = tokenizer
+    module = PandaLLM(**arguments)
+    return save_hf(plain_model(module.config, hf_weights(checkpoint["state_dict"])), module.tokenizer, output)
 
 
 def export(args: list[str]) -> Path:
     parser = build_parser()
     cfg = parser.parse_args(args)
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if checkpoint is not None and ("pandallm" not in checkpoint or "hyper_parameters" not in checkpoint):
+        raise ModelError(f"--ckpt_path {cfg.ckpt_path}: not a pandallm checkpoint (it has no 'pandallm' record)")
     configured = any(a == "--config" or a.startswith(("--config=", "--model")) for a in args)
+    if checkpoint is not None and not configured and not checkpoint["hyper_parameters"].get("use_lora"):
+        directory = export_full_weights(checkpoint, cfg.output, cfg.tokenizer)
+        log.info("pandallm: exported to %s", directory)
+        return directory
     if configured or checkpoint is None:
         model = parser.instantiate_classes(cfg).model
     else:
-        accepted = inspect.signature(PandaLLM.__init__).parameters
-        model = PandaLLM(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+        model = PandaLLM(**module_arguments(PandaLLM, checkpoint["hyper_parameters"]))
+    if cfg.tokenizer is not None:
+        model.tokenizer_name = cfg.tokenizer
     # A preset's frozen base is random: rebuilt from the run's seed (pandallm's default, 42, unless configured).
     seed = cfg.seed_everything
     L.seed_everything(42 if seed in (None, True) else int(seed), verbose=False)
     model.configure_model()
     if checkpoint is not None:
-        restore(model, checkpoint, cfg.ckpt_path)
+        model.on_load_checkpoint(checkpoint, where=f"checkpoint '{cfg.ckpt_path}'")
+        model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
     model.eval()
     save_type = cfg.adapter_save_type or cfg.export.adapter_save_type
     directory = model.export_hf(cfg.output, save_type)

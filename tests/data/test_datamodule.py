@@ -192,3 +192,27 @@ def test_too_small_training_data_fails_before_training(tmp_path, tokenizer_dir) 
     dm.prepare_data()
     with pytest.raises(DatasetError, match=r"has 2 rows, fewer than one batch across ranks \(1 x .*=4\)"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_loader_resumed_mid_epoch_continues_the_same_order_in_later_epochs(
+    data_dirs, tokenizer_dir, num_workers: int
+) -> None:
+    def loader():
+        dm = ready(make(tokenizer_dir, **data_dirs, num_workers=num_workers, per_device_train_batch_size=4))
+        return dm.train_dataloader()
+
+    def ids(batches) -> list[list[int]]:
+        return [row for batch in batches for row in batch["input_ids"][:, 0:4].tolist()]
+
+    straight = loader()
+    epochs = [ids(straight) for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    stopped = loader()
+    iterator = iter(stopped)
+    head = ids([next(iterator), next(iterator)])
+    state = stopped.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert head + ids(resumed) == epochs[0]
+    assert [ids(resumed), ids(resumed)] == epochs[1:]  # the order of the epochs after the resumed one, too

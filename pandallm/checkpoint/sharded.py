@@ -1,0 +1,97 @@
+"""Whole models out of sharded ones: gathering a sharded model's weights, and reading a sharded checkpoint.
+
+Under FSDP2 (`ModelParallelStrategy`) and Lightning's `FSDPStrategy` no rank holds the whole model, and their
+checkpoints are directories of torch.distributed.checkpoint (DCP) shards plus Lightning's `meta.pt`. A Hugging Face
+export needs whole tensors: at the end of `fit` they are gathered from the ranks (`gather_full_state_dict`); from
+a checkpoint directory they are read without any process group (`read_sharded_weights`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pandallm.errors import ModelError
+
+# Lightning's file of everything in a sharded checkpoint that is not a tensor shard (loops, hyper-parameters).
+METADATA_FILE = "meta.pt"
+# Where the LightningModule's state dict sits in the DCP keys: `ModelParallelStrategy` saves it as "state_dict",
+# `FSDPStrategy` as "model"; PandaLLM keeps the Hugging Face model in its attribute `model`.
+DCP_MODULE_KEYS = ("state_dict", "model")
+HF_PREFIX = "model."
+
+
+def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded `module` (FSDP, FSDP2, DDP or plain), on CPU, on global rank 0.
+
+    A collective: every rank must call it. Other ranks get an empty dict. Keys are the LightningModule's
+    (`model.model.layers...`), without wrapper prefixes.
+    """
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def hf_weights(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PandaLLM's state dict -> the Hugging Face model's (the `model.` attribute prefix removed)."""
+    return {k[len(HF_PREFIX) :]: v for k, v in lightning_state.items() if k.startswith(HF_PREFIX)}
+
+
+def plain_model(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` holding `weights`, to save: built on the meta device and given the tensors themselves,
+    so that no second copy is allocated. Its RoPE buffers (not in state dicts) stay on the meta device."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        raise ModelError(f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / METADATA_FILE).is_file()
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Lightning's `meta.pt`: hyper-parameters, loop state, pandallm's record."""
+    return torch.load(Path(path) / METADATA_FILE, map_location="cpu", weights_only=False)
+
+
+def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model weights of a sharded checkpoint directory, in PandaLLM's keys, on CPU; the optimizer
+    state in the same directory is not read."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise ModelError(f"{path} is not a sharded checkpoint (a directory with .metadata and {METADATA_FILE})")
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    for top in DCP_MODULE_KEYS:
+        prefix = top + "."
+        tensors = {
+            k[len(prefix) :]: meta for k, meta in stored.items() if k.startswith(prefix) and hasattr(meta, "size")
+        }
+        if tensors:
+            break
+    else:
+        raise ModelError(f"{path}: no model weights found (looked for keys under {', '.join(DCP_MODULE_KEYS)})")
+    # `no_dist`: this process alone reads every shard of every requested tensor (no process group needed).
+    weights = {k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in tensors.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # that is the intent
+        dcp_load({top: weights}, checkpoint_id=path, no_dist=True)
+    return weights
+
+
+def module_arguments(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyper-parameters that `cls.__init__` takes (Lightning adds private ones such as `_instantiator`)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in hyper_parameters.items() if k in accepted and k != "self"}
