@@ -70,6 +70,8 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{section}", type=dict[str, Any] | None, default=None)
     parser.add_argument("--seed_everything", type=int | bool | None, default=None)
     parser.add_argument("--weights_only", type=bool | None, default=None)
+    parser.add_argument("--sweep", type=str | None, default=None)
+    parser.add_argument("--sweep_index", type=int | None, default=None)
     return parser
 
 
