@@ -97,11 +97,6 @@ def test_resume_instruction_data_mid_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=5)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known issue: a run resumed from a checkpoint saved at an epoch's last batch trains no further steps; "
-    "resume from any other step is exact (the tests above)",
-)
 def test_resume_from_the_last_batch_of_an_epoch(tmp_path: Path) -> None:
     # 8 batches per epoch: killed after step 9, resumed from the step-8 checkpoint, the epoch's last batch.
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=9)

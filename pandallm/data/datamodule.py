@@ -7,19 +7,18 @@ import math
 import random
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
-import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
-from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
+from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import shard_indices
 from pandallm.data.tokenize import (
     ROW_FEATURES,
@@ -33,7 +32,21 @@ from pandallm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+# A split's files, grouped by source (training data: one group per data directory or `train_files` entry, the unit
+# that `mix_ratios` weighs; validation and test: one group), each file with its kind where the directory says it.
+SourceFiles = list[list[tuple[RecordKind | None, Path]]]
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader. Its position is not its own state: the data module saves `(epoch, rows read)`, computed
+    from the trainer's progress, and the `EpochSampler` rebuilds the order from it (pandallm.data.sampling). The
+    empty `state_dict` tells Lightning the loader resumes mid-epoch, which it does."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class PandaDataModule(L.LightningDataModule):
@@ -42,6 +55,9 @@ class PandaDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
         pretraining_data_dir: str | None = "dataset/pretraining",
+        train_files: list[str] | None = None,
+        mix_ratios: dict[str, float] | None = None,
+        epoch_rows: int | None = None,
         val_files: list[str] | None = None,
         val_fraction: float = 0.0,
         test_files: list[str] | None = None,
@@ -65,6 +81,12 @@ class PandaDataModule(L.LightningDataModule):
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
             instruction_tuning_data_dir: `{"input", "target"}` records (`.json` arrays, `.jsonl`); null: none.
             pretraining_data_dir: `{"title", "content"}` records, packed into `max_seq_length` blocks; null: none.
+            train_files: More training sources: files or directories of either kind (detected from their fields).
+            mix_ratios: Share of each epoch's rows drawn from each training source, keyed by the source as written
+                in `instruction_tuning_data_dir`, `pretraining_data_dir` or `train_files` (normalized; every source
+                needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
+                epoch.
+            epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
             val_files: Validation files of either kind (detected from their fields).
             val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
             test_files: Files for `pandallm test`, of either kind.
@@ -96,13 +118,20 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if max_seq_length < 2:
             raise DatasetError(f"data.max_seq_length must be at least 2, got {max_seq_length}")
-        if instruction_tuning_data_dir is None and pretraining_data_dir is None:
-            raise DatasetError("no training data: set data.instruction_tuning_data_dir or data.pretraining_data_dir")
+        if instruction_tuning_data_dir is None and pretraining_data_dir is None and not train_files:
+            raise DatasetError(
+                "no training data: set data.instruction_tuning_data_dir, data.pretraining_data_dir or data.train_files"
+            )
         self.tokenizer_name = tokenizer
         self.data_dirs: dict[RecordKind, str | None] = {
             "instruction": instruction_tuning_data_dir,
             "pretraining": pretraining_data_dir,
         }
+        self.train_files = list(train_files or [])
+        if epoch_rows is not None and (mix_ratios is None or epoch_rows < 1):
+            raise DatasetError("data.epoch_rows needs data.mix_ratios and must be at least 1")
+        self.mix_ratios = mix_ratios
+        self.epoch_rows = epoch_rows
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
         self.test_files = list(test_files or [])
@@ -121,6 +150,9 @@ class PandaDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: DatasetDict | None = None
+        self.train_source_sizes: tuple[int, ...] = ()
+        # (epoch, rows of it read) from the checkpoint being resumed; consumed by the next `train_dataloader`.
+        self._resume_position: tuple[int, int] | None = None
 
     # ---- preparing -------------------------------------------------------------------------------------------
 
@@ -148,9 +180,10 @@ class PandaDataModule(L.LightningDataModule):
         if stage == "fit":
             _, world_size = self._rank_and_world()
             needed = world_size * self.train_batch_size
-            if len(self.datasets["train"]) < needed:
+            if self.training_order.length < needed:
                 raise DatasetError(
-                    f"the training data has {len(self.datasets['train'])} rows, fewer than one batch across ranks "
+                    f"the training data has {self.training_order.length} rows per epoch, fewer than one batch across "
+                    "ranks "
                     f"({world_size} x data.per_device_train_batch_size={self.train_batch_size}); add data or "
                     "lower the batch size"
                 )
@@ -161,29 +194,61 @@ class PandaDataModule(L.LightningDataModule):
         if stage == "predict" and not self.predict_files:
             raise DatasetError("no prompts: set data.predict_files")
 
-    def _sources(self) -> dict[str, list[tuple[RecordKind | None, Path]]]:
-        """The files of each split, with their kind where the directory says it."""
-        sources: dict[str, list[tuple[RecordKind | None, Path]]] = {split: [] for split in SPLITS}
+    def train_sources(self) -> dict[str, list[tuple[RecordKind | None, Path]]]:
+        """The training sources, by the name `mix_ratios` knows them by, with their files."""
+        sources: dict[str, list[tuple[RecordKind | None, Path]]] = {}
         for kind, directory in self.data_dirs.items():
             if directory is not None:
                 option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
-                sources["train"] += [(kind, path) for path in find_data_files(directory, option)]
-        sources["validation"] = [(None, Path(p)) for p in self.val_files]
-        sources["test"] = [(None, Path(p)) for p in self.test_files]
-        for split in ("validation", "test"):
-            for _, path in sources[split]:
-                if not path.is_file():
-                    raise DatasetError(
-                        f"data.{'val' if split == 'validation' else split}_files: '{path}': no such file"
-                    )
+                sources[directory] = [(kind, path) for path in find_data_files(directory, option)]
+        for entry in self.train_files:
+            if entry in sources:
+                raise DatasetError(f"data.train_files: '{entry}' is listed twice")
+            path = Path(entry)
+            if path.is_dir():
+                sources[entry] = [(None, file) for file in find_data_files(path, "train_files")]
+            elif path.is_file():
+                sources[entry] = [(None, path)]
+            else:
+                raise DatasetError(f"data.train_files: '{entry}': no such file or directory")
         return sources
+
+    def _sources(self) -> dict[str, SourceFiles]:
+        """The files of each split, grouped by source."""
+        sources: dict[str, SourceFiles] = {"train": list(self.train_sources().values())}
+        evaluation = (("validation", "val_files", self.val_files), ("test", "test_files", self.test_files))
+        for split, option, files in evaluation:
+            for name in files:
+                if not Path(name).is_file():
+                    raise DatasetError(f"data.{option}: '{name}': no such file")
+            sources[split] = [[(None, Path(name)) for name in files]]
+        return sources
+
+    def _mix_ratios(self) -> tuple[float, ...] | None:
+        """`mix_ratios` in the order of the training sources, checked against them."""
+        if self.mix_ratios is None:
+            return None
+        names = list(self.train_sources())
+        unknown = [key for key in self.mix_ratios if key not in names]
+        missing = [name for name in names if name not in self.mix_ratios]
+        if unknown or missing:
+            raise DatasetError(
+                f"data.mix_ratios must name each training source once: unknown {unknown}, missing {missing} "
+                f"(the sources: {names})"
+            )
+        return tuple(float(self.mix_ratios[name]) for name in names)
+
+    @cached_property
+    def training_order(self) -> TrainingOrder:
+        return TrainingOrder(self.train_source_sizes, self._mix_ratios(), self.epoch_rows, self.seed, self.shuffle)
 
     def _load(self) -> DatasetDict:
         sources = self._sources()
         key = cache_key(
             {
                 "files": {
-                    split: [(kind, file_digest(path)) for kind, path in files] for split, files in sources.items()
+                    split: [[(kind, file_digest(path)) for kind, path in group] for group in groups]
+                    for split, groups in sources.items()
                 },
                 "tokenizer": tokenizer_digest(self.tokenizer),
                 "max_seq_length": self.max_seq_length,
@@ -194,59 +259,74 @@ class PandaDataModule(L.LightningDataModule):
                 "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
-        datasets = load_or_build(self.cache_dir, key, partial(self._build, sources))
+        stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        for split in SPLITS:
-            if split not in datasets:
-                datasets[split] = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+        empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+        train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
+        self.train_source_sizes = tuple(len(part) for part in train_parts)
+        datasets = DatasetDict({"train": concatenate_datasets(train_parts)})
+        for split in ("validation", "test"):
+            datasets[split] = stored.get(group_split(split, 0), empty)
         return datasets
 
-    def _build(self, sources: dict[str, list[tuple[RecordKind | None, Path]]], scratch: Path) -> DatasetDict:
-        records: dict[str, dict[RecordKind, list[Record]]] = {s: {"instruction": [], "pretraining": []} for s in SPLITS}
+    def _build(self, sources: dict[str, SourceFiles], scratch: Path) -> DatasetDict:
+        records: dict[str, list[dict[RecordKind, list[Record]]]] = {
+            split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
+        }
         skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
-        for split, files in sources.items():
-            for kind, path in files:
-                found_kind, found = read_records(path, kind, skipped)
-                records[split][found_kind] += found
+        for split, groups in sources.items():
+            for group, files in zip(records[split], groups, strict=True):
+                for kind, path in files:
+                    found_kind, found = read_records(path, kind, skipped)
+                    group[found_kind] += found
         if skipped:
-            self._report_skipped(skipped, sum(len(r) for by_kind in records.values() for r in by_kind.values()))
+            num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
+            self._report_skipped(skipped, num_valid)
         if self.val_fraction > 0:
-            for kind, train in records["train"].items():
-                records["train"][kind], held_out = hold_out(train, self.val_fraction, self.seed)
-                records["validation"][kind] += held_out
+            for group in records["train"]:
+                for kind, train in group.items():
+                    group[kind], held_out = hold_out(train, self.val_fraction, self.seed)
+                    records["validation"][0][kind] += held_out
         built = {}
-        for split, by_kind in records.items():
-            parts = []
-            if by_kind["instruction"]:
-                drop = self.overlong_records == "drop"
-                rows, num_overlong = tokenize_instructions(
-                    by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
-                )
-                if num_overlong:
-                    log.warning(
-                        "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
-                        split,
-                        num_overlong,
-                        len(by_kind["instruction"]),
-                        self.max_seq_length,
-                        "they were dropped" if drop else "their prompts were truncated from the left",
-                    )
-                if self.packing:
-                    rows = pack_instructions(rows, self.max_seq_length, scratch / f"{split}-packed")
-                parts.append(rows)
-            if by_kind["pretraining"]:
-                parts.append(
-                    tokenize_documents(
-                        by_kind["pretraining"],
-                        self.tokenizer,
-                        self.max_seq_length,
-                        self.preprocessing_num_workers,
-                        scratch / split,
-                    )
-                )
-            if parts:
-                built[split] = concatenate_datasets(parts)
+        for split, groups in records.items():
+            for index, by_kind in enumerate(groups):
+                name = group_split(split, index)
+                rows = self._tokenize(name, by_kind, scratch / name)
+                if rows is not None:
+                    built[name] = rows
         return DatasetDict(built)
+
+    def _tokenize(self, name: str, by_kind: dict[RecordKind, list[Record]], scratch: Path) -> Dataset | None:
+        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks."""
+        parts = []
+        if by_kind["instruction"]:
+            drop = self.overlong_records == "drop"
+            rows, num_overlong = tokenize_instructions(
+                by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
+            )
+            if num_overlong:
+                log.warning(
+                    "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
+                    name,
+                    num_overlong,
+                    len(by_kind["instruction"]),
+                    self.max_seq_length,
+                    "they were dropped" if drop else "their prompts were truncated from the left",
+                )
+            if self.packing:
+                rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
+            parts.append(rows)
+        if by_kind["pretraining"]:
+            parts.append(
+                tokenize_documents(
+                    by_kind["pretraining"],
+                    self.tokenizer,
+                    self.max_seq_length,
+                    self.preprocessing_num_workers,
+                    scratch / "documents",
+                )
+            )
+        return concatenate_datasets(parts) if parts else None
 
     def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
         total = num_valid + len(skipped)
@@ -264,7 +344,7 @@ class PandaDataModule(L.LightningDataModule):
     def num_train_batches(self, world_size: int) -> int:
         """Training batches per epoch on each rank."""
         assert self.datasets is not None, "setup('fit') must run first"
-        rows_per_rank = math.ceil(len(self.datasets["train"]) / world_size)
+        rows_per_rank = math.ceil(self.training_order.length / world_size)
         return math.ceil(rows_per_rank / self.train_batch_size)
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -278,33 +358,67 @@ class PandaDataModule(L.LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, rows, batch_size: int, collate, train: bool = False) -> DataLoader:
+    def _loader(self, rows, batch_size: int, collate) -> DataLoader:
+        """An evaluation loader: every row exactly once over all ranks, in order."""
         rank, world_size = self._rank_and_world()
-        shard = Subset(rows, shard_indices(len(rows), rank, world_size, pad=train)) if world_size > 1 else rows
+        shard = Subset(rows, shard_indices(len(rows), rank, world_size, pad=False)) if world_size > 1 else rows
+        collate_fn = partial(collate, pad_id=self.pad_id)
+        return DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, **self._workers())
+
+    def _workers(self) -> dict[str, Any]:
         workers = self.num_workers
-        common = {
-            "batch_size": batch_size,
-            "collate_fn": partial(collate, pad_id=self.pad_id),
+        return {
             "num_workers": workers,
             "prefetch_factor": self.prefetch_factor if workers > 0 else None,
             "persistent_workers": workers > 0,
         }
-        if not train:
-            return DataLoader(shard, shuffle=False, **common)
-        # The training loader is stateful: Lightning stores its position (the shuffle generator, batches
-        # yielded, worker states) in checkpoints, so a run resumed mid-epoch continues with the next unseen
-        # batch. Lightning stores rank 0's state only; since every rank's shard has the same length and the
-        # generator the same seed, rank 0's state is every rank's. Its own generator also keeps the order
-        # independent of the global RNG.
-        # The sampler gets a generator of its own, not the loader's: the loader also draws its workers' base seed
-        # from its generator, once per epoch, and a resumed iterator does not redo that draw, so with a shared
-        # generator every epoch after the resumed one was shuffled differently (seen with num_workers=0).
-        sampler = RandomSampler(shard, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle else None
-        generator = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(shard, sampler=sampler, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], self.train_batch_size, collate_rows, train=True)
+        rank, world_size = self._rank_and_world()
+        if self._resume_position is not None:
+            epoch, rows_read = self._resume_position
+            self._resume_position = None
+        else:  # a new run, or Lightning reloading the loaders at an epoch start
+            epoch, rows_read = (self.trainer.current_epoch if self.trainer is not None else 0), 0
+        sampler = EpochSampler(self.training_order, rank, world_size, epoch, rows_read)
+        return ResumableDataLoader(
+            self.datasets["train"],
+            batch_size=self.train_batch_size,
+            sampler=sampler,
+            collate_fn=partial(collate_rows, pad_id=self.pad_id),
+            **self._workers(),
+        )
+
+    # ---- the data position in checkpoints ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch, and the rows of its order read by all ranks together.
+
+        Computed from the trainer's progress (batches the training loop has finished), not from the loader, whose
+        workers have fetched batches ahead. Every rank computes the same values.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epoch = trainer.current_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        rows_read = batches * self.train_batch_size * trainer.world_size
+        return {"epoch": epoch, "rows_read": rows_read, "rows_per_epoch": self.training_order.length}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "epoch" not in state_dict:
+            return
+        epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
+        _, world_size = self._rank_and_world()
+        if rows_read % world_size:
+            raise DatasetError(
+                f"the checkpoint stopped after {rows_read} rows of epoch {epoch}, which {world_size} ranks cannot "
+                "split evenly; resume with the world size and batch size it was saved with"
+            )
+        self._resume_position = (epoch, rows_read)
+        log.info("pandallm data: resuming in epoch %d after %d rows", epoch, rows_read)
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.datasets["validation"]) == 0:
@@ -340,3 +454,8 @@ def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Re
     num_held = min(max(round(fraction * len(records)), 1), len(records) - 1)
     held = set(random.Random(seed).sample(range(len(records)), num_held))
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def group_split(split: str, group: int) -> str:
+    """The name a source group of a split is stored under in the cache (`train_0`, `train_1`, `validation`)."""
+    return f"{split}_{group}" if split == "train" else split

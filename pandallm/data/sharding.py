@@ -1,8 +1,8 @@
 """Which rows each rank reads.
 
 pandallm shards the data itself instead of letting Lightning inject a `DistributedSampler`: every rank reads a
-fixed, strided shard, shuffled by a stateful sampler whose position goes into checkpoints. Resume is then the
-same mechanism with one process or many (with Lightning's injected sampler, a DDP run resumed mid-epoch
+strided shard of the epoch's order (training: `pandallm.data.sampling`; evaluation: `shard_indices` below), and the
+position in that order goes into checkpoints. Resume is then the same mechanism with one process or many (with Lightning's injected sampler, a DDP run resumed mid-epoch
 trained on other batches than the uninterrupted run; see tests/test_resume.py).
 
 With `data.shuffle: false`, rank r's k-th batch of B rows is rows {r + W(kB + i)}: over all W ranks, step k reads

@@ -27,11 +27,6 @@ def adapters(module: PandaLLM) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open issue: this LoRA run resumed mid-epoch matches until the next epoch boundary, then the data "
-    "order differs (torchdata's restored shuffle state); the full-model resume tests cross epochs exactly",
-)
 def test_a_lora_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path) -> None:
     every_other_step = [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",

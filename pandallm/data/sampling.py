@@ -1,0 +1,145 @@
+"""The training order: which rows each rank reads in each epoch, the mixture of several sources, and the place a
+resumed run continues from.
+
+The order of epoch e is a pure function of the seed, e, and the sources' sizes and ratios. Nothing about it lives in
+a random generator whose state would have to travel in checkpoints, so the only state of the data position is
+`(epoch, rows of that epoch already read)`, and a resumed run rebuilds the very same order. (torchdata's stateful
+loader restores a generator's state instead; resumed at or across an epoch boundary, its next epochs were shuffled
+differently from the uninterrupted run's: tests/test_resume.py.)
+
+Mixing (LLMBox's `dataset_ratio`): with ratios, each epoch draws `round(ratio_i / sum(ratios) * epoch_rows)` rows from
+source i. A source is walked through a chain of seeded permutations of its rows, epoch after epoch, so a source
+that contributes fewer rows than it holds is read whole over the following epochs before any row repeats, and one
+that contributes more repeats each row as evenly as possible. The mixed rows are then shuffled together.
+
+Sharding: the epoch order is cut into strided per-rank shards (see `pandallm.data.sharding`): rank r reads
+positions r, r + W, r + 2W, ... The k-th global batch is therefore positions [kWB, (k+1)WB) of the order,
+whatever the number of ranks, and `rows_read` counts positions of the epoch order, not rows of one rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from pandallm.errors import DatasetError
+
+
+def _permutation(n: int, *seed: int) -> np.ndarray:
+    return np.random.default_rng(list(seed)).permutation(n)
+
+
+@dataclass(frozen=True)
+class TrainingOrder:
+    """The row order of every epoch over the concatenated rows of all sources."""
+
+    sizes: tuple[int, ...]
+    """Rows of each source, in the order the sources are concatenated."""
+    ratios: tuple[float, ...] | None = None
+    """Share of each source in an epoch (normalized); None: every row once per epoch."""
+    epoch_rows: int | None = None
+    """Rows per epoch with ratios; default: all rows of all sources."""
+    seed: int = 42
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ratios is not None:
+            if len(self.ratios) != len(self.sizes):
+                raise DatasetError(
+                    f"data.mix_ratios has {len(self.ratios)} entries for {len(self.sizes)} training sources"
+                )
+            if any(r < 0 for r in self.ratios) or sum(self.ratios) <= 0:
+                raise DatasetError(f"data.mix_ratios must be non-negative with a positive sum, got {list(self.ratios)}")
+            empty = [i for i, (n, r) in enumerate(zip(self.sizes, self.ratios, strict=True)) if r > 0 and n == 0]
+            if empty:
+                raise DatasetError(f"training source(s) {empty} have a positive mix ratio but no rows")
+
+    @property
+    def length(self) -> int:
+        """Rows per epoch."""
+        if self.ratios is None:
+            return sum(self.sizes)
+        return sum(self.source_counts())
+
+    def source_counts(self) -> list[int]:
+        """Rows each source gives to one epoch: largest-remainder rounding of the ratios, summing to `epoch_rows`."""
+        if self.ratios is None:
+            return list(self.sizes)
+        total = self.epoch_rows if self.epoch_rows is not None else sum(self.sizes)
+        weights = np.asarray(self.ratios, dtype=np.float64) / sum(self.ratios)
+        exact = weights * total
+        counts = np.floor(exact).astype(np.int64)
+        for i in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
+            counts[i] += 1
+        return counts.tolist()
+
+    def epoch(self, epoch: int) -> np.ndarray:
+        """Positions in the concatenated rows, in the order epoch `epoch` reads them."""
+        if self.ratios is None:
+            total = sum(self.sizes)
+            return _permutation(total, self.seed, epoch) if self.shuffle else np.arange(total)
+        offsets = np.cumsum([0, *self.sizes[:-1]])
+        parts = [
+            offset + self._source_stream(source, size, count * epoch, count)
+            for source, (offset, size, count) in enumerate(zip(offsets, self.sizes, self.source_counts(), strict=True))
+            if count > 0
+        ]
+        mixed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return mixed[_permutation(len(mixed), self.seed, epoch)] if self.shuffle else mixed
+
+    def _source_stream(self, source: int, size: int, start: int, count: int) -> np.ndarray:
+        """Elements [start, start + count) of source `source`'s endless chain of permutations of its rows."""
+        positions = np.arange(start, start + count)
+        cycles = positions // size
+        out = np.empty(count, dtype=np.int64)
+        for cycle in np.unique(cycles):
+            chosen = cycles == cycle
+            order = _permutation(size, self.seed, source, int(cycle)) if self.shuffle else np.arange(size)
+            out[chosen] = order[positions[chosen] % size]
+        return out
+
+
+def rank_positions(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s strided shard of an epoch order, padded (from the start of the order) so that every rank
+    reads the same number of rows and none waits forever in a collective."""
+    if len(order) == 0:
+        return order
+    padded = np.resize(order, math.ceil(len(order) / world_size) * world_size)
+    return padded[rank::world_size]
+
+
+class EpochSampler(Sampler[int]):
+    """Rank `rank`'s rows of each epoch of a `TrainingOrder`, from a given place.
+
+    Lightning calls `iter()` on the training loader once per epoch, so each call after the first moves to the next
+    epoch. The first epoch and the rows of it already read come from the data module: 0 for a new run, the
+    checkpoint's position for a resumed one.
+    """
+
+    def __init__(self, order: TrainingOrder, rank: int, world_size: int, epoch: int = 0, rows_read: int = 0) -> None:
+        self.order = order
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = epoch
+        self.rows_read = rows_read
+        self._started = False
+
+    def __len__(self) -> int:
+        return math.ceil(self.order.length / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._started:
+            self.epoch, self.rows_read = self.epoch + 1, 0
+        self._started = True
+        positions = rank_positions(self.order.epoch(self.epoch), self.rank, self.world_size)
+        # Rows already read by all ranks together, as this rank's share of them (see the module docstring).
+        return iter(positions[self.rows_read // self.world_size :].tolist())
+
+
+def source_sizes(source_ids: Sequence[int], num_sources: int) -> tuple[int, ...]:
+    """Rows per source, from the rows' source column (rows of one source are contiguous)."""
+    return tuple(np.bincount(np.asarray(source_ids, dtype=np.int64), minlength=num_sources).tolist())
