@@ -114,6 +114,19 @@ def test_the_command_reads_text_files_and_reports_on_the_eval_text(tmp_path, cap
     assert len(LlamaTokenizer.from_pretrained(str(out))) > 3000
 
 
+def test_the_base_tokenizers_added_tokens_keep_their_ids_and_its_chat_template_is_kept(tmp_path) -> None:
+    base = load_tokenizer(str(TOKENIZER_DIR))
+    base.add_special_tokens({"pad_token": "<pad>"})  # id 3000, past the sentencepiece model, as LLaMA-2 chat's pads
+    base.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.model").write_bytes((TOKENIZER_DIR / "tokenizer.model").read_bytes())
+    extend_vocab([str(ZH_DOCUMENTS)], str(tmp_path / "out"), str(tmp_path / "base"), vocab_size=3000)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", 3000)
+    assert tokenizer.chat_template == base.chat_template
+    assert len(tokenizer) > 3001
+
+
 def test_new_rows_start_at_the_mean_of_the_old_ones() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=3000))

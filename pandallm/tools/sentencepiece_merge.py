@@ -35,8 +35,9 @@ def sentencepiece_file(base: str) -> Path:
     found = sorted(p.name for p in path.iterdir() if p.name.startswith("tokenizer"))
     raise ModelError(
         f"--base_tokenizer '{base}' is not sentencepiece-based: it has no tokenizer.model (found: "
-        f"{', '.join(found) or 'nothing'}). Byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2) cannot be merged "
-        "this way; extend-vocab merges into sentencepiece BPE models (LLaMA 1/2, Chinese-LLaMA, Mistral)"
+        f"{', '.join(found) or 'nothing'}). extend-vocab edits the sentencepiece model of LLaMA 1/2, Chinese-LLaMA or "
+        "Mistral: give the directory or .model file it came with (transformers 5 does not save it again). "
+        "Byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2) have none and cannot be extended this way"
     )
 
 
