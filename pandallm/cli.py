@@ -21,6 +21,7 @@ from pandallm.model.module import PandaLLM
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
 TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
+    "extend-vocab": "pandallm.tools.extend_vocab:main",
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
 }

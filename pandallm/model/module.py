@@ -33,7 +33,14 @@ from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.model.parallel import apply_fsdp2
-from pandallm.model.peft import DEFAULT_TARGET_MODULES, LoraSettings, apply_lora, load_adapter, merged_copy
+from pandallm.model.peft import (
+    DEFAULT_TARGET_MODULES,
+    LoraSettings,
+    apply_lora,
+    load_adapter,
+    merged_copy,
+    trains_both_embeddings,
+)
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer
@@ -423,5 +430,8 @@ class PandaLLM(L.LightningModule):
         if adapter_save_type != "adapter_only":
             raise ModelError(f"adapter_save_type must be 'adapter_only' or 'merge', got '{adapter_save_type}'")
         # Embedding rows that grew with the tokenizer are part of the trained model: saved with the adapters (and
-        # peft then does not look the base's vocabulary up on the hub to find out).
-        return save_hf(self.model, self.tokenizer, directory, save_embedding_layers=self._added_tokens > 0)
+        # peft then does not look the base's vocabulary up on the hub to find out). When both embeddings are
+        # `modules_to_save`, the adapters hold them already; peft's `save_embedding_layers` would add two more copies
+        # of each (the frozen original and the base's), tripling the largest tensors of the export.
+        grown = self._added_tokens > 0 and not trains_both_embeddings(self.model)
+        return save_hf(self.model, self.tokenizer, directory, save_embedding_layers=grown)

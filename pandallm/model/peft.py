@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -95,6 +96,12 @@ def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
         raise ModelError(
             f"model.lora_adapter '{path}' does not fit the base model{base}{origin} ({detail[:600]})"
         ) from e
+
+
+def trains_both_embeddings(model: PeftModel) -> bool:
+    """Whether the input and output embeddings are both `modules_to_save`: trained whole, saved with the adapters."""
+    base = model.get_base_model()
+    return all(isinstance(m, ModulesToSaveWrapper) for m in (base.get_input_embeddings(), base.get_output_embeddings()))
 
 
 def merged_copy(model: PeftModel) -> PreTrainedModel:
