@@ -7,7 +7,7 @@ import math
 import random
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import lightning as L
 import torch
@@ -17,10 +17,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
+from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
+from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sharding import shard_indices
+from pandallm.data.template import ChatTemplate, Rendered, render_record, resolve_template, tokenizer_template
 from pandallm.data.tokenize import (
     ROW_FEATURES,
     pack_instructions,
@@ -34,6 +35,9 @@ from pandallm.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+T = TypeVar("T")
+InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
+PretrainingFormat = Literal["auto", "pretraining", "text"]
 
 
 class PandaDataModule(L.LightningDataModule):
@@ -46,6 +50,11 @@ class PandaDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         test_files: list[str] | None = None,
         predict_files: list[str] | None = None,
+        instruction_format: InstructionFormat = "auto",
+        pretraining_format: PretrainingFormat = "auto",
+        txt_split: TxtSplit = "file",
+        template: str = "auto",
+        template_dir: str | None = None,
         max_seq_length: int = 2048,
         packing: bool = False,
         overlong_records: Literal["truncate", "drop"] = "truncate",
@@ -63,12 +72,24 @@ class PandaDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
-            instruction_tuning_data_dir: `{"input", "target"}` records (`.json` arrays, `.jsonl`); null: none.
-            pretraining_data_dir: `{"title", "content"}` records, packed into `max_seq_length` blocks; null: none.
-            val_files: Validation files of either kind (detected from their fields).
+            instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
+                `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
+            pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
+                datasets), packed into `max_seq_length` blocks; null: none.
+            val_files: Validation sources of either kind (detected from their fields).
             val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
-            test_files: Files for `pandallm test`, of either kind.
+            test_files: Sources for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
+            instruction_format: Format of every instruction-tuning file: `auto` detects it from each file's first
+                record (`pandallm`, `alpaca`, `dolly`, `belle`, `sharegpt`, `openai`), or name one.
+            pretraining_format: Format of every pretraining `.json` / `.jsonl` file: `auto`, `pretraining`
+                (`title`/`content`) or `text`.
+            txt_split: A `.txt` file is one document (`file`) or one document per blank-line-separated paragraph.
+            template: How conversations become text: `auto` (PandaLLM `input/target` records keep
+                `[BOS] input target [EOS]`; other formats use the tokenizer's chat template if it has one), `none`
+                (that plain layout for all), `tokenizer`, a built-in (`alpaca`, `llama-2`, `chatml`), a name in
+                `template_dir`, or a Jinja file or directory.
+            template_dir: A directory of `NAME.jinja` templates that `template: NAME` selects.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
             packing: Pack whole instruction rows into `max_seq_length` blocks (best-fit decreasing); attention
                 and positions stay per row. Pretraining documents are always packed.
@@ -107,6 +128,10 @@ class PandaDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_files = list(test_files or [])
         self.predict_files = list(predict_files or [])
+        self.formats: dict[RecordKind, str] = {"instruction": instruction_format, "pretraining": pretraining_format}
+        self.txt_split = txt_split
+        self.template = template
+        self.template_dir = template_dir
         self.max_seq_length = max_seq_length
         self.packing = packing
         self.overlong_records = overlong_records
@@ -129,6 +154,11 @@ class PandaDataModule(L.LightningDataModule):
         if self.tokenizer_name is None:
             raise DatasetError("data.tokenizer is not set (it is linked from model.tokenizer / model_name_or_path)")
         return load_tokenizer(self.tokenizer_name)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """`data.template` resolved; None for `auto`, which chooses per record format."""
+        return resolve_template(self.template, self.tokenizer, self.template_dir)
 
     @property
     def pad_id(self) -> int:
@@ -167,12 +197,13 @@ class PandaDataModule(L.LightningDataModule):
         for kind, directory in self.data_dirs.items():
             if directory is not None:
                 option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
-                sources["train"] += [(kind, path) for path in find_data_files(directory, option)]
+                found = find_data_files(directory, option, text=kind == "pretraining")
+                sources["train"] += [(kind, path) for path in found]
         sources["validation"] = [(None, Path(p)) for p in self.val_files]
         sources["test"] = [(None, Path(p)) for p in self.test_files]
         for split in ("validation", "test"):
             for _, path in sources[split]:
-                if not path.is_file():
+                if not path.exists():
                     raise DatasetError(
                         f"data.{'val' if split == 'validation' else split}_files: '{path}': no such file"
                     )
@@ -183,9 +214,14 @@ class PandaDataModule(L.LightningDataModule):
         key = cache_key(
             {
                 "files": {
-                    split: [(kind, file_digest(path)) for kind, path in files] for split, files in sources.items()
+                    split: [(kind, source_digest(path)) for kind, path in files] for split, files in sources.items()
                 },
                 "tokenizer": tokenizer_digest(self.tokenizer),
+                "formats": [self.formats, self.txt_split],
+                "template": [
+                    None if self.chat_template is None else self.chat_template.source,
+                    tokenizer_template(self.tokenizer),  # what `auto` uses
+                ],
                 "max_seq_length": self.max_seq_length,
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
@@ -202,12 +238,16 @@ class PandaDataModule(L.LightningDataModule):
         return datasets
 
     def _build(self, sources: dict[str, list[tuple[RecordKind | None, Path]]], scratch: Path) -> DatasetDict:
-        records: dict[str, dict[RecordKind, list[Record]]] = {s: {"instruction": [], "pretraining": []} for s in SPLITS}
+        records: dict[str, dict[RecordKind, list]] = {s: {"instruction": [], "pretraining": []} for s in SPLITS}
         skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
         for split, files in sources.items():
             for kind, path in files:
-                found_kind, found = read_records(path, kind, skipped)
+                fmt = self.formats[kind] if kind is not None else "auto"
+                found_kind, found = read_records(path, kind, skipped, fmt, self.txt_split)
                 records[split][found_kind] += found
+        # From here on, instruction records are their renderings (the text each template gives them).
+        for by_kind in records.values():
+            by_kind["instruction"] = self._render(by_kind["instruction"], skipped)
         if skipped:
             self._report_skipped(skipped, sum(len(r) for by_kind in records.values() for r in by_kind.values()))
         if self.val_fraction > 0:
@@ -220,7 +260,11 @@ class PandaDataModule(L.LightningDataModule):
             if by_kind["instruction"]:
                 drop = self.overlong_records == "drop"
                 rows, num_overlong = tokenize_instructions(
-                    by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
+                    by_kind["instruction"],
+                    self.tokenizer,
+                    self.max_seq_length,
+                    self.preprocessing_num_workers,
+                    drop,
                 )
                 if num_overlong:
                     log.warning(
@@ -247,6 +291,19 @@ class PandaDataModule(L.LightningDataModule):
             if parts:
                 built[split] = concatenate_datasets(parts)
         return DatasetDict(built)
+
+    def _render(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[Rendered]:
+        """Each conversation as template text. A conversation its template cannot render (roles that do not
+        alternate where the template needs it) is a malformed record: it raises, or with `skipped` is left out."""
+        rendered = []
+        for record in records:
+            try:
+                rendered.append(render_record(record, self.chat_template, self.tokenizer))
+            except DataFormatError as error:
+                if skipped is None:
+                    raise
+                skipped.append(error)
+        return rendered
 
     def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
         total = num_valid + len(skipped)
@@ -333,7 +390,7 @@ class PandaDataModule(L.LightningDataModule):
         return rows
 
 
-def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def hold_out(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Split off a seeded random `fraction` of `records` (at least one when there are two or more)."""
     if fraction <= 0 or len(records) < 2:
         return records, []
