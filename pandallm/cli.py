@@ -23,6 +23,7 @@ TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
+    "data": "pandallm.tools.data:main",
 }
 
 
