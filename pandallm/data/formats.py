@@ -130,6 +130,8 @@ def _parse_belle(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
 
 
 def _conversation_list(value: dict, field: str, path: Path, line: int) -> list:
+    if field not in value:
+        raise DataFormatError(path, line, field, "missing")
     turns = value[field]
     if not isinstance(turns, list) or not turns:
         raise DataFormatError(path, line, field, "expected a non-empty list of turns")
@@ -203,7 +205,14 @@ FORMATS: dict[str, Format] = {
             "instruction",
             ("messages[].role", "messages[].content"),
             lambda v: _has_turns("messages", "role", "content")(v) or _has_turns("conversations", "role", "content")(v),
-            lambda v, p, n: _turns(v, "messages" if "messages" in v else "conversations", "role", "content", p, n),
+            lambda v, p, n: _turns(
+                v,
+                "conversations" if "messages" not in v and "conversations" in v else "messages",
+                "role",
+                "content",
+                p,
+                n,
+            ),
         ),
         Format(
             "dolly",
