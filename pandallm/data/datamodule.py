@@ -21,7 +21,14 @@ from pandallm.data.cache import cache_key, load_or_build, source_digest, tokeniz
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sharding import shard_indices
-from pandallm.data.template import ChatTemplate, Rendered, render_record, resolve_template, tokenizer_template
+from pandallm.data.template import (
+    ChatTemplate,
+    Rendered,
+    render_record,
+    resolve_template,
+    template_for,
+    tokenizer_template,
+)
 from pandallm.data.tokenize import (
     ROW_FEATURES,
     pack_instructions,
@@ -375,16 +382,26 @@ class PandaDataModule(L.LightningDataModule):
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
     def prompts(self) -> list[dict]:
-        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit)."""
+        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit); with a
+        Jinja template (`data.template`), as the template writes a user turn and the generation prompt."""
         bos_id, _ = special_ids(self.tokenizer)
-        head = [] if bos_id is None else [bos_id]
+        template = template_for(self.chat_template, "pandallm", self.tokenizer)
+        head = [] if bos_id is None or template.source is not None else [bos_id]
         rows = []
         for name in self.predict_files:
             path = Path(name)
             for line, value in iter_json_values(path):
                 if not isinstance(value, dict) or not isinstance(value.get("input"), str):
                     raise DataFormatError(path, line, "input", "expected an object with a string 'input'")
-                ids = self.tokenizer(value["input"], add_special_tokens=False)["input_ids"]
+                text = value["input"]
+                if template.source is not None:
+                    text = self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": text}],
+                        chat_template=template.source,
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 ids = ids[max(len(ids) - (self.max_seq_length - len(head)), 0) :]
                 rows.append({"input_ids": head + ids, "index": len(rows), "input": value["input"]})
         return rows

@@ -185,3 +185,22 @@ def test_a_boundary_inside_a_token_goes_to_the_later_segment_and_is_counted(word
     # "Hi Hel" + "lo": the whole text is the words Hi Hello; the prefix alone tokenizes as Hi <unk>.
     (encoded,) = encode_segments([Rendered(["Hi Hel", "lo"], [False, True], templated=True)], tokenizer)
     assert encoded == ([], [([HI], False), ([HELLO], True)], 1)
+
+
+def test_predict_prompts_end_with_the_templates_generation_prompt(tmp_path: Path, words: str) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"input": "Hi"}])
+    write_jsonl(tmp_path / "it" / "a.jsonl", [{"input": "Hi", "target": "Hello"}])
+
+    def prompt_ids(**settings) -> list[int]:
+        dm = PandaDataModule(
+            tokenizer=words,
+            instruction_tuning_data_dir=str(tmp_path / "it"),
+            pretraining_data_dir=None,
+            predict_files=[str(prompts)],
+            **settings,
+        )
+        return dm.prompts()[0]["input_ids"]
+
+    assert prompt_ids() == [BOS, HI]  # as before templates: [BOS] input
+    assert prompt_ids(template="chatml") == [BOS, IM_START, USER, HI, IM_END, IM_START, ASSISTANT]
+    assert prompt_ids(template="llama-2") == [BOS, INST, HI, END_INST]
