@@ -24,6 +24,7 @@ TOOLS = {
     "extend-vocab": "pandallm.tools.extend_vocab:main",
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
+    "data": "pandallm.tools.data:main",
 }
 
 

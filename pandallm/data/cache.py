@@ -29,6 +29,17 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def source_digest(path: str | Path) -> str:
+    """`file_digest` of a file; of a directory (a saved dataset), a digest of every file's name and bytes."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\0{file_digest(file)}\0".encode())
+    return digest.hexdigest()
+
+
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """A digest of everything that decides how text becomes ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

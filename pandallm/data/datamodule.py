@@ -7,7 +7,7 @@ import math
 import random
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 from datasets import Dataset, DatasetDict, concatenate_datasets
@@ -15,11 +15,19 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.cache import cache_key, file_digest, load_or_build, tokenizer_digest
+from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.records import Record, RecordKind, find_data_files, iter_json_values, read_records
+from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import shard_indices
+from pandallm.data.template import (
+    ChatTemplate,
+    Rendered,
+    render_record,
+    resolve_template,
+    template_for,
+    tokenizer_template,
+)
 from pandallm.data.tokenize import (
     ROW_FEATURES,
     pack_instructions,
@@ -31,6 +39,10 @@ from pandallm.errors import DataFormatError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
+PretrainingFormat = Literal["auto", "pretraining", "text"]
 
 # A split's files, grouped by source (training data: one group per data directory or `train_files` entry, the unit
 # that `mix_ratios` weighs; validation and test: one group), each file with its kind where the directory says it.
@@ -62,6 +74,11 @@ class PandaDataModule(L.LightningDataModule):
         val_fraction: float = 0.0,
         test_files: list[str] | None = None,
         predict_files: list[str] | None = None,
+        instruction_format: InstructionFormat = "auto",
+        pretraining_format: PretrainingFormat = "auto",
+        txt_split: TxtSplit = "file",
+        template: str = "auto",
+        template_dir: str | None = None,
         max_seq_length: int = 2048,
         packing: bool = False,
         overlong_records: Literal["truncate", "drop"] = "truncate",
@@ -79,18 +96,30 @@ class PandaDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
-            instruction_tuning_data_dir: `{"input", "target"}` records (`.json` arrays, `.jsonl`); null: none.
-            pretraining_data_dir: `{"title", "content"}` records, packed into `max_seq_length` blocks; null: none.
+            instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
+                `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
+            pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
+                datasets), packed into `max_seq_length` blocks; null: none.
             train_files: More training sources: files or directories of either kind (detected from their fields).
             mix_ratios: Share of each epoch's rows drawn from each training source, keyed by the source as written
                 in `instruction_tuning_data_dir`, `pretraining_data_dir` or `train_files` (normalized; every source
                 needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
                 epoch.
             epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
-            val_files: Validation files of either kind (detected from their fields).
+            val_files: Validation sources of either kind (detected from their fields).
             val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
-            test_files: Files for `pandallm test`, of either kind.
+            test_files: Sources for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
+            instruction_format: Format of every instruction-tuning file: `auto` detects it from each file's first
+                record (`pandallm`, `alpaca`, `dolly`, `belle`, `sharegpt`, `openai`), or name one.
+            pretraining_format: Format of every pretraining `.json` / `.jsonl` file: `auto`, `pretraining`
+                (`title`/`content`) or `text`.
+            txt_split: A `.txt` file is one document (`file`) or one document per blank-line-separated paragraph.
+            template: How conversations become text: `auto` (PandaLLM `input/target` records keep
+                `[BOS] input target [EOS]`; other formats use the tokenizer's chat template if it has one), `none`
+                (that plain layout for all), `tokenizer`, a built-in (`alpaca`, `llama-2`, `chatml`), a name in
+                `template_dir`, or a Jinja file or directory.
+            template_dir: A directory of `NAME.jinja` templates that `template: NAME` selects.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
             packing: Pack whole instruction rows into `max_seq_length` blocks (best-fit decreasing); attention
                 and positions stay per row. Pretraining documents are always packed.
@@ -136,6 +165,10 @@ class PandaDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_files = list(test_files or [])
         self.predict_files = list(predict_files or [])
+        self.formats: dict[RecordKind, str] = {"instruction": instruction_format, "pretraining": pretraining_format}
+        self.txt_split = txt_split
+        self.template = template
+        self.template_dir = template_dir
         self.max_seq_length = max_seq_length
         self.packing = packing
         self.overlong_records = overlong_records
@@ -161,6 +194,11 @@ class PandaDataModule(L.LightningDataModule):
         if self.tokenizer_name is None:
             raise DatasetError("data.tokenizer is not set (it is linked from model.tokenizer / model_name_or_path)")
         return load_tokenizer(self.tokenizer_name)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """`data.template` resolved; None for `auto`, which chooses per record format."""
+        return resolve_template(self.template, self.tokenizer, self.template_dir)
 
     @property
     def pad_id(self) -> int:
@@ -200,13 +238,14 @@ class PandaDataModule(L.LightningDataModule):
         for kind, directory in self.data_dirs.items():
             if directory is not None:
                 option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
-                sources[directory] = [(kind, path) for path in find_data_files(directory, option)]
+                found = find_data_files(directory, option, text=kind == "pretraining")
+                sources[directory] = [(kind, path) for path in found]
         for entry in self.train_files:
             if entry in sources:
                 raise DatasetError(f"data.train_files: '{entry}' is listed twice")
             path = Path(entry)
             if path.is_dir():
-                sources[entry] = [(None, file) for file in find_data_files(path, "train_files")]
+                sources[entry] = [(None, found) for found in find_data_files(path, "train_files", text=True)]
             elif path.is_file():
                 sources[entry] = [(None, path)]
             else:
@@ -219,8 +258,8 @@ class PandaDataModule(L.LightningDataModule):
         evaluation = (("validation", "val_files", self.val_files), ("test", "test_files", self.test_files))
         for split, option, files in evaluation:
             for name in files:
-                if not Path(name).is_file():
-                    raise DatasetError(f"data.{option}: '{name}': no such file")
+                if not Path(name).exists():
+                    raise DatasetError(f"data.{option}: '{name}': no such file or saved dataset")
             sources[split] = [[(None, Path(name)) for name in files]]
         return sources
 
@@ -247,10 +286,15 @@ class PandaDataModule(L.LightningDataModule):
         key = cache_key(
             {
                 "files": {
-                    split: [[(kind, file_digest(path)) for kind, path in group] for group in groups]
+                    split: [[(kind, source_digest(path)) for kind, path in group] for group in groups]
                     for split, groups in sources.items()
                 },
                 "tokenizer": tokenizer_digest(self.tokenizer),
+                "formats": [self.formats, self.txt_split],
+                "template": [
+                    None if self.chat_template is None else self.chat_template.source,
+                    tokenizer_template(self.tokenizer),  # what `auto` uses
+                ],
                 "max_seq_length": self.max_seq_length,
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
@@ -270,15 +314,20 @@ class PandaDataModule(L.LightningDataModule):
         return datasets
 
     def _build(self, sources: dict[str, SourceFiles], scratch: Path) -> DatasetDict:
-        records: dict[str, list[dict[RecordKind, list[Record]]]] = {
+        records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
         }
         skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
         for split, groups in sources.items():
             for group, files in zip(records[split], groups, strict=True):
                 for kind, path in files:
-                    found_kind, found = read_records(path, kind, skipped)
+                    fmt = self.formats[kind] if kind is not None else "auto"
+                    found_kind, found = read_records(path, kind, skipped, fmt, self.txt_split)
                     group[found_kind] += found
+        # From here on, instruction records are their renderings (the text each template gives them).
+        for groups in records.values():
+            for group in groups:
+                group["instruction"] = self._render(group["instruction"], skipped)
         if skipped:
             num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
             self._report_skipped(skipped, num_valid)
@@ -296,7 +345,7 @@ class PandaDataModule(L.LightningDataModule):
                     built[name] = rows
         return DatasetDict(built)
 
-    def _tokenize(self, name: str, by_kind: dict[RecordKind, list[Record]], scratch: Path) -> Dataset | None:
+    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path) -> Dataset | None:
         """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks."""
         parts = []
         if by_kind["instruction"]:
@@ -327,6 +376,19 @@ class PandaDataModule(L.LightningDataModule):
                 )
             )
         return concatenate_datasets(parts) if parts else None
+
+    def _render(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[Rendered]:
+        """Each conversation as template text. A conversation its template cannot render (roles that do not
+        alternate where the template needs it) is a malformed record: it raises, or with `skipped` is left out."""
+        rendered = []
+        for record in records:
+            try:
+                rendered.append(render_record(record, self.chat_template, self.tokenizer))
+            except DataFormatError as error:
+                if skipped is None:
+                    raise
+                skipped.append(error)
+        return rendered
 
     def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
         total = num_valid + len(skipped)
@@ -432,22 +494,32 @@ class PandaDataModule(L.LightningDataModule):
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
     def prompts(self) -> list[dict]:
-        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit)."""
+        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit); with a
+        Jinja template (`data.template`), as the template writes a user turn and the generation prompt."""
         bos_id, _ = special_ids(self.tokenizer)
-        head = [] if bos_id is None else [bos_id]
+        template = template_for(self.chat_template, "pandallm", self.tokenizer)
+        head = [] if bos_id is None or template.source is not None else [bos_id]
         rows = []
         for name in self.predict_files:
             path = Path(name)
             for line, value in iter_json_values(path):
                 if not isinstance(value, dict) or not isinstance(value.get("input"), str):
                     raise DataFormatError(path, line, "input", "expected an object with a string 'input'")
-                ids = self.tokenizer(value["input"], add_special_tokens=False)["input_ids"]
+                text = value["input"]
+                if template.source is not None:
+                    text = self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": text}],
+                        chat_template=template.source,
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 ids = ids[max(len(ids) - (self.max_seq_length - len(head)), 0) :]
                 rows.append({"input_ids": head + ids, "index": len(rows), "input": value["input"]})
         return rows
 
 
-def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def hold_out(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Split off a seeded random `fraction` of `records` (at least one when there are two or more)."""
     if fraction <= 0 or len(records) < 2:
         return records, []

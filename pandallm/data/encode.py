@@ -1,8 +1,9 @@
 """Turning records into training rows: pure functions of token ids, so the label rules can be tested exactly.
 
 Instruction rows: `[BOS] prompt target [EOS]`; labels are -100 over `[BOS] prompt` and equal to the ids over
-`target [EOS]`. Labels come from these explicit spans, never from the pad id: a pad id equal to `<unk>` or EOS
-must not remove real tokens from the loss.
+`target [EOS]`. Conversations generalize this: a row is a sequence of segments, each trained (an assistant reply
+and its end token) or masked (everything else). Labels come from these explicit spans, never from the pad id: a
+pad id equal to `<unk>` or EOS must not remove real tokens from the loss.
 
 Pretraining rows: every document is `[BOS] text [EOS]`; documents are concatenated and cut into blocks of
 `max_seq_length`. `position_ids` restart at 0 where a document (or a document's continuation) starts, which is
@@ -30,27 +31,54 @@ class Row:
 def instruction_row(
     prompt_ids: list[int], target_ids: list[int], bos_id: int | None, eos_id: int, max_seq_length: int
 ) -> tuple[Row, bool]:
-    """Build one instruction row; returns `(row, truncated)`.
+    """`[BOS] prompt target [EOS]`, with target and EOS trained; returns `(row, truncated)`.
 
-    Over-long records: the prompt is cut from the left (BOS kept), so that the target and its EOS stay whole
-    and the model still learns where to stop. If the target alone does not fit, the prompt keeps at most half of
-    the row and the target is cut on the right. Either way at least one target token stays trained, so no row
-    ever has every label masked.
+    Over-long records are cut as `conversation_row` cuts a single exchange.
     """
     head = [] if bos_id is None else [bos_id]
-    target = [*target_ids, eos_id]
+    return conversation_row(head, [(prompt_ids, False), ([*target_ids, eos_id], True)], max_seq_length)
+
+
+def conversation_row(head: list[int], segments: list[tuple[list[int], bool]], max_seq_length: int) -> tuple[Row, bool]:
+    """`head` (masked: BOS, if any) then each segment, trained or masked; returns `(row, truncated)`.
+
+    Over-long conversations keep their first exchange (the turns up to and including the first trained segment):
+    - if it fits, the row is cut on the right, so that later turns are lost but every kept token is as it was;
+    - if not, its prompt is cut from the left (the head kept), so that the reply and its end token stay whole and the
+      model still learns where to stop. If the reply alone does not fit, the prompt keeps at most half of the row
+      and the reply is cut on the right.
+    Either way at least one trained token stays, so no row ever has every label masked.
+    """
     room = max_seq_length - len(head)
     if room < 2:
         raise ValueError(f"max_seq_length={max_seq_length} leaves no room for a prompt and a target")
-    truncated = len(prompt_ids) + len(target) > room
+    truncated = sum(len(ids) for ids, _ in segments) > room
     if truncated:
-        keep_prompt = max(room - len(target), 0) if len(target) < room else min(len(prompt_ids), room // 2)
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
-        target = target[: room - len(prompt_ids)]
-    prompt = head + prompt_ids
-    input_ids = prompt + target
-    labels = [IGNORE_INDEX] * len(prompt) + target
+        first = next((i for i, (ids, trained) in enumerate(segments) if trained and ids), None)
+        prompt = [t for ids, _ in segments[: first or 0] for t in ids]
+        reply = segments[first][0] if first is not None else []
+        if first is not None and len(prompt) + len(reply) > room:
+            keep_prompt = room - len(reply) if len(reply) < room else min(len(prompt), room // 2)
+            prompt = prompt[len(prompt) - keep_prompt :]
+            segments = [(prompt, False), (reply[: room - len(prompt)], True)]
+        else:
+            segments = _cut_right(segments, room)
+    input_ids = list(head)
+    labels = [IGNORE_INDEX] * len(head)
+    for ids, trained in segments:
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
     return Row(input_ids, labels, list(range(len(input_ids)))), truncated
+
+
+def _cut_right(segments: list[tuple[list[int], bool]], room: int) -> list[tuple[list[int], bool]]:
+    kept = []
+    for ids, trained in segments:
+        if room <= 0:
+            break
+        kept.append((ids[:room], trained))
+        room -= len(ids)
+    return kept
 
 
 def document_ids(text_ids: list[int], bos_id: int | None, eos_id: int) -> list[int]:

@@ -1,4 +1,8 @@
-"""Reading and validating record files (`.json` arrays and `.jsonl`), with the line of every record.
+"""Reading and validating data sources, with the line of every record.
+
+A source is a `.json` array or `.jsonl` file of records in any format of `pandallm.data.formats`, a `.txt` file
+of pretraining text, or a directory written by `datasets.Dataset.save_to_disk` (its rows are records; the
+"line" of a row is its 1-based row number).
 
 The reader is strict: the first malformed record stops the run before any tokenization, with an error naming
 the file, the line and the field. Python's `json` is used for the parsing itself; this module only tracks where
@@ -13,36 +17,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, parse
 from pandallm.errors import DataFormatError, DatasetError
 
-RecordKind = Literal["instruction", "pretraining"]
-
-# The fields of each record kind, in the order they are documented. All are strings.
-FIELDS: dict[RecordKind, tuple[str, ...]] = {
-    "instruction": ("input", "target"),
-    "pretraining": ("title", "content"),
-}
 DATA_SUFFIXES = (".json", ".jsonl")
+TEXT_SUFFIX = ".txt"
+TxtSplit = Literal["file", "paragraph"]
 
 
 @dataclass(frozen=True)
 class Record:
-    """One validated record and where it came from."""
+    """One validated record, normalized, and where it came from: a conversation (`turns`) or a document (`text`)."""
 
     path: str
     line: int
-    fields: dict[str, str]
+    format: str
+    turns: tuple[Turn, ...] = ()
+    text: str = ""
+
+    @property
+    def kind(self) -> RecordKind:
+        return "instruction" if self.turns else "pretraining"
+
+    @property
+    def texts(self) -> list[str]:
+        """Every text the record holds (for tokenizer training and statistics)."""
+        return [turn.content for turn in self.turns] if self.turns else [self.text]
 
 
-def find_data_files(directory: str | Path, option: str) -> list[Path]:
-    """The `.json` / `.jsonl` files under `directory` (recursively), in a stable order."""
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file()
+        or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+    )
+
+
+def find_data_files(directory: str | Path, option: str, text: bool = False) -> list[Path]:
+    """The sources under `directory` (recursively), in a stable order: `.json` / `.jsonl` files, saved datasets
+    (directories, not searched further), and with `text` also `.txt` files."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{option} '{directory}' is not a directory (set `data.{option}: null` to train without it)")
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-    if not files:
-        raise DatasetError(f"{option} '{directory}' holds no .json or .jsonl files")
-    return files
+    if is_saved_dataset(directory):
+        return [directory]
+    suffixes = (*DATA_SUFFIXES, TEXT_SUFFIX) if text else DATA_SUFFIXES
+    datasets = sorted(p for p in directory.rglob("*") if is_saved_dataset(p))
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.suffix in suffixes and not any(d in p.parents for d in datasets)
+    )
+    if not files and not datasets:
+        kinds = ".json, .jsonl or .txt files" if text else ".json or .jsonl files"
+        raise DatasetError(f"{option} '{directory}' holds no {kinds} or saved datasets")
+    return sorted([*files, *datasets])
 
 
 def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
@@ -52,7 +83,10 @@ def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -
     with a syntax error always raises: nothing after the error can be read reliably.
     """
     if path.suffix not in DATA_SUFFIXES:
-        raise DatasetError(f"{path}: unsupported file type '{path.suffix}' (expected .json or .jsonl)")
+        raise DatasetError(
+            f"{path}: unsupported source (expected a .json, .jsonl or .txt file, or a directory written by "
+            "Dataset.save_to_disk)"
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     try:
@@ -123,55 +157,123 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
         raise fail(skip_space(pos + 1), "invalid JSON: extra data after the closing ']'")
 
 
-def validate(value: object, kind: RecordKind, path: Path, line: int) -> Record:
-    """Check one decoded value against the fields of `kind`; return it as a `Record`."""
-    fields = FIELDS[kind]
-    if not isinstance(value, dict):
-        raise DataFormatError(
-            path, line, None, f"expected an object with fields {list(fields)}, got {type(value).__name__}"
+def iter_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """The rows of a saved dataset as `(row number, record)`; a `DatasetDict` gives its `train` split (or its only
+    split)."""
+    saved = load_from_disk(str(path))
+    if isinstance(saved, DatasetDict):
+        if "train" in saved:
+            saved = saved["train"]
+        elif len(saved) == 1:
+            saved = next(iter(saved.values()))
+        else:
+            raise DatasetError(f"{path}: a DatasetDict with splits {list(saved)}: save one split, or name it 'train'")
+    assert isinstance(saved, Dataset)
+    yield from enumerate(saved, start=1)
+
+
+def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]]:
+    """A `.txt` file as documents, `(first line, text)`: the whole file, or each blank-line-separated paragraph."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataFormatError(path, line, None, "not valid UTF-8") from e
+    if split == "file":
+        yield 1, text.strip()
+        return
+    block: list[str] = []
+    start = 1
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            yield start, "\n".join(block)
+            block = []
+    if block:
+        yield start, "\n".join(block)
+
+
+def _values(path: Path, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
+    if is_saved_dataset(path):
+        return iter_dataset_rows(path)
+    return iter_json_values(path, skipped)
+
+
+def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: int | None) -> Record:
+    try:
+        parsed = parse(fmt, value, path, line)
+    except DataFormatError as error:
+        # A record of another format in a file whose first record fixed the format: say so, rather than name a field
+        # that the record was never meant to have.
+        other = next(
+            (f for f in FORMATS.values() if f is not fmt and isinstance(value, dict) and f.matches(value)), None
         )
-    for field in fields:
-        if field not in value:
-            raise DataFormatError(path, line, field, f"missing (a {kind} record needs {list(fields)})")
-        if not isinstance(value[field], str):
-            raise DataFormatError(path, line, field, f"expected a string, got {type(value[field]).__name__}")
-    # A record with nothing to learn from is almost always a bug upstream (an export that lost a column).
-    learned = "target" if kind == "instruction" else "content"
-    if not value[learned].strip():
-        raise DataFormatError(path, line, learned, "is empty")
-    return Record(str(path), line, {field: value[field] for field in fields})
-
-
-def detect_kind(value: object, path: Path, line: int) -> RecordKind:
-    """The record kind whose fields `value` has (used for explicitly listed files such as validation files)."""
-    if isinstance(value, dict):
-        for kind, fields in FIELDS.items():
-            if all(field in value for field in fields):
-                return kind
-    expected = " or ".join(str(list(f)) for f in FIELDS.values())
-    keys = list(value) if isinstance(value, dict) else type(value).__name__
-    raise DataFormatError(path, line, None, f"cannot tell the record kind: expected fields {expected}, got {keys}")
+        if first_line is None or other is None:
+            raise
+        raise DataFormatError(
+            path,
+            line,
+            None,
+            f"a {other.name} record {list(other.fields)} in a file of {fmt.name} records (detected from line "
+            f"{first_line}); a file holds one format",
+        ) from error
+    if isinstance(parsed, str):
+        return Record(str(path), line, fmt.name, text=parsed)
+    return Record(str(path), line, fmt.name, turns=parsed)
 
 
 def read_records(
-    path: str | Path, kind: RecordKind | None = None, skipped: list[DataFormatError] | None = None
+    path: str | Path,
+    kind: RecordKind | None = None,
+    skipped: list[DataFormatError] | None = None,
+    format: str = "auto",
+    txt_split: TxtSplit = "file",
 ) -> tuple[RecordKind, list[Record]]:
-    """Read and validate every record of one file. With `kind=None` the kind is detected from the first record.
+    """Read and validate every record of one source; return the kind of its records and the records.
 
-    Strict by default: the first malformed record raises. With `skipped`, malformed records are appended to it
-    and left out (see `iter_json_values` for the one exception).
+    With `format="auto"` the format is detected from the first record's fields (among the formats of `kind`, if
+    given), and every later record must be of the same format. Strict by default: the first malformed record
+    raises. With `skipped`, malformed records are appended to it and left out (see `iter_json_values` for the one
+    exception).
     """
     path = Path(path)
+    if path.suffix == TEXT_SUFFIX and path.is_file():
+        return "pretraining", _read_text(path, kind, skipped, txt_split)
+    fixed = None if format == "auto" else FORMATS[format]
+    if fixed is not None and kind is not None and fixed.kind != kind:
+        raise DatasetError(f"{path}: format '{format}' holds {fixed.kind} records, where {kind} records are expected")
+    fmt, first_line = fixed, None
     records: list[Record] = []
-    for line, value in iter_json_values(path, skipped):
+    for line, value in _values(path, skipped):
         try:
-            if kind is None:
-                kind = detect_kind(value, path, line)
-            records.append(validate(value, kind, path, line))
+            if fmt is None:
+                fmt, first_line = detect(value, path, line, kind), line
+            records.append(_as_record(fmt, value, path, line, first_line))
         except DataFormatError as error:
             if skipped is None:
                 raise
             skipped.append(error)
-    if kind is None:
+    if fmt is None:
         raise DatasetError(f"{path}: holds no records")
-    return kind, records
+    return fmt.kind, records
+
+
+def _read_text(
+    path: Path, kind: RecordKind | None, skipped: list[DataFormatError] | None, split: TxtSplit
+) -> list[Record]:
+    if kind == "instruction":
+        raise DatasetError(f"{path}: a .txt file holds pretraining text; put it under data.pretraining_data_dir")
+    records = []
+    for line, text in iter_text_documents(path, split):
+        if text.strip():
+            records.append(Record(str(path), line, "text", text=text))
+        elif skipped is not None:
+            skipped.append(DataFormatError(path, line, None, "is empty"))
+        else:
+            raise DataFormatError(path, line, None, "is empty")
+    if not records:
+        raise DatasetError(f"{path}: holds no text")
+    return records

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.encode import document_ids, instruction_row, pack_documents
+from pandallm.data.encode import conversation_row, document_ids, pack_documents
 from pandallm.data.packing import pack_rows, plan_packs
 from pandallm.data.records import Record
+from pandallm.data.template import Rendered
+
+log = logging.getLogger(__name__)
 
 ROW_FEATURES = Features(
     {
@@ -27,49 +31,111 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int]:
     return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
-def document_text(record: Record) -> str:
-    """Title and content as one text; an empty title adds nothing."""
-    title, content = record.fields["title"].strip(), record.fields["content"]
-    return f"{title}\n{content}" if title else content
+Encoded = tuple[list[int], list[tuple[list[int], bool]], int]
+
+
+def encode_segments(rendered: list[Rendered], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Token ids of rendered conversations, as `(head, segments)` for `conversation_row`, with the number of
+    segment boundaries of each that fell inside a token (see below).
+
+    Plain layout: head `[BOS]`; every segment is tokenized on its own and EOS follows every trained one. (A
+    PandaLLM record is exactly `[BOS] input target [EOS]`, as before templates existed.)
+
+    Jinja template: the text is tokenized as a whole, as at inference, with no special token added: the template
+    writes BOS and EOS itself, so there is never a second BOS. A segment boundary is placed where the tokens of the
+    text up to it end; the text up to each boundary is tokenized too, to verify that its tokens are exactly the
+    first tokens of the whole (then the labels are exact). Where the tokenizer merges characters across a boundary,
+    the merged token goes to the later segment and the boundary is counted.
+    """
+    bos_id, eos_id = special_ids(tokenizer)
+    head = [] if bos_id is None else [bos_id]
+    plain = [r for r in rendered if not r.templated]
+    plain_ids = (
+        iter(tokenizer([t for r in plain for t in r.texts], add_special_tokens=False)["input_ids"])
+        if plain
+        else iter(())
+    )
+    templated = [r for r in rendered if r.templated]
+    # For each templated conversation: its text up to every inner boundary, then the whole text.
+    prefixes = [["".join(r.texts[: k + 1]) for k in range(len(r.texts))] for r in templated]
+    flat = tokenizer([p for ps in prefixes for p in ps], add_special_tokens=False)["input_ids"] if templated else []
+    out: list[Encoded] = []
+    at = 0
+    for r in rendered:
+        if not r.templated:
+            segments = [([*next(plain_ids), eos_id] if trained else next(plain_ids), trained) for trained in r.trained]
+            out.append((head, segments, 0))
+            continue
+        ids = flat[at : at + len(r.texts)]
+        at += len(r.texts)
+        whole, start, segments, num_merged = ids[-1], 0, [], 0
+        for prefix_ids, trained in zip(ids, r.trained, strict=True):
+            end = len(prefix_ids)
+            if whole[:end] != prefix_ids:
+                end = _common_prefix(whole, prefix_ids)
+                num_merged += 1
+            segments.append((whole[start:end], trained))
+            start = max(start, end)
+        out.append(([], segments, num_merged))
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _encode_instructions(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> dict:
-    bos_id, eos_id = special_ids(tokenizer)
-    # Prompt and target are tokenized separately so that the label boundary is exact, whatever the tokenizer
-    # would have merged across it.
-    prompts = tokenizer(batch["input"], add_special_tokens=False)["input_ids"]
-    targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": []}
-    for prompt_ids, target_ids in zip(prompts, targets, strict=True):
-        row, truncated = instruction_row(prompt_ids, target_ids, bos_id, eos_id, max_seq_length)
+    rendered = [Rendered(*fields) for fields in zip(batch["texts"], batch["trained"], batch["templated"], strict=True)]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "merged": []}
+    for head, segments, num_merged in encode_segments(rendered, tokenizer):
+        row, truncated = conversation_row(head, segments, max_seq_length)
         out["input_ids"].append(row.input_ids)
         out["labels"].append(row.labels)
         out["position_ids"].append(row.position_ids)
         out["truncated"].append(truncated)
+        out["merged"].append(num_merged)
     return out
 
 
 def tokenize_instructions(
-    records: list[Record], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, num_proc: int, drop_overlong: bool
+    rendered: list[Rendered],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    num_proc: int,
+    drop_overlong: bool,
 ) -> tuple[Dataset, int]:
-    """Instruction rows, and how many records did not fit `max_seq_length` (truncated, or with `drop_overlong`
-    left out)."""
+    """Instruction rows, and how many conversations did not fit `max_seq_length` (truncated, or with
+    `drop_overlong` left out)."""
     texts = Dataset.from_dict(
-        {"input": [r.fields["input"] for r in records], "target": [r.fields["target"] for r in records]}
+        {
+            "texts": [r.texts for r in rendered],
+            "trained": [r.trained for r in rendered],
+            "templated": [r.templated for r in rendered],
+        }
     )
     rows = texts.map(
         _encode_instructions,
         batched=True,
-        num_proc=_procs(num_proc, len(records)),
-        remove_columns=["input", "target"],
+        num_proc=_procs(num_proc, len(rendered)),
+        remove_columns=["texts", "trained", "templated"],
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
-        features=Features({**ROW_FEATURES, "truncated": Value("bool")}),
+        features=Features({**ROW_FEATURES, "truncated": Value("bool"), "merged": Value("int32")}),
         desc="Tokenizing instruction records",
     )
+    num_merged = sum(rows["merged"])
+    if num_merged:
+        log.warning(
+            "%d turn boundaries fell inside a token (the template's text and the tokenizer merge characters across "
+            "them); each merged token was trained with the reply after it",
+            num_merged,
+        )
     num_overlong = sum(rows["truncated"])
     if drop_overlong and num_overlong:
         rows = rows.filter(lambda truncated: not truncated, input_columns="truncated")
-    return rows.remove_columns("truncated"), num_overlong
+    return rows.remove_columns(["truncated", "merged"]), num_overlong
 
 
 def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -96,7 +162,7 @@ def tokenize_documents(
     so that only the corpus' very last block is short, rather than one per map batch and per process as with
     the usual `group_texts` map.
     """
-    documents = Dataset.from_dict({"text": [document_text(r) for r in records]}).map(
+    documents = Dataset.from_dict({"text": [r.text for r in records]}).map(
         _encode_documents,
         batched=True,
         num_proc=_procs(num_proc, len(records)),

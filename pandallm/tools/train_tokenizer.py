@@ -14,7 +14,6 @@ import sentencepiece as spm
 from jsonargparse import auto_cli
 
 from pandallm.data.records import find_data_files, read_records
-from pandallm.data.tokenize import document_text
 from pandallm.errors import DatasetError
 from pandallm.tokenizer import load_tokenizer
 
@@ -26,14 +25,9 @@ def corpus_lines(inputs: list[str]) -> list[str]:
         path = Path(name)
         files = find_data_files(path, "--inputs") if path.is_dir() else [path]
         for file in files:
-            kind, records = read_records(file)
+            _, records = read_records(file)
             for record in records:
-                texts = (
-                    [record.fields["input"], record.fields["target"]]
-                    if kind == "instruction"
-                    else [document_text(record)]
-                )
-                lines += [line for text in texts for line in text.splitlines() if line.strip()]
+                lines += [line for text in record.texts for line in text.splitlines() if line.strip()]
     if not lines:
         raise DatasetError(f"no text found in {inputs}")
     return lines

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pandallm.data.collate import collate_rows
-from pandallm.data.encode import IGNORE_INDEX, document_ids, instruction_row, pack_documents
+from pandallm.data.encode import IGNORE_INDEX, conversation_row, document_ids, instruction_row, pack_documents
 
 BOS, EOS, PAD = 1, 2, 0
 M = IGNORE_INDEX
@@ -91,3 +91,17 @@ def test_collated_blocks_keep_document_starts() -> None:
 def test_row_too_short_for_any_target_is_refused() -> None:
     with pytest.raises(ValueError, match="max_seq_length=2"):
         instruction_row([10], [20], BOS, EOS, max_seq_length=2)
+
+
+def test_conversation_rows_train_every_reply_and_cut_later_turns_first() -> None:
+    segments = [([10, 11], False), ([20, 2], True), ([12], False), ([21, 22, 2], True)]
+    row, truncated = conversation_row([BOS], segments, max_seq_length=16)
+    assert row.input_ids == [1, 10, 11, 20, 2, 12, 21, 22, 2]
+    assert row.labels == [M, M, M, 20, 2, M, 21, 22, 2]
+    assert not truncated
+    # Too long, but the first exchange fits: the end of the conversation is cut, nothing else changes.
+    row, truncated = conversation_row([BOS], segments, max_seq_length=7)
+    assert (row.input_ids, row.labels, truncated) == ([1, 10, 11, 20, 2, 12, 21], [M, M, M, 20, 2, M, 21], True)
+    # The first exchange alone is too long: its prompt is cut from the left, as for a single record.
+    row, _ = conversation_row([BOS], segments, max_seq_length=4)
+    assert (row.input_ids, row.labels) == ([1, 11, 20, 2], [M, M, 20, 2])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pandallm.data.formats import Turn
 from pandallm.data.records import find_data_files, read_records
 from pandallm.errors import DataFormatError, DatasetError
 from tests.conftest import write_jsonl
@@ -17,9 +18,9 @@ def test_jsonl_records_carry_their_line(tmp_path: Path) -> None:
     path.write_text('{"input": "a", "target": "b"}\n\n{"input": "c", "target": "d"}\n')
     kind, records = read_records(path)
     assert kind == "instruction"
-    assert [(r.line, r.fields) for r in records] == [
-        (1, {"input": "a", "target": "b"}),
-        (3, {"input": "c", "target": "d"}),
+    assert [(r.line, r.format, r.turns) for r in records] == [
+        (1, "pandallm", (Turn("user", "a"), Turn("assistant", "b"))),
+        (3, "pandallm", (Turn("user", "c"), Turn("assistant", "d"))),
     ]
 
 

@@ -1,0 +1,175 @@
+"""`pandallm data check` and `pandallm data stats`: look at data files before training on them.
+
+    pandallm data check dataset/instruction_tuning dataset/formats/sharegpt_en_zh.jsonl
+    pandallm data stats dataset/instruction_tuning --tokenizer dataset/tokenizer --template chatml
+
+`check` reads every record as training would, and lists every error (file:line, field), not just the first; it
+exits with status 1 if there is any. With `--tokenizer`, it also renders every conversation with the template, as
+some templates refuse some conversations (llama-2 needs alternating turns). `stats` counts records per format
+and reports token lengths as training would encode them (template included, before truncation): min, mean,
+median, 95th percentile, max, the share over `--max_seq_length`, and a histogram saved as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pandallm.data.formats import FORMATS
+from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
+from pandallm.data.template import render_record, resolve_template
+from pandallm.data.tokenize import encode_segments, special_ids
+from pandallm.errors import DataFormatError, PandaError
+from pandallm.tokenizer import load_tokenizer
+
+
+def expand(names: list[str]) -> list[Path]:
+    """Files as given; directories (other than saved datasets) as the sources under them."""
+    paths: list[Path] = []
+    for name in names:
+        path = Path(name)
+        paths += find_data_files(path, name, text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
+    return paths
+
+
+def check(
+    files: list[str],
+    format: str = "auto",
+    txt_split: str = "file",
+    tokenizer: str | None = None,
+    template: str = "auto",
+    template_dir: str | None = None,
+) -> list[PandaError]:
+    """Every error in `files`, each printed with its file and line; a per-file summary of the valid records."""
+    errors: list[PandaError] = []
+    chosen, loaded = None, None
+    if tokenizer is not None:
+        loaded = load_tokenizer(tokenizer)
+        chosen = resolve_template(template, loaded, template_dir)
+    for path in expand(files):
+        found: list[DataFormatError] = []
+        try:
+            _, records = read_records(path, None, found, format, txt_split)
+        except PandaError as error:  # a broken .json array, a file with no records: nothing more can be read
+            errors.append(error)
+            print(f"{path}: unreadable", file=sys.stderr)
+            continue
+        if loaded is not None:
+            for record in records:
+                if record.turns:
+                    try:
+                        render_record(record, chosen, loaded)
+                    except DataFormatError as error:
+                        found.append(error)
+        errors += found
+        formats = Counter(r.format for r in records)
+        print(f"{path}: {len(records)} valid records ({_counts(formats)}), {len(found)} errors", file=sys.stderr)
+    for error in errors:
+        print(error)
+    print(f"{len(errors)} errors", file=sys.stderr)
+    return errors
+
+
+def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
+    """The length of each record as training encodes it, before truncation."""
+    conversations = [render_record(r, chosen, tokenizer) for r in records if r.turns]
+    lengths = [
+        len(head) + sum(len(ids) for ids, _ in segments)
+        for head, segments, _ in encode_segments(conversations, tokenizer)
+    ]
+    documents = [r.text for r in records if not r.turns]
+    if documents:
+        bos_id, _ = special_ids(tokenizer)
+        extra = 1 if bos_id is None else 2  # [BOS] text [EOS]
+        lengths += [len(ids) + extra for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]]
+    return lengths
+
+
+def stats(
+    files: list[str],
+    tokenizer: str,
+    template: str = "auto",
+    template_dir: str | None = None,
+    format: str = "auto",
+    txt_split: str = "file",
+    max_seq_length: int = 2048,
+    histogram: str = "token_lengths.png",
+) -> dict:
+    """Record counts per format and token-length statistics of `files`; saves the length histogram to `histogram`."""
+    loaded = load_tokenizer(tokenizer)
+    chosen = resolve_template(template, loaded, template_dir)
+    records: list[Record] = []
+    for path in expand(files):
+        records += read_records(path, None, None, format, txt_split)[1]
+    lengths = sorted(token_lengths(records, loaded, chosen))
+    report = {
+        "records": len(records),
+        "formats": dict(Counter(r.format for r in records)),
+        "min": lengths[0],
+        "mean": statistics.fmean(lengths),
+        "median": statistics.median(lengths),
+        "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],  # nearest rank
+        "max": lengths[-1],
+        "over_max_seq_length": sum(n > max_seq_length for n in lengths) / len(lengths),
+        "histogram": str(save_histogram(lengths, max_seq_length, Path(histogram))),
+    }
+    print(f"records: {report['records']} ({_counts(Counter(report['formats']))})")
+    print(
+        f"tokens per record: min {report['min']}, mean {report['mean']:.1f}, median {report['median']:g}, "
+        f"p95 {report['p95']}, max {report['max']}"
+    )
+    print(f"over max_seq_length={max_seq_length}: {report['over_max_seq_length']:.1%}")
+    print(f"histogram: {report['histogram']}")
+    return report
+
+
+def save_histogram(lengths: list[int], max_seq_length: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.hist(lengths, bins=min(50, max(len(set(lengths)), 1)), color="#4c72b0")
+    axes.axvline(max_seq_length, color="#c44e52", linestyle="--", label=f"max_seq_length={max_seq_length}")
+    axes.set_xlabel("tokens per record")
+    axes.set_ylabel("records")
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "none"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pandallm data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, function in (("check", check), ("stats", stats)):
+        sub = commands.add_parser(name, help=function.__doc__.split("\n")[0])
+        sub.add_argument("files", nargs="+", help="Data files, saved datasets, or directories of them.")
+        sub.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="Record format of every file.")
+        sub.add_argument("--txt_split", choices=["file", "paragraph"], default="file")
+        sub.add_argument("--tokenizer", required=name == "stats", default=None)
+        sub.add_argument("--template", default="auto", help="As data.template.")
+        sub.add_argument("--template_dir", default=None)
+        if name == "stats":
+            sub.add_argument("--max_seq_length", type=int, default=2048)
+            sub.add_argument("--histogram", default="token_lengths.png", help="Where to save the PNG.")
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    options = vars(build_parser().parse_args(args))
+    command = options.pop("command")
+    if command == "check":
+        if check(**options):
+            sys.exit(1)
+    else:
+        stats(**options)

@@ -1,0 +1,75 @@
+"""`pandallm data check` and `pandallm data stats` through the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pandallm.cli import main
+from tests.conftest import write_jsonl
+from tests.data.word_tokenizer import save_word_tokenizer
+
+
+def test_check_lists_every_error_and_fails(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": "Hi", "output": "Hello"}] * 3)
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}]},
+            {"input": "Hi", "target": "Hello"},
+        ],
+    )
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"title": "t", "content": "c"},\n  {"title": "t"\n]\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(good), str(bad), str(broken)])
+    assert exit_.value.code == 1
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        f"{bad}:2: field 'conversations[1].from': expected one of ['assistant', 'chatgpt', 'gpt', 'human', 'system', "
+        "'user'], got 'robot'",
+        f"{bad}:3: field 'conversations': has no non-empty assistant turn to train on",
+        f"{bad}:4: a pandallm record ['input', 'target'] in a file of sharegpt records (detected from line 1); a file "
+        "holds one format",
+        f"{broken}:4: invalid JSON: Expecting ',' delimiter (column 1)",
+    ]
+    assert f"{good}: 3 valid records (alpaca 3), 0 errors" in out.err
+    main(["data", "check", str(good)])  # no error: returns normally, exit status 0
+
+
+def test_check_with_a_tokenizer_also_renders_every_conversation(tmp_path: Path, capsys) -> None:
+    two_users = {"messages": [{"role": "user", "content": "Hi"}] * 2 + [{"role": "assistant", "content": "Hello"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [two_users])
+    main(["data", "check", str(path)])
+    with pytest.raises(SystemExit):
+        main(["data", "check", str(path), "--tokenizer", save_word_tokenizer(tmp_path / "w"), "--template", "llama-2"])
+    assert f"{path}:1: template 'llama-2'" in capsys.readouterr().out
+
+
+def test_stats_reports_formats_and_lengths_and_saves_a_histogram(tmp_path: Path, capsys) -> None:
+    words = save_word_tokenizer(tmp_path / "words")
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}] * 3)
+    # Plain layout: [BOS] Hi Hello [EOS] is 4 tokens; [BOS] Hi Hello [EOS] Capital? Paris [EOS] is 7.
+    write_jsonl(
+        tmp_path / "d" / "b.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": r, "content": c}
+                    for r, c in [("user", "Hi"), ("assistant", "Hello"), ("user", "Capital?"), ("assistant", "Paris")]
+                ]
+            }
+        ],
+    )
+    (tmp_path / "d" / "c.txt").write_text("Hi Hello Hi Hello Hi Hello Hi Hello")  # [BOS] 8 words [EOS]
+    histogram = tmp_path / "out" / "lengths.png"
+    args = ["data", "stats", str(tmp_path / "d"), "--tokenizer", words, "--template", "none", "--max_seq_length", "6"]
+    main([*args, "--histogram", str(histogram)])
+    out = capsys.readouterr().out
+    assert "records: 5 (alpaca 3, openai 1, text 1)" in out
+    assert "tokens per record: min 4, mean 5.8, median 4, p95 10, max 10" in out  # 4 4 4 7 10
+    assert "over max_seq_length=6: 40.0%" in out
+    assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
