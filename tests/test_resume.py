@@ -152,3 +152,17 @@ def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume_fr
     assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")
     a, b = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_a_mixture_mid_epoch_continues_the_same_mixture(tmp_path: Path) -> None:
+    # Two sources weighed 3:1 over 16 rows per epoch: the instructions are upsampled, the documents read in turns.
+    instructions = instruction_data(tmp_path, repeat=1)["instruction_tuning_data_dir"]
+    data = pretraining_data(tmp_path) | {"instruction_tuning_data_dir": instructions}
+    ratios = f"{{{data['instruction_tuning_data_dir']}: 3, {data['pretraining_data_dir']}: 1}}"
+    data |= {"mix_ratios": ratios, "epoch_rows": "16"}
+    assert_resume_is_exact(tmp_path, data, kill_step=7)  # in the second epoch (6 batches of 3 per epoch)
+
+
+def test_resume_a_streamed_corpus_with_three_workers(tmp_path: Path) -> None:
+    data = pretraining_data(tmp_path) | {"streaming": "true", "num_workers": "3"}  # resumed at step 4: worker 1 next
+    assert_resume_is_exact(tmp_path, data, 5, "--trainer.max_steps=12")

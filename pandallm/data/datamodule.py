@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import lightning as L
+import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
@@ -20,6 +21,7 @@ from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import shard_indices
+from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
 from pandallm.data.template import (
     ChatTemplate,
     Rendered,
@@ -70,6 +72,7 @@ class PandaDataModule(L.LightningDataModule):
         train_files: list[str] | None = None,
         mix_ratios: dict[str, float] | None = None,
         epoch_rows: int | None = None,
+        streaming: bool = False,
         val_files: list[str] | None = None,
         val_fraction: float = 0.0,
         test_files: list[str] | None = None,
@@ -106,6 +109,9 @@ class PandaDataModule(L.LightningDataModule):
                 needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
                 epoch.
             epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
+            streaming: Read, tokenize and pack `pretraining_data_dir` on the fly instead of through the Arrow
+                cache, for corpora too large for it (pandallm.data.streaming). The stream is endless: set
+                `trainer.max_steps`, and `trainer.val_check_interval` to a number of batches.
             val_files: Validation sources of either kind (detected from their fields).
             val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
             test_files: Sources for `pandallm test`, of either kind.
@@ -161,6 +167,12 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError("data.epoch_rows needs data.mix_ratios and must be at least 1")
         self.mix_ratios = mix_ratios
         self.epoch_rows = epoch_rows
+        self.streaming = streaming
+        if streaming and (pretraining_data_dir is None or instruction_tuning_data_dir is not None or train_files):
+            raise DatasetError(
+                "data.streaming streams pretraining_data_dir alone: set it, and set instruction_tuning_data_dir to "
+                "null and leave train_files empty"
+            )
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
         self.test_files = list(test_files or [])
@@ -186,6 +198,9 @@ class PandaDataModule(L.LightningDataModule):
         self.train_source_sizes: tuple[int, ...] = ()
         # (epoch, rows of it read) from the checkpoint being resumed; consumed by the next `train_dataloader`.
         self._resume_position: tuple[int, int] | None = None
+        # Streaming: this rank's consumers' positions after the last batch trained, and its batches trained.
+        self._stream_positions: dict[int, Position] = {}
+        self._stream_batches = 0
 
     # ---- preparing -------------------------------------------------------------------------------------------
 
@@ -215,7 +230,10 @@ class PandaDataModule(L.LightningDataModule):
             sizes = {split: len(ds) for split, ds in self.datasets.items()}
             tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
             log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
-        if stage == "fit":
+        if stage == "fit" and self.streaming:
+            if self.trainer is not None and self.trainer.max_steps < 0:
+                raise DatasetError("data.streaming reads an endless stream: set trainer.max_steps")
+        elif stage == "fit":
             _, world_size = self._rank_and_world()
             needed = world_size * self.train_batch_size
             if self.training_order.length < needed:
@@ -236,7 +254,7 @@ class PandaDataModule(L.LightningDataModule):
         """The training sources, by the name `mix_ratios` knows them by, with their files."""
         sources: dict[str, list[tuple[RecordKind | None, Path]]] = {}
         for kind, directory in self.data_dirs.items():
-            if directory is not None:
+            if directory is not None and not (self.streaming and kind == "pretraining"):
                 option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
                 found = find_data_files(directory, option, text=kind == "pretraining")
                 sources[directory] = [(kind, path) for path in found]
@@ -308,7 +326,7 @@ class PandaDataModule(L.LightningDataModule):
         empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_sizes = tuple(len(part) for part in train_parts)
-        datasets = DatasetDict({"train": concatenate_datasets(train_parts)})
+        datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
             datasets[split] = stored.get(group_split(split, 0), empty)
         return datasets
@@ -403,9 +421,11 @@ class PandaDataModule(L.LightningDataModule):
 
     # ---- loading ---------------------------------------------------------------------------------------------
 
-    def num_train_batches(self, world_size: int) -> int:
+    def num_train_batches(self, world_size: int) -> float:
         """Training batches per epoch on each rank."""
         assert self.datasets is not None, "setup('fit') must run first"
+        if self.streaming:
+            return math.inf
         rows_per_rank = math.ceil(self.training_order.length / world_size)
         return math.ceil(rows_per_rank / self.train_batch_size)
 
@@ -437,6 +457,8 @@ class PandaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank_and_world()
+        if self.streaming:
+            return self._stream_loader(rank, world_size)
         if self._resume_position is not None:
             epoch, rows_read = self._resume_position
             self._resume_position = None
@@ -451,6 +473,29 @@ class PandaDataModule(L.LightningDataModule):
             **self._workers(),
         )
 
+    def _stream_loader(self, rank: int, world_size: int) -> DataLoader:
+        directory = self.data_dirs["pretraining"]
+        layout = StreamLayout(rank, world_size, self.num_workers, self._stream_positions, self._stream_batches)
+        stream = DocumentStream(
+            find_data_files(directory, "pretraining_data_dir", text=True),
+            self.tokenizer_name,
+            self.max_seq_length,
+            self.train_batch_size,
+            self.pad_id,
+            layout,
+            self.formats["pretraining"],
+            self.txt_split,
+        )
+        return DataLoader(stream, batch_size=None, **self._workers())  # the stream batches in its workers
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs for the batch about to be trained, after the loader's workers have fetched ahead.
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            consumer, *after = batch.pop(POSITION_KEY).tolist()
+            self._stream_positions[consumer] = tuple(after)
+            self._stream_batches += 1
+        return batch
+
     # ---- the data position in checkpoints ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -462,6 +507,8 @@ class PandaDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
+        if self.streaming:
+            return self._stream_state()
         epoch = trainer.current_epoch
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts afresh
@@ -469,7 +516,25 @@ class PandaDataModule(L.LightningDataModule):
         rows_read = batches * self.train_batch_size * trainer.world_size
         return {"epoch": epoch, "rows_read": rows_read, "rows_per_epoch": self.training_order.length}
 
+    def _stream_state(self) -> dict[str, Any]:
+        """Every consumer's position, gathered from all ranks (only rank 0 writes the checkpoint)."""
+        local = {"positions": dict(self._stream_positions), "batches": self._stream_batches}
+        gathered = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, local)
+        positions = {c: list(p) for state in gathered for c, p in state["positions"].items()}
+        _, world_size = self._rank_and_world()
+        return {
+            "stream_positions": positions,
+            "stream_batches": self._stream_batches,  # the same on every rank: one batch per step each
+            "stream_consumers": [world_size, max(self.num_workers, 1)],
+        }
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "stream_positions" in state_dict:
+            self._load_stream_state(state_dict)
+            return
         if "epoch" not in state_dict:
             return
         epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
@@ -481,6 +546,17 @@ class PandaDataModule(L.LightningDataModule):
             )
         self._resume_position = (epoch, rows_read)
         log.info("pandallm data: resuming in epoch %d after %d rows", epoch, rows_read)
+
+    def _load_stream_state(self, state_dict: dict[str, Any]) -> None:
+        _, world_size = self._rank_and_world()
+        saved = list(state_dict["stream_consumers"])
+        if not self.streaming or saved != [world_size, max(self.num_workers, 1)]:
+            raise DatasetError(
+                f"the checkpoint streamed with {saved[0]} ranks x {saved[1]} data.num_workers; resume it with the same "
+                f"(this run: {'no streaming' if not self.streaming else f'{world_size} x {max(self.num_workers, 1)}'})"
+            )
+        self._stream_positions = {int(c): tuple(p) for c, p in state_dict["stream_positions"].items()}
+        self._stream_batches = int(state_dict["stream_batches"])
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.datasets["validation"]) == 0:

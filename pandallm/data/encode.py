@@ -92,19 +92,28 @@ def pack_documents(documents: Iterable[list[int]], max_seq_length: int) -> Itera
     Every token of every document lands in exactly one block. A document longer than the space left in a block
     continues in the next one, where its positions restart at 0 (it cannot attend across blocks anyway).
     """
+    return (row for row, _ in pack_with_positions(documents, max_seq_length))
+
+
+def pack_with_positions(
+    documents: Iterable[list[int]], max_seq_length: int, skip: int = 0
+) -> Iterator[tuple[Row, tuple[int, int]]]:
+    """`pack_documents`, each block with where the next one starts: `(k, t)`, token t of the k-th document. The
+    first `skip` tokens of the first document are left out (a resumed stream, `pandallm.data.streaming`)."""
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
     ids: list[int] = []
     positions: list[int] = []
-    for document in documents:
-        start = 0
+    k = -1
+    for k, document in enumerate(documents):
+        start = skip if k == 0 else 0
         while start < len(document):
             take = min(max_seq_length - len(ids), len(document) - start)
             ids.extend(document[start : start + take])
             positions.extend(range(take))
             start += take
             if len(ids) == max_seq_length:
-                yield Row(ids, list(ids), positions)
+                yield Row(ids, list(ids), positions), (k, start)
                 ids, positions = [], []
     if ids:
-        yield Row(ids, list(ids), positions)
+        yield Row(ids, list(ids), positions), (k + 1, 0)

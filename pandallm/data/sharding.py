@@ -2,8 +2,9 @@
 
 pandallm shards the data itself instead of letting Lightning inject a `DistributedSampler`: every rank reads a
 strided shard of the epoch's order (training: `pandallm.data.sampling`; evaluation: `shard_indices` below), and the
-position in that order goes into checkpoints. Resume is then the same mechanism with one process or many (with Lightning's injected sampler, a DDP run resumed mid-epoch
-trained on other batches than the uninterrupted run; see tests/test_resume.py).
+position in that order goes into checkpoints. Resume is then the same mechanism with one process or many (with
+Lightning's injected sampler, a DDP run resumed mid-epoch trained on other batches than the uninterrupted run; see
+tests/test_resume.py).
 
 With `data.shuffle: false`, rank r's k-th batch of B rows is rows {r + W(kB + i)}: over all W ranks, step k reads
 rows [kWB, (k+1)WB), the same rows as the k-th batch of one process with batch size WB. That is how runs of

@@ -390,6 +390,8 @@ class PandaLLM(L.LightningModule):
             raise ModelError("PandaLLM computes its schedule from a PandaDataModule; pass one to the trainer")
         batches = datamodule.num_train_batches(trainer.world_size)
         limit = trainer.limit_train_batches
+        if math.isinf(batches):  # an endless stream: the run is `max_steps` long
+            return total_optimizer_steps(1, 1, None, trainer.max_steps)
         batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
         return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
 

@@ -215,3 +215,32 @@ def test_training_loader_resumed_mid_epoch_continues_the_same_order_in_later_epo
     assert [ids(resumed), ids(resumed)] == epochs[1:]  # the order of the epochs after the resumed one, too
     at_boundary = loader({"epoch": 1, "rows_read": 0})  # saved at the last batch of epoch 0
     assert [ids(at_boundary), ids(at_boundary)] == epochs[1:]
+
+
+def test_mix_ratios_weigh_the_sources_of_each_epoch(tmp_path: Path, tokenizer_dir: str) -> None:
+    write_jsonl(tmp_path / "zh.jsonl", INSTRUCTIONS[:2] * 5)  # a third source, given as a file
+    sources = {"instruction_tuning_data_dir": str(tmp_path / "it"), "pretraining_data_dir": None}
+    write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS * 4)
+    mix = {sources["instruction_tuning_data_dir"]: 1.0, str(tmp_path / "zh.jsonl"): 3.0}
+    dm = ready(make(tokenizer_dir, **sources, train_files=[str(tmp_path / "zh.jsonl")], mix_ratios=mix, epoch_rows=40))
+    assert dm.train_source_sizes == (len(INSTRUCTIONS) * 4, 10)
+    assert dm.training_order.source_counts() == [10, 30]
+    loader = dm.train_dataloader()
+    rows = sum(len(batch["input_ids"]) for batch in loader)
+    assert rows == 40 == len(loader.sampler)
+
+
+def test_mix_ratios_must_name_every_source(tmp_path: Path, tokenizer_dir: str) -> None:
+    write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS)
+    write_jsonl(tmp_path / "b.jsonl", INSTRUCTIONS)
+    dm = make(
+        tokenizer_dir,
+        instruction_tuning_data_dir=str(tmp_path / "it"),
+        pretraining_data_dir=None,
+        train_files=[str(tmp_path / "b.jsonl")],
+        mix_ratios={str(tmp_path / "it"): 1.0, "data/typo.jsonl": 1.0},
+    )
+    with pytest.raises(DatasetError, match=r"unknown \['data/typo.jsonl'\], missing \['.*b.jsonl'\]"):
+        ready(dm)
+    with pytest.raises(DatasetError, match="train_files: '.*nothing.jsonl': no such file or directory"):
+        ready(make(tokenizer_dir, pretraining_data_dir=None, train_files=[str(tmp_path / "nothing.jsonl")]))
