@@ -102,6 +102,18 @@ def test_resume_from_the_last_batch_of_an_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=9)
 
 
+def test_resume_from_a_checkpoint_saved_by_validation_at_an_epochs_end_with_reloaded_loaders(tmp_path: Path) -> None:
+    # Saved once per epoch, at the validation after its last batch; killed in the second epoch; the loaders are
+    # built again every epoch. Lightning then creates a training iterator it never uses: the order must not move.
+    write_jsonl(tmp_path / "val.jsonl", INSTRUCTIONS)
+    data = instruction_data(tmp_path) | {"val_files": f"[{tmp_path / 'val.jsonl'}]"}
+    per_epoch = ["--trainer.callbacks.every_n_train_steps=0", "--trainer.callbacks.every_n_epochs=1"]
+    # Three epochs: the resumed run creates its validation iterator later than the uninterrupted one did, and the
+    # epoch after that validation must not see its dropout masks shifted by it.
+    reload = ["--trainer.reload_dataloaders_every_n_epochs=1", "--trainer.max_epochs=3"]
+    assert_resume_is_exact(tmp_path, data, 11, *per_epoch, *reload)
+
+
 def test_resume_pretraining_data_mid_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, pretraining_data(tmp_path), kill_step=5)
 

@@ -18,6 +18,12 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
+from pandallm.data.position import (
+    ResumableDataLoader,
+    StreamLoader,
+    gather_from_ranks,
+    trained_position,
+)
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import shard_indices
@@ -49,18 +55,6 @@ PretrainingFormat = Literal["auto", "pretraining", "text"]
 # A split's files, grouped by source (training data: one group per data directory or `train_files` entry, the unit
 # that `mix_ratios` weighs; validation and test: one group), each file with its kind where the directory says it.
 SourceFiles = list[list[tuple[RecordKind | None, Path]]]
-
-
-class ResumableDataLoader(DataLoader):
-    """The training loader. Its position is not its own state: the data module saves `(epoch, rows read)`, computed
-    from the trainer's progress, and the `EpochSampler` rebuilds the order from it (pandallm.data.sampling). The
-    empty `state_dict` tells Lightning the loader resumes mid-epoch, which it does."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
 
 
 class PandaDataModule(L.LightningDataModule):
@@ -113,7 +107,8 @@ class PandaDataModule(L.LightningDataModule):
                 cache, for corpora too large for it (pandallm.data.streaming). The stream is endless: set
                 `trainer.max_steps`, and `trainer.val_check_interval` to a number of batches.
             val_files: Validation sources of either kind (detected from their fields).
-            val_fraction: Share of the training records (per kind, seeded by `seed`) held out for validation.
+            val_fraction: Share of the training records (of each source and kind, seeded by `seed`) held out for
+                validation.
             test_files: Sources for `pandallm test`, of either kind.
             predict_files: Records whose `input` `pandallm predict` completes.
             instruction_format: Format of every instruction-tuning file: `auto` detects it from each file's first
@@ -172,6 +167,12 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError(
                 "data.streaming streams pretraining_data_dir alone: set it, and set instruction_tuning_data_dir to "
                 "null and leave train_files empty"
+            )
+        if streaming and (val_fraction > 0 or mix_ratios is not None):
+            raise DatasetError("data.streaming holds nothing out and mixes nothing: use data.val_files, no mix_ratios")
+        if instruction_tuning_data_dir is not None and instruction_tuning_data_dir == pretraining_data_dir:
+            raise DatasetError(
+                f"data.instruction_tuning_data_dir and data.pretraining_data_dir are both '{pretraining_data_dir}'"
             )
         self.val_files = list(val_files or [])
         self.val_fraction = val_fraction
@@ -297,7 +298,13 @@ class PandaDataModule(L.LightningDataModule):
 
     @cached_property
     def training_order(self) -> TrainingOrder:
-        return TrainingOrder(self.train_source_sizes, self._mix_ratios(), self.epoch_rows, self.seed, self.shuffle)
+        order = TrainingOrder(self.train_source_sizes, self._mix_ratios(), self.epoch_rows, self.seed, self.shuffle)
+        if order.ratios is not None:
+            names = list(self.train_sources())
+            for name, ratio, count in zip(names, order.ratios, order.source_counts(), strict=True):
+                if ratio > 0 and count == 0:
+                    log.warning("pandallm data: mix ratio %s of '%s' rounds to no rows per epoch", ratio, name)
+        return order
 
     def _load(self) -> DatasetDict:
         sources = self._sources()
@@ -453,6 +460,10 @@ class PandaDataModule(L.LightningDataModule):
             "num_workers": workers,
             "prefetch_factor": self.prefetch_factor if workers > 0 else None,
             "persistent_workers": workers > 0,
+            # A loader draws its workers' seed when it creates an iterator: from the global RNG unless it has a
+            # generator. A resumed run creates its iterators at other moments than the uninterrupted run (before
+            # the restored RNG state, or once more), and every draw would shift its dropout masks.
+            "generator": torch.Generator().manual_seed(self.seed),
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -474,19 +485,21 @@ class PandaDataModule(L.LightningDataModule):
         )
 
     def _stream_loader(self, rank: int, world_size: int) -> DataLoader:
-        directory = self.data_dirs["pretraining"]
-        layout = StreamLayout(rank, world_size, self.num_workers, self._stream_positions, self._stream_batches)
+        def layout() -> StreamLayout:
+            positions = dict(self._stream_positions)
+            return StreamLayout(rank, world_size, self.num_workers, positions, self._stream_batches)
+
         stream = DocumentStream(
-            find_data_files(directory, "pretraining_data_dir", text=True),
+            find_data_files(self.data_dirs["pretraining"], "pretraining_data_dir", text=True),
             self.tokenizer_name,
             self.max_seq_length,
             self.train_batch_size,
             self.pad_id,
-            layout,
+            layout(),
             self.formats["pretraining"],
             self.txt_split,
         )
-        return DataLoader(stream, batch_size=None, **self._workers())  # the stream batches in its workers
+        return StreamLoader(stream, layout, **self._workers())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs for the batch about to be trained, after the loader's workers have fetched ahead.
@@ -509,20 +522,18 @@ class PandaDataModule(L.LightningDataModule):
             return {}
         if self.streaming:
             return self._stream_state()
-        epoch = trainer.current_epoch
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if batches >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts afresh
-            epoch, batches = epoch + 1, 0
-        rows_read = batches * self.train_batch_size * trainer.world_size
-        return {"epoch": epoch, "rows_read": rows_read, "rows_per_epoch": self.training_order.length}
+        epoch, batches = trained_position(trainer)
+        batch_rows = self.train_batch_size * trainer.world_size
+        return {
+            "epoch": epoch,
+            "rows_read": batches * batch_rows,
+            "batch_rows": batch_rows,
+            "rows_per_epoch": self.training_order.length,
+        }
 
     def _stream_state(self) -> dict[str, Any]:
         """Every consumer's position, gathered from all ranks (only rank 0 writes the checkpoint)."""
-        local = {"positions": dict(self._stream_positions), "batches": self._stream_batches}
-        gathered = [local]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, local)
+        gathered = gather_from_ranks({"positions": dict(self._stream_positions)})
         positions = {c: list(p) for state in gathered for c, p in state["positions"].items()}
         _, world_size = self._rank_and_world()
         return {
@@ -539,10 +550,20 @@ class PandaDataModule(L.LightningDataModule):
             return
         epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
         _, world_size = self._rank_and_world()
-        if rows_read % world_size:
+        batch_rows = self.train_batch_size * world_size
+        if rows_read and state_dict.get("batch_rows", batch_rows) != batch_rows:
+            # Lightning counts the resumed epoch's batches in the checkpoint's batch size; another one would end
+            # the epoch early or late. At an epoch boundary (rows_read 0) any batch size resumes.
             raise DatasetError(
-                f"the checkpoint stopped after {rows_read} rows of epoch {epoch}, which {world_size} ranks cannot "
-                "split evenly; resume with the world size and batch size it was saved with"
+                f"the checkpoint stopped mid-epoch with {state_dict['batch_rows']} rows per global batch (batch size "
+                f"x ranks); this run has {batch_rows}. Resume it with the same, or from a checkpoint at an epoch's end"
+            )
+        if self.mix_ratios is None and state_dict.get("rows_per_epoch") not in (None, self.training_order.length):
+            log.warning(
+                "pandallm data: the checkpoint's epochs had %s rows, this run's have %d: the resumed epoch's order "
+                "is not the one the run was in",
+                state_dict["rows_per_epoch"],
+                self.training_order.length,
             )
         self._resume_position = (epoch, rows_read)
         log.info("pandallm data: resuming in epoch %d after %d rows", epoch, rows_read)

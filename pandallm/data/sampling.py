@@ -20,7 +20,7 @@ whatever the number of ranks, and `rows_read` counts positions of the epoch orde
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,14 +93,15 @@ class TrainingOrder:
 
     def _source_stream(self, source: int, size: int, start: int, count: int) -> np.ndarray:
         """Elements [start, start + count) of source `source`'s endless chain of permutations of its rows."""
-        positions = np.arange(start, start + count)
-        cycles = positions // size
-        out = np.empty(count, dtype=np.int64)
-        for cycle in np.unique(cycles):
-            chosen = cycles == cycle
-            order = _permutation(size, self.seed, source, int(cycle)) if self.shuffle else np.arange(size)
-            out[chosen] = order[positions[chosen] % size]
-        return out
+        pieces = []
+        position, end = start, start + count
+        while position < end:  # one contiguous slice per permutation touched: linear in `count`
+            cycle, offset = divmod(position, size)
+            take = min(size - offset, end - position)
+            order = _permutation(size, self.seed, source, cycle) if self.shuffle else np.arange(size)
+            pieces.append(order[offset : offset + take])
+            position += take
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
 def rank_positions(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -115,9 +116,11 @@ def rank_positions(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 class EpochSampler(Sampler[int]):
     """Rank `rank`'s rows of each epoch of a `TrainingOrder`, from a given place.
 
-    Lightning calls `iter()` on the training loader once per epoch, so each call after the first moves to the next
-    epoch. The first epoch and the rows of it already read come from the data module: 0 for a new run, the
-    checkpoint's position for a resumed one.
+    The epoch comes from Lightning, which calls `set_epoch` before each epoch's `iter()` (the first `iter()` of a
+    `fit` comes before it: the data module creates the sampler with the epoch it starts in). What an `iter()`
+    yields depends only on the epoch, never on how many times it was called: Lightning creates an iterator it
+    does not use in some resumes, and again when it reloads the loaders. The rows already read apply to the epoch
+    the run resumed in.
     """
 
     def __init__(self, order: TrainingOrder, rank: int, world_size: int, epoch: int = 0, rows_read: int = 0) -> None:
@@ -125,21 +128,17 @@ class EpochSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = epoch
-        self.rows_read = rows_read
-        self._started = False
+        self.resume = (epoch, rows_read)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return math.ceil(self.order.length / self.world_size)
 
     def __iter__(self) -> Iterator[int]:
-        if self._started:
-            self.epoch, self.rows_read = self.epoch + 1, 0
-        self._started = True
         positions = rank_positions(self.order.epoch(self.epoch), self.rank, self.world_size)
+        resumed_epoch, rows_read = self.resume
         # Rows already read by all ranks together, as this rank's share of them (see the module docstring).
-        return iter(positions[self.rows_read // self.world_size :].tolist())
-
-
-def source_sizes(source_ids: Sequence[int], num_sources: int) -> tuple[int, ...]:
-    """Rows per source, from the rows' source column (rows of one source are contiguous)."""
-    return tuple(np.bincount(np.asarray(source_ids, dtype=np.int64), minlength=num_sources).tolist())
+        skip = rows_read // self.world_size if self.epoch == resumed_epoch else 0
+        return map(int, positions[skip:])

@@ -207,14 +207,18 @@ def test_training_loader_resumed_mid_epoch_continues_the_same_order_in_later_epo
     def ids(batches) -> list[list[int]]:
         return [row for batch in batches for row in batch["input_ids"][:, 0:4].tolist()]
 
+    def epoch(loader, number: int) -> list[list[int]]:
+        loader.sampler.set_epoch(number)  # as Lightning does before each epoch
+        return ids(loader)
+
     straight = loader()
-    epochs = [ids(straight) for _ in range(3)]
+    epochs = [epoch(straight, e) for e in range(3)]
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
     resumed = loader({"epoch": 0, "rows_read": 8})  # after two batches of four
-    assert ids(resumed) == epochs[0][8:]
-    assert [ids(resumed), ids(resumed)] == epochs[1:]  # the order of the epochs after the resumed one, too
+    assert epoch(resumed, 0) == epochs[0][8:]
+    assert [epoch(resumed, 1), epoch(resumed, 2)] == epochs[1:]  # the order of the later epochs, too
     at_boundary = loader({"epoch": 1, "rows_read": 0})  # saved at the last batch of epoch 0
-    assert [ids(at_boundary), ids(at_boundary)] == epochs[1:]
+    assert [ids(at_boundary), epoch(at_boundary, 2)] == epochs[1:]
 
 
 def test_mix_ratios_weigh_the_sources_of_each_epoch(tmp_path: Path, tokenizer_dir: str) -> None:
@@ -226,8 +230,10 @@ def test_mix_ratios_weigh_the_sources_of_each_epoch(tmp_path: Path, tokenizer_di
     assert dm.train_source_sizes == (len(INSTRUCTIONS) * 4, 10)
     assert dm.training_order.source_counts() == [10, 30]
     loader = dm.train_dataloader()
-    rows = sum(len(batch["input_ids"]) for batch in loader)
-    assert rows == 40 == len(loader.sampler)
+    positions = list(loader.sampler)
+    assert len(positions) == 40 == len(loader.sampler) == sum(len(batch["input_ids"]) for batch in loader)
+    from_file = [p for p in positions if p >= dm.train_source_sizes[0]]  # the file's rows follow the directory's
+    assert len(from_file) == 30 and sorted(set(from_file)) == list(range(16, 26))  # each of its 10 rows 3 times
 
 
 def test_mix_ratios_must_name_every_source(tmp_path: Path, tokenizer_dir: str) -> None:

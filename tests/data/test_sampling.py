@@ -65,12 +65,17 @@ def test_rank_shards_cover_the_epoch_and_have_equal_lengths() -> None:
     assert sorted(np.concatenate(shards).tolist()) == sorted([*order.tolist(), int(order[0])])
 
 
-def test_the_sampler_moves_to_the_next_epoch_and_resumes_from_rows_read() -> None:
+def test_the_sampler_follows_set_epoch_and_resumes_from_rows_read() -> None:
     order = TrainingOrder(sizes=(6, 6), ratios=(2, 1), epoch_rows=12, seed=0)
-    straight = EpochSampler(order, rank=1, world_size=2)
-    epochs = [list(straight) for _ in range(3)]
+    sampler = EpochSampler(order, rank=1, world_size=2)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        epochs.append(list(sampler))
     assert epochs == [rank_positions(order.epoch(e), 1, 2).tolist() for e in range(3)]
+    assert list(sampler) == epochs[2]  # another iter() of the same epoch (a reload, an unused iterator): the same
     # 2 ranks x 2 batches of 2 rows read in epoch 1: this rank continues after its own 4 rows.
     resumed = EpochSampler(order, rank=1, world_size=2, epoch=1, rows_read=8)
-    assert list(resumed) == epochs[1][4:]
+    assert list(resumed) == list(resumed) == epochs[1][4:]
+    resumed.set_epoch(2)
     assert list(resumed) == epochs[2]
