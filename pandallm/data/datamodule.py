@@ -27,6 +27,7 @@ from pandallm.data.position import (
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import shard_indices
+from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
 from pandallm.data.template import (
     ChatTemplate,
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
 PretrainingFormat = Literal["auto", "pretraining", "text"]
-
-# A split's files, grouped by source (training data: one group per data directory or `train_files` entry, the unit
-# that `mix_ratios` weighs; validation and test: one group), each file with its kind where the directory says it.
-SourceFiles = list[list[tuple[RecordKind | None, Path]]]
 
 
 class PandaDataModule(L.LightningDataModule):
@@ -251,56 +248,25 @@ class PandaDataModule(L.LightningDataModule):
         if stage == "predict" and not self.predict_files:
             raise DatasetError("no prompts: set data.predict_files")
 
-    def train_sources(self) -> dict[str, list[tuple[RecordKind | None, Path]]]:
-        """The training sources, by the name `mix_ratios` knows them by, with their files."""
-        sources: dict[str, list[tuple[RecordKind | None, Path]]] = {}
-        for kind, directory in self.data_dirs.items():
-            if directory is not None and not (self.streaming and kind == "pretraining"):
-                option = "instruction_tuning_data_dir" if kind == "instruction" else "pretraining_data_dir"
-                found = find_data_files(directory, option, text=kind == "pretraining")
-                sources[directory] = [(kind, path) for path in found]
-        for entry in self.train_files:
-            if entry in sources:
-                raise DatasetError(f"data.train_files: '{entry}' is listed twice")
-            path = Path(entry)
-            if path.is_dir():
-                sources[entry] = [(None, found) for found in find_data_files(path, "train_files", text=True)]
-            elif path.is_file():
-                sources[entry] = [(None, path)]
-            else:
-                raise DatasetError(f"data.train_files: '{entry}': no such file or directory")
-        return sources
+    def train_sources(self) -> dict[str, Files]:
+        """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
+        dirs = {kind: d for kind, d in self.data_dirs.items() if not (self.streaming and kind == "pretraining")}
+        return training_sources(dirs, self.train_files)
 
-    def _sources(self) -> dict[str, SourceFiles]:
-        """The files of each split, grouped by source."""
-        sources: dict[str, SourceFiles] = {"train": list(self.train_sources().values())}
-        evaluation = (("validation", "val_files", self.val_files), ("test", "test_files", self.test_files))
-        for split, option, files in evaluation:
-            for name in files:
-                if not Path(name).exists():
-                    raise DatasetError(f"data.{option}: '{name}': no such file or saved dataset")
-            sources[split] = [[(None, Path(name)) for name in files]]
-        return sources
-
-    def _mix_ratios(self) -> tuple[float, ...] | None:
-        """`mix_ratios` in the order of the training sources, checked against them."""
-        if self.mix_ratios is None:
-            return None
-        names = list(self.train_sources())
-        unknown = [key for key in self.mix_ratios if key not in names]
-        missing = [name for name in names if name not in self.mix_ratios]
-        if unknown or missing:
-            raise DatasetError(
-                f"data.mix_ratios must name each training source once: unknown {unknown}, missing {missing} "
-                f"(the sources: {names})"
-            )
-        return tuple(float(self.mix_ratios[name]) for name in names)
+    def _sources(self) -> dict[str, list[Files]]:
+        """The files of each split, grouped by source (validation and test: one group)."""
+        return {
+            "train": list(self.train_sources().values()),
+            "validation": [evaluation_files("val_files", self.val_files)],
+            "test": [evaluation_files("test_files", self.test_files)],
+        }
 
     @cached_property
     def training_order(self) -> TrainingOrder:
-        order = TrainingOrder(self.train_source_sizes, self._mix_ratios(), self.epoch_rows, self.seed, self.shuffle)
+        names = list(self.train_sources())
+        ratios = ordered_ratios(self.mix_ratios, names)
+        order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
-            names = list(self.train_sources())
             for name, ratio, count in zip(names, order.ratios, order.source_counts(), strict=True):
                 if ratio > 0 and count == 0:
                     log.warning("pandallm data: mix ratio %s of '%s' rounds to no rows per epoch", ratio, name)
@@ -338,7 +304,7 @@ class PandaDataModule(L.LightningDataModule):
             datasets[split] = stored.get(group_split(split, 0), empty)
         return datasets
 
-    def _build(self, sources: dict[str, SourceFiles], scratch: Path) -> DatasetDict:
+    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> DatasetDict:
         records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
         }
