@@ -15,8 +15,10 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     token, e.g. the whole validation set, so that perplexity is exp of the true per-token loss.
     Shapes: logits (batch, seq, vocab), labels (batch, seq); label -100 is not trained.
     """
-    shifted = labels[:, 1:]
+    # The labels are shifted, not the logits: position t is scored against token t + 1 and the last position
+    # against nothing. Slicing the logits instead would copy the largest tensor of the step (batch x seq x vocab).
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss_sum = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum, (shifted != IGNORE_INDEX).sum()
+    return loss_sum, (next_labels != IGNORE_INDEX).sum()

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from pandallm.checkpoint import compat
 from pandallm.data.cache import tokenizer_digest
 from pandallm.errors import ModelError
+from pandallm.log_steps import logs_this_step
 from pandallm.model.build import (
     gguf_location,
     grow_embeddings,
@@ -241,8 +242,16 @@ class PandaLLM(L.LightningModule):
 
     @property
     def _token_weighted(self) -> bool:
-        # DeepSpeed keeps gradients in its own partitioned buffers, out of reach of `_normalize_gradients`.
-        return not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        """Whether the gradients are rescaled to the token mean of the window once it is complete.
+
+        Not needed when one micro-batch on one process is the whole window: its own token mean is the update's, and
+        returning it spares a pass over every gradient per step. Not possible under DeepSpeed, which keeps
+        gradients in its own partitioned buffers, out of reach of `_normalize_gradients`.
+        """
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches == 1 and trainer.world_size == 1:
+            return False
+        return not isinstance(trainer.strategy, DeepSpeedStrategy)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)
@@ -253,7 +262,8 @@ class PandaLLM(L.LightningModule):
         self.log(
             "train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True
         )
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+        if logs_this_step(self.trainer):
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         if not self._token_weighted:
             return loss
         # The update must follow the mean over every target token of the accumulated batch of all ranks, not the
@@ -270,9 +280,9 @@ class PandaLLM(L.LightningModule):
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         # Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP / FSDP average over ranks.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # One fused multiply per device and dtype (what torch's own optimizers use), not one kernel per parameter.
+        torch._foreach_mul_(grads, scale.item())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._token_weighted:
@@ -284,8 +294,9 @@ class PandaLLM(L.LightningModule):
             return
         # Under DDP the gradients are already averaged over ranks here, so a NaN on any rank reaches every rank
         # and all of them take the same decision below: no rank waits for another in a collective.
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
-        self.log("train/grad_norm", norm, on_step=True)
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if logs_this_step(self.trainer):
+            self.log("train/grad_norm", norm, on_step=True)
         if torch.isfinite(norm):
             return
         loss = float(self._last_loss) if self._last_loss is not None else float("nan")

@@ -1,6 +1,6 @@
 """The optimizers a recipe can name (`model.optimizer`).
 
-- `adamw`: torch's AdamW (fused on CUDA).
+- `adamw`: torch's AdamW, fused (one kernel for all parameters) on CUDA and on the CPU.
 - `adamw_8bit`: bitsandbytes' AdamW8bit, moments kept in 8 bits (block-wise quantized): ~75% less optimizer
   memory. PandaLLM's `bit_training` switched its AdamW to this one. Tensors under 4096 elements keep 32-bit state.
 - `paged_adamw`, `paged_adamw_8bit`: bitsandbytes' paged AdamW (32- / 8-bit state): the state lives in CUDA
@@ -47,7 +47,7 @@ def build_optimizer(
     """The optimizer `name` over parameter `groups` (each with its own `weight_decay`)."""
     betas = tuple(betas)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in ("cuda", "cpu"))
     if name in _BITSANDBYTES:
         import bitsandbytes as bnb
 
