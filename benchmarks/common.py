@@ -41,9 +41,10 @@ def environment() -> dict:
     }
 
 
-def write_result(name: str, result: dict) -> Path:
-    out = Path(__file__).parent / "results" / f"{name}.json"
-    out.parent.mkdir(exist_ok=True)
+def write_result(name: str, result: dict, directory: str | Path | None = None) -> Path:
+    """`result` with the environment, as `<directory>/<name>.json` (default: benchmarks/results)."""
+    out = Path(directory or Path(__file__).parent / "results") / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**environment(), **result}, indent=2, ensure_ascii=False) + "\n")
     return out
 

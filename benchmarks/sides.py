@@ -177,7 +177,8 @@ def hf_side(s: Setup) -> dict:
     model = LlamaForCausalLM.from_pretrained(
         s.init,
         attn_implementation="sdpa",
-        dtype=torch.float32 if not s.quant_bits else torch.bfloat16,
+        # As pandallm holds it: fp32 master weights, or a bf16 base under bf16-true and under a quantized base.
+        dtype=torch.bfloat16 if s.quant_bits or s.precision == "bf16-true" else torch.float32,
         quantization_config=quantization,
         device_map={"": 0} if s.quant_bits else None,
     )

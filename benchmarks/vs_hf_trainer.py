@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
+    parser.add_argument("--results-dir", default=None, help="where vs_hf_trainer.json goes; default benchmarks/results")
     options = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pandallm-bench-"))
@@ -118,7 +119,7 @@ def main() -> None:
         "load_average_at_start": round(load_at_start, 2),
         "models": results,
     }
-    print("written:", write_result("vs_hf_trainer", result))
+    print("written:", write_result("vs_hf_trainer", result, options.results_dir))
 
 
 def summarize(setup: Setup, runs: dict[str, list[dict]], warmup: int) -> dict:
