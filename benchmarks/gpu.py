@@ -213,10 +213,9 @@ def main() -> None:
     if "mfu" in options.runs:
         results["mfu_1b"] = mfu_run(work, options, peak)
         r = results["mfu_1b"]
-        print(
-            f"{'tiny' if options.tiny else '1B'} full {options.precision}: {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} of a measured"
-        )
-        print(f"  {peak / 1e12:.1f} TFLOP/s matmul peak; peak memory {r['peak_memory_mib']:,} MiB")
+        name = "tiny" if options.tiny else "1B"
+        print(f"{name} full {options.precision}: {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} of a")
+        print(f"  measured {peak / 1e12:.1f} TFLOP/s matmul peak; peak memory {r['peak_memory_mib']:,} MiB")
     for run, bits in (("lora", 0), ("qlora", 4)):
         if run in options.runs:
             results[f"{run}_7b"] = r = adapter_run(work, options, bits)
