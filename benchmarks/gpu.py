@@ -2,7 +2,7 @@
 Trainer, on one GPU. Random-init models (nothing can be downloaded): throughput does not depend on the weights.
 
     python -m benchmarks.gpu [--runs mfu lora qlora] [--steps 20] [--warmup 5] [--packing] [--compile]
-    python -m benchmarks.gpu --dry-run      # CPU, tiny config, 2 steps: checks the script end to end
+    python -m benchmarks.gpu --dry-run      # CPU, tiny config, 2 steps, in one process: checks the script
     python -m benchmarks.gpu --tiny         # the same tiny config on the GPU (QLoRA included)
 
 - `mfu`: the 1B config at sequence length 2048 (pretraining blocks, every position a real token), bf16-mixed
@@ -124,7 +124,7 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float) -> dict:
         compile=options.compile,
     )
     prepare_rows(setup)
-    report = run_side("pandallm", setup)
+    report = run_side("pandallm", setup, in_process=options.dry_run)
     tokens_per_s = steady_tokens_per_second(report, options.warmup)
     achieved = tokens_per_s * flops_per_token(config, seq)
     return {
@@ -167,7 +167,7 @@ def adapter_run(work: Path, options: argparse.Namespace, quant_bits: int) -> dic
     prepare_rows(setup)
     result: dict = {}
     for side, packing in (("pandallm", options.packing), ("hf", False)):
-        report = run_side(side, replace(setup, packing=packing))
+        report = run_side(side, replace(setup, packing=packing), in_process=options.dry_run)
         result[side + ("_packed" if packing else "")] = {
             "tokens_per_second": steady_tokens_per_second(report, options.warmup),
             "peak_memory_mib": report.get("gpu_peak_mib", report["peak_rss_mib"]),

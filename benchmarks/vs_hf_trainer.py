@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no process per run (quicker; peak RSS is then not per side)"
+    )
     parser.add_argument("--results-dir", default=None, help="where vs_hf_trainer.json goes; default benchmarks/results")
     options = parser.parse_args()
     load_at_start = os.getloadavg()[0]
@@ -101,7 +104,7 @@ def main() -> None:
             for name, setup in setups.items():
                 for side, packing in order:
                     label = side + ("_packed" if packing else "")
-                    report = run_side(side, replace(setup, packing=packing))
+                    report = run_side(side, replace(setup, packing=packing), in_process=options.in_process)
                     reports[name].setdefault(label, []).append(report)
         results = {name: summarize(setups[name], runs, options.warmup) for name, runs in reports.items()}
     finally:

@@ -32,7 +32,7 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
 
 
 def test_vs_hf_trainer_tiny(tmp_path: Path) -> None:
-    args = ["--models=llama-tiny", "--steps=3", "--warmup=1", "--rounds=1", "--records=64"]
+    args = ["--models=llama-tiny", "--steps=3", "--warmup=1", "--rounds=1", "--records=64", "--in-process"]
     run_module("benchmarks.vs_hf_trainer", *args, f"--results-dir={tmp_path}")
     result = json.loads((tmp_path / "vs_hf_trainer.json").read_text())["models"]["llama-tiny"]
     assert result["loss_parity_max_abs_diff"] < 1e-4  # the external check that pandallm trains right
