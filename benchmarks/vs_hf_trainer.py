@@ -1,6 +1,6 @@
 """pandallm against the Hugging Face Trainer on the same model, data order, batch and optimizer (CPU fp32).
 
-    python -m benchmarks.vs_hf_trainer [--models llama-tiny smollm2-lora] [--steps 12] [--warmup 3] [--rounds 3]
+    python -m benchmarks.vs_hf_trainer [--models llama-tiny smollm2-lora] [--rounds 3] [--steps N --warmup W]
 
 Two models: `llama-tiny` (the preset, random init, every weight trained) and `smollm2-lora` (SmolLM2-135M-Instruct
 from the GGUF file the tests fetch, LoRA r=16 on every projection, on both sides through peft). The data is a
@@ -32,15 +32,17 @@ from benchmarks.sides import Setup, prepare_rows, run_side, steady_tokens_per_se
 from pandallm.model.presets import llama_tiny
 from pandallm.tokenizer import load_tokenizer
 
-# batch and max_seq_length per model: 512 tokens keep all but Alpaca's longest records whole.
+# Per model: batch, max_seq_length, steps (timed after `warmup`). 512 tokens keep all but Alpaca's longest records
+# whole. SmolLM2 trains about 50 tokens/s on two CPU cores: its runs are kept short (256 tokens truncate the
+# longest ~8% of the records) so that three rounds fit in about a quarter of an hour.
 MODELS = {
-    "llama-tiny": {"batch": 8, "seq": 512, "lr": 1e-3},
-    "smollm2-lora": {"batch": 4, "seq": 512, "lr": 1e-3, "lora_r": 16, "lora_alpha": 32.0},
+    "llama-tiny": {"batch": 8, "seq": 512, "steps": 16, "warmup": 4},
+    "smollm2-lora": {"batch": 2, "seq": 256, "steps": 6, "warmup": 1, "lora_r": 16, "lora_alpha": 32.0},
 }
 RUNS = (("pandallm", False), ("hf", False), ("pandallm", True))  # (side, packing)
 
 
-def build_setup(name: str, work: Path, model_dir: Path, steps: int, num_records: int) -> Setup:
+def build_setup(name: str, work: Path, model_dir: Path, steps: int | None, num_records: int) -> Setup:
     """The checkpoint, the synthetic records and the tokenized rows of model `name`, under `work / name`."""
     root = work / name
     if name == "llama-tiny":
@@ -56,13 +58,13 @@ def build_setup(name: str, work: Path, model_dir: Path, steps: int, num_records:
     with (root / "it" / "records.jsonl").open("w") as out:
         for record in alpaca_like_records(tokenizer, num_records, seed=0):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    settings = {key: value for key, value in MODELS[name].items() if key != "warmup"}
     setup = Setup(
         init=str(init),
         cache_dir=str(root / "cache"),
         rows_file=str(root / "rows.json"),
         instruction_dir=str(root / "it"),
-        steps=steps,
-        **MODELS[name],
+        **{**settings, "steps": steps or settings["steps"]},
     )
     prepare_rows(setup)
     return setup
@@ -81,8 +83,8 @@ def pad_share(setup: Setup) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the throughput")
+    parser.add_argument("--steps", type=int, default=None, help="per run; default: the model's (MODELS)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the throughput")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
@@ -106,7 +108,10 @@ def main() -> None:
                     label = side + ("_packed" if packing else "")
                     report = run_side(side, replace(setup, packing=packing), in_process=options.in_process)
                     reports[name].setdefault(label, []).append(report)
-        results = {name: summarize(setups[name], runs, options.warmup) for name, runs in reports.items()}
+        results = {
+            name: summarize(setups[name], runs, options.warmup or MODELS[name]["warmup"])
+            for name, runs in reports.items()
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(results)
@@ -116,8 +121,6 @@ def main() -> None:
             f"{options.records} synthetic records, Alpaca-like lengths (log-normal; prompt median 25 tokens, "
             "response median 65, long tail): an assumption, see common.alpaca_like_records"
         ),
-        "steps": options.steps,
-        "warmup_steps_excluded": options.warmup,
         "rounds": options.rounds,
         "load_average_at_start": round(load_at_start, 2),
         "models": results,
@@ -139,6 +142,8 @@ def summarize(setup: Setup, runs: dict[str, list[dict]], warmup: int) -> dict:
     return {
         "batch": setup.batch,
         "max_seq_length": setup.seq,
+        "steps": setup.steps,
+        "warmup_steps_excluded": warmup,
         "lora_r": setup.lora_r,
         "loss_parity_max_abs_diff": parity,
         "losses": {"pandallm": runs["pandallm"][0]["losses"], "hf_trainer": runs["hf"][0]["losses"]},
