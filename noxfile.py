@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`.
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`, `nox -s bench_gpu`.
 
 Sessions reuse the current interpreter's packages (`python=False`), so that the CPU build of torch installed per
 the README is the one tested; a fresh virtualenv would resolve `torch` from the index to the CUDA build.
@@ -27,7 +27,18 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
-    """The CPU benchmarks; each prints a table and writes benchmarks/results/<name>.json."""
+    """The CPU benchmarks; each prints a table and writes benchmarks/results/<name>.json. The GPU benchmark runs
+    too where CUDA is available (else `nox -s bench_gpu` says why not)."""
     session.run("python", "-m", "benchmarks.vs_hf_trainer", *session.posargs)
     session.run("python", "-m", "benchmarks.data_pipeline")
     session.run("python", "-m", "benchmarks.overhead")
+    import torch
+
+    if torch.cuda.is_available():
+        session.run("python", "-m", "benchmarks.gpu")
+
+
+@nox.session(python=False)
+def bench_gpu(session: nox.Session) -> None:
+    """1B MFU and 7B LoRA / QLoRA against the HF Trainer on one GPU; `-- --dry-run` checks it on the CPU."""
+    session.run("python", "-m", "benchmarks.gpu", *session.posargs)

@@ -15,12 +15,9 @@ every mode loads the same safetensors rather than dequantizing the GGUF file.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's pandallm, for this process and the ones it starts, whatever else is installed.
 sys.path.insert(0, str(REPO))
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+from benchmarks.common import CHILD_ENV as ENV  # noqa: E402 (after the path is set)
+from benchmarks.common import prepare_model, reset_peak_rss, rss_mib  # noqa: E402
 
 MODES = {
     "full": {},
@@ -38,20 +37,6 @@ MODES = {
     "qlora_4bit": {"use_lora": True, "use_quant": True, "bit_training": 4},
     "lora_8bit": {"use_lora": True, "use_quant": True, "bit_training": 8},
 }
-
-
-def rss_mib(field: str) -> float:
-    """VmRSS (now) or VmHWM (high-water mark) of this process, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # glibc keeps freed heap (the loader's temporaries) resident: hand it back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
 
 
 def sample_batch(tokenizer, batch: int, seq: int):
@@ -117,17 +102,6 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         result["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return result
-
-
-def prepare_model(model: str, workdir: Path) -> str:
-    """A GGUF file becomes a plain checkpoint once (dequantized), so that every mode loads the same weights."""
-    if not model.endswith(".gguf"):
-        return model
-    target = workdir / (Path(model).stem + "-hf")
-    if not (target / "config.json").is_file():
-        command = [sys.executable, "-m", "pandallm", "export", f"--model.model_name_or_path={model}"]
-        subprocess.run([*command, f"--output={target}"], check=True, env=ENV)
-    return str(target)
 
 
 def table(results: list[dict], args: argparse.Namespace, load_before: float) -> str:

@@ -1,177 +1,171 @@
 """pandallm against the Hugging Face Trainer on the same model, data order, batch and optimizer (CPU fp32).
 
-    python benchmarks/vs_hf_trainer.py [--steps 30] [--rounds 3]
+    python -m benchmarks.vs_hf_trainer [--models llama-tiny smollm2-lora] [--rounds 3] [--steps N --warmup W]
+
+Two models: `llama-tiny` (the preset, random init, every weight trained) and `smollm2-lora` (SmolLM2-135M-Instruct
+from the GGUF file the tests fetch, LoRA r=16 on every projection, on both sides through peft). The data is a
+seeded synthetic instruction set with Alpaca-like lengths (`common.alpaca_like_records`). Three runs per model,
+each in its own process: pandallm unpacked, the HF Trainer (padded), pandallm packed. Rounds alternate them
+(the order reversed every other round) so that machine noise cancels in the ratios.
 
 Reports (1) per-step loss parity with packing off: the external check that pandallm trains what the HF Trainer
-trains; (2) tokens/s of both, run alternately `rounds` times so that machine noise cancels in the ratio; (3)
-pandallm with packing on against the HF Trainer padded, on the same records.
+trains; (2) steady-state tokens/s (non-pad tokens, start-up and the first `warmup` steps excluded) and each
+process's peak RSS; (3) the ratios to the HF Trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import SequentialSampler
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.common import prepare_in_order, write_result
-from pandallm.cli import cli
-from pandallm.data.collate import collate_rows
+from benchmarks.common import REPO, alpaca_like_records, prepare_model, smollm2_gguf, write_result
+from benchmarks.sides import Setup, prepare_rows, run_side, steady_tokens_per_second
 from pandallm.model.presets import llama_tiny
+from pandallm.tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-LR, BATCH, SEQ = 1e-3, 8, 256
+# Per model: batch, max_seq_length, steps (timed after `warmup`). 512 tokens keep all but Alpaca's longest records
+# whole. SmolLM2 trains about 50 tokens/s on two CPU cores: its runs are kept short (256 tokens truncate the
+# longest ~8% of the records) so that three rounds fit in about a quarter of an hour.
+MODELS = {
+    "llama-tiny": {"batch": 8, "seq": 512, "steps": 16, "warmup": 4},
+    "smollm2-lora": {"batch": 2, "seq": 256, "steps": 6, "warmup": 1, "lora_r": 16, "lora_alpha": 32.0},
+}
+RUNS = (("pandallm", False), ("hf", False), ("pandallm", True))  # (side, packing)
 
 
-def pandallm_run(work: Path, init: Path, steps: int, packing: bool) -> tuple[list[float], float, int]:
-    """Per-step losses, seconds of training, tokens trained on."""
-    run = cli(
-        [
-            "--trainer.accelerator=cpu",
-            f"--trainer.max_steps={steps}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.gradient_clip_val=1.0",
-            "--export.enabled=false",
-            f"--model.model_name_or_path={init}",
-            "--model.lr_scheduler=constant",
-            "--model.warmup_steps=0",
-            f"--model.learning_rate={LR}",
-            "--data.pretraining_data_dir=null",
-            f"--data.max_seq_length={SEQ}",
-            f"--data.per_device_train_batch_size={BATCH}",
-            "--data.num_workers=0",
-            f"--data.packing={packing}",
-            f"--data.cache_dir={work / 'cache'}",
-        ],
-        run=False,
+def build_setup(name: str, work: Path, model_dir: Path, steps: int | None, num_records: int) -> Setup:
+    """The checkpoint, the synthetic records and the tokenized rows of model `name`, under `work / name`."""
+    root = work / name
+    if name == "llama-tiny":
+        init = root / "init"
+        tokenizer = load_tokenizer(str(REPO / "dataset" / "tokenizer"))
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(init)
+        tokenizer.save_pretrained(init)
+    else:
+        init = Path(prepare_model(str(smollm2_gguf()), model_dir))
+        tokenizer = load_tokenizer(str(init))
+    (root / "it").mkdir(parents=True)
+    with (root / "it" / "records.jsonl").open("w") as out:
+        for record in alpaca_like_records(tokenizer, num_records, seed=0):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    settings = {key: value for key, value in MODELS[name].items() if key != "warmup"}
+    setup = Setup(
+        init=str(init),
+        cache_dir=str(root / "cache"),
+        rows_file=str(root / "rows.json"),
+        instruction_dir=str(root / "it"),
+        **{**settings, "steps": steps or settings["steps"]},
     )
-    dm = prepare_in_order(run.datamodule, BATCH)  # the HF Trainer's order: the data set's, unshuffled
-    losses: list[float] = []
-    tokens = 0
-
-    module = run.model
-    original = module.training_step
-
-    def training_step(batch, batch_idx):
-        nonlocal tokens
-        tokens += int(batch["attention_mask"].sum())
-        out = original(batch, batch_idx)
-        losses.append(float(module._last_loss))
-        return out
-
-    module.training_step = training_step
-    start = time.perf_counter()
-    run.trainer.fit(module, dm)
-    return losses, time.perf_counter() - start, tokens
+    prepare_rows(setup)
+    return setup
 
 
-def hf_run(work: Path, init: Path, steps: int, rows) -> tuple[list[float], float, int]:
-    model = LlamaForCausalLM.from_pretrained(init, attn_implementation="sdpa")
-    args = TrainingArguments(
-        output_dir=str(work / "hf"),
-        per_device_train_batch_size=BATCH,
-        max_steps=steps,
-        learning_rate=LR,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        adam_epsilon=1e-6,
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-    )
-
-    def collate(features):
-        batch = collate_rows(features, pad_id=0)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-
-    class InOrder(Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
-
-    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens = sum(len(rows[i]["input_ids"]) for i in range(min(steps * BATCH, len(rows))))
-    return losses, seconds, tokens
+def pad_share(setup: Setup) -> float:
+    """Share of the HF Trainer's batch positions that are padding, over the steps timed."""
+    lengths = [len(r["input_ids"]) for r in json.loads(Path(setup.rows_file).read_text())]
+    real = padded = 0
+    for i in range(setup.steps):
+        batch = lengths[i * setup.batch : (i + 1) * setup.batch]
+        real, padded = real + sum(batch), padded + max(batch) * len(batch)
+    return 1 - real / padded
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=25)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=None, help="per run; default: the model's (MODELS)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the throughput")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--records", type=int, default=1500)
+    parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no process per run (quicker; peak RSS is then not per side)"
+    )
+    parser.add_argument("--results-dir", default=None, help="where vs_hf_trainer.json goes; default benchmarks/results")
     options = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pandallm-bench-"))
     try:
-        torch.manual_seed(0)
-        init = work / "init"
-        from pandallm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(str(REPO / "dataset" / "tokenizer"))
-        LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(init)
-        tokenizer.save_pretrained(init)
-        parity, _, _ = pandallm_run(work, init, options.steps, packing=False)
-        run = cli(
-            [
-                f"--model.model_name_or_path={init}",
-                "--data.pretraining_data_dir=null",
-                f"--data.max_seq_length={SEQ}",
-                f"--data.cache_dir={work / 'cache'}",
-                "--data.num_workers=0",
-            ],
-            run=False,
-        )
-        run.datamodule.prepare_data()
-        run.datamodule.setup("fit")
-        hf_losses, _, _ = hf_run(work, init, options.steps, run.datamodule.datasets["train"])
-        worst = max(abs(a - b) for a, b in zip(parity, hf_losses, strict=False))
-        rates: dict[str, list[float]] = {"pandallm": [], "hf_trainer": [], "pandallm_packed": []}
-        for _ in range(options.rounds):  # alternating, so that machine noise cancels in the ratios
-            _, seconds, tokens = pandallm_run(work, init, options.steps, packing=False)
-            rates["pandallm"].append(tokens / seconds)
-            _, seconds, tokens = hf_run(work, init, options.steps, run.datamodule.datasets["train"])
-            rates["hf_trainer"].append(tokens / seconds)
-            _, seconds, tokens = pandallm_run(work, init, options.steps, packing=True)
-            rates["pandallm_packed"].append(tokens / seconds)
-        median = {name: statistics.median(values) for name, values in rates.items()}
-        result = {
-            "model": "llama-tiny (random init, shared by both), CPU fp32, batch 8, max_seq_length 256",
-            "steps": options.steps,
-            "loss_parity_max_abs_diff": worst,
-            "losses": {"pandallm": parity, "hf_trainer": hf_losses},
-            "tokens_per_second_median": median,
-            "ratio_unpacked_vs_hf": median["pandallm"] / median["hf_trainer"],
-            "ratio_packed_vs_hf_padded": median["pandallm_packed"] / median["hf_trainer"],
+        setups = {
+            name: build_setup(name, work, Path(options.model_dir), options.steps, options.records)
+            for name in options.models
         }
-        print(f"loss parity over {options.steps} steps: max |pandallm - HF Trainer| = {worst:.2e}")
-        print(f"{'run':<18}{'tokens/s (median)':>20}")
-        for name, value in median.items():
-            print(f"{name:<18}{value:>20.0f}")
-        print(
-            f"ratio unpacked/HF: {result['ratio_unpacked_vs_hf']:.2f}   packed/HF padded: "
-            f"{result['ratio_packed_vs_hf_padded']:.2f}"
-        )
-        print("written:", write_result("vs_hf_trainer", result))
+        reports: dict[str, dict[str, list[dict]]] = {name: {} for name in setups}
+        for round_index in range(options.rounds):
+            order = RUNS if round_index % 2 == 0 else RUNS[::-1]  # drift over the run cancels too
+            for name, setup in setups.items():
+                for side, packing in order:
+                    label = side + ("_packed" if packing else "")
+                    report = run_side(side, replace(setup, packing=packing), in_process=options.in_process)
+                    reports[name].setdefault(label, []).append(report)
+        results = {
+            name: summarize(setups[name], runs, options.warmup or MODELS[name]["warmup"])
+            for name, runs in reports.items()
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    result = {
+        "setting": "CPU fp32, AdamW (0.9, 0.99, eps 1e-6), constant LR, no warmup, clip 1.0, same init and order",
+        "data": (
+            f"{options.records} synthetic records, Alpaca-like lengths (log-normal; prompt median 25 tokens, "
+            "response median 65, long tail): an assumption, see common.alpaca_like_records"
+        ),
+        "rounds": options.rounds,
+        "load_average_at_start": round(load_at_start, 2),
+        "models": results,
+    }
+    print("written:", write_result("vs_hf_trainer", result, options.results_dir))
+
+
+def summarize(setup: Setup, runs: dict[str, list[dict]], warmup: int) -> dict:
+    rates = {label: [steady_tokens_per_second(r, warmup) for r in reports] for label, reports in runs.items()}
+    # Each round's ratio compares runs that were measured next to each other: their median is the figure.
+    ratios = {
+        label: statistics.median(a / b for a, b in zip(rates[label], rates["hf"], strict=True))
+        for label in ("pandallm", "pandallm_packed")
+    }
+    parity = max(
+        max(abs(a - b) for a, b in zip(p["losses"], h["losses"], strict=True))
+        for p, h in zip(runs["pandallm"], runs["hf"], strict=True)
+    )
+    return {
+        "batch": setup.batch,
+        "max_seq_length": setup.seq,
+        "steps": setup.steps,
+        "warmup_steps_excluded": warmup,
+        "lora_r": setup.lora_r,
+        "loss_parity_max_abs_diff": parity,
+        "losses": {"pandallm": runs["pandallm"][0]["losses"], "hf_trainer": runs["hf"][0]["losses"]},
+        "hf_padding_share": pad_share(setup),
+        "tokens_per_second": rates,
+        "tokens_per_second_median": {label: statistics.median(values) for label, values in rates.items()},
+        "peak_rss_mib": {label: max(r["peak_rss_mib"] for r in reports) for label, reports in runs.items()},
+        "ratio_unpacked_vs_hf": ratios["pandallm"],
+        "ratio_packed_vs_hf_padded": ratios["pandallm_packed"],
+    }
+
+
+def print_table(results: dict) -> None:
+    print(f"{'model':<14}{'run':<17}{'tokens/s':>10}{'vs HF':>8}{'peak RSS MiB':>14}")
+    for name, r in results.items():
+        for label, rate in r["tokens_per_second_median"].items():
+            ratio = {"pandallm": r["ratio_unpacked_vs_hf"], "pandallm_packed": r["ratio_packed_vs_hf_padded"]}
+            print(f"{name:<14}{label:<17}{rate:>10.0f}{ratio.get(label, 1.0):>8.2f}{r['peak_rss_mib'][label]:>14,}")
+        print(
+            f"{'':<14}loss parity (unpacked): max |pandallm - HF| = {r['loss_parity_max_abs_diff']:.1e}; "
+            f"HF batches {r['hf_padding_share']:.0%} padding"
+        )
 
 
 if __name__ == "__main__":
