@@ -18,6 +18,7 @@ import torch
 from benchmarks.common import prepare_in_order, write_result
 from pandallm.cli import cli
 from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.optim.optimizers import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,8 @@ def raw_steps(work: Path, steps: int) -> list[float]:
     module = run.model
     module.configure_model()
     model = module.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    # The optimizer pandallm's run uses (AdamW with the recipe defaults, fused on this device).
+    optimizer = build_optimizer("adamw", [{"params": list(model.parameters())}], 1e-3, (0.9, 0.99), 1e-6, module.device)
     times = []
     for step, batch in enumerate(dm.train_dataloader()):
         if step == steps:

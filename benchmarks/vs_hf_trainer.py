@@ -5,8 +5,9 @@
 Two models: `llama-tiny` (the preset, random init, every weight trained) and `smollm2-lora` (SmolLM2-135M-Instruct
 from the GGUF file the tests fetch, LoRA r=16 on every projection, on both sides through peft). The data is a
 seeded synthetic instruction set with Alpaca-like lengths (`common.alpaca_like_records`). Three runs per model,
-each in its own process: pandallm unpacked, the HF Trainer (padded), pandallm packed. Rounds alternate them
-(the order reversed every other round) so that machine noise cancels in the ratios.
+each in its own process: pandallm unpacked, the HF Trainer (padded), pandallm packed. Round r starts with run
+r mod 3 (over three rounds, each run goes first, second and last once), so that machine noise and the advantage of
+a position cancel in the ratios.
 
 Reports (1) per-step loss parity with packing off: the external check that pandallm trains what the HF Trainer
 trains; (2) steady-state tokens/s (non-pad tokens, start-up and the first `warmup` steps excluded) and each
@@ -102,7 +103,8 @@ def main() -> None:
         }
         reports: dict[str, dict[str, list[dict]]] = {name: {} for name in setups}
         for round_index in range(options.rounds):
-            order = RUNS if round_index % 2 == 0 else RUNS[::-1]  # drift over the run cancels too
+            shift = round_index % len(RUNS)  # the first run of a round was measured slower: rotate the positions
+            order = RUNS[shift:] + RUNS[:shift]
             for name, setup in setups.items():
                 for side, packing in order:
                     label = side + ("_packed" if packing else "")
