@@ -194,7 +194,7 @@ class PandaDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: DatasetDict | None = None
         self.train_source_sizes: tuple[int, ...] = ()
-        # (epoch, rows of it read) from the checkpoint being resumed; consumed by the next `train_dataloader`.
+        # (epoch, rows of it read) from the checkpoint being resumed (see `train_dataloader`).
         self._resume_position: tuple[int, int] | None = None
         # Streaming: this rank's consumers' positions after the last batch trained, and its batches trained.
         self._stream_positions: dict[int, Position] = {}
@@ -436,11 +436,11 @@ class PandaDataModule(L.LightningDataModule):
         rank, world_size = self._rank_and_world()
         if self.streaming:
             return self._stream_loader(rank, world_size)
-        if self._resume_position is not None:
+        epoch, rows_read = (self.trainer.current_epoch if self.trainer is not None else 0), 0
+        # The checkpoint's position, for as long as the run has not gone past it. Not consumed: whatever calls this
+        # first (Lightning's loop, or an early `estimated_stepping_batches`), the loop's loader starts there.
+        if self._resume_position is not None and self._resume_position[0] >= epoch:
             epoch, rows_read = self._resume_position
-            self._resume_position = None
-        else:  # a new run, or Lightning reloading the loaders at an epoch start
-            epoch, rows_read = (self.trainer.current_epoch if self.trainer is not None else 0), 0
         sampler = EpochSampler(self.training_order, rank, world_size, epoch, rows_read)
         return ResumableDataLoader(
             self.datasets["train"],
