@@ -12,8 +12,9 @@ each record starts so that errors (ours and the decoder's) point at a line a use
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -100,16 +101,22 @@ def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -
         yield from _iter_json_array(path, text)
 
 
+def _json_line(path: Path, line_number: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})") from e
+
+
 def _iter_jsonl(path: Path, text: str, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            error = DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            value = _json_line(path, line_number, line)
+        except DataFormatError as error:
             if skipped is None:
-                raise error from e
+                raise
             skipped.append(error)
             continue
         yield line_number, value
@@ -223,6 +230,34 @@ def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: in
     if isinstance(parsed, str):
         return Record(str(path), line, fmt.name, text=parsed)
     return Record(str(path), line, fmt.name, turns=parsed)
+
+
+def lazy_jsonl_records(
+    path: str | Path, kind: RecordKind | None = None, format: str = "auto"
+) -> Iterator[Callable[[], Record]]:
+    """One loader per record of a `.jsonl` file, in order, reading the file a line at a time: a record is decoded,
+    parsed and validated (strictly) only when its loader is called. Streaming numbers every record of the corpus on
+    every worker but parses only its own share. The format is fixed by the file's first record, as `read_records`
+    fixes it."""
+    path = Path(path)
+    fmt = None if format == "auto" else FORMATS[format]
+    first_line = None
+
+    def load(line_number: int, raw: bytes) -> Record:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(path, line_number, None, "not valid UTF-8") from e
+        return _as_record(fmt, _json_line(path, line_number, line), path, line_number, first_line)
+
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if fmt is None:
+                value = _json_line(path, line_number, raw.decode("utf-8", errors="replace"))
+                fmt, first_line = detect(value, path, line_number, kind), line_number
+            yield partial(load, line_number, raw)
 
 
 def read_records(

@@ -20,7 +20,7 @@ that the one whose batch came next comes next again (PyTorch's loader takes batc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pandallm.data.collate import collate_rows
 from pandallm.data.encode import document_ids, pack_with_positions
-from pandallm.data.records import TxtSplit, read_records
+from pandallm.data.records import Record, TxtSplit, lazy_jsonl_records, read_records
 from pandallm.data.tokenize import special_ids
 from pandallm.errors import DatasetError
 from pandallm.tokenizer import load_tokenizer
@@ -139,14 +139,23 @@ class DocumentStream(IterableDataset):
             epoch, first, offset = epoch + 1, 0, 0
 
     def _documents(self, consumer: int, first: int) -> Iterator[str]:
-        """The texts of this consumer's documents from index `first` on, in corpus order. Files are read one at a
-        time (strictly validated, as the cached path reads them); documents of other consumers are skipped without
-        being tokenized."""
+        """The texts of this consumer's documents from index `first` on, in corpus order. Every worker numbers every
+        document, but only its own are parsed (`.jsonl` files are read a line at a time, and a line is parsed only by
+        the worker that owns it; other files are read whole, one at a time) and tokenized."""
         stride = self.layout.num_consumers
         index = 0
         for path in self.files:
-            _, records = read_records(path, "pretraining", None, self.format, self.txt_split)
-            for record in records:
+            for load in self._records(path):
                 if index >= first and index % stride == consumer:
-                    yield record.text
+                    yield load().text
                 index += 1
+
+    def _records(self, path: Path) -> Iterator[Callable[[], Record]]:
+        if path.suffix == ".jsonl":
+            return lazy_jsonl_records(path, "pretraining", self.format)
+        _, records = read_records(path, "pretraining", None, self.format, self.txt_split)
+        return (_loaded(record) for record in records)
+
+
+def _loaded(record: Record) -> Callable[[], Record]:
+    return lambda: record

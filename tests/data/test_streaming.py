@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from pandallm.data import PandaDataModule
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, StreamLayout
-from pandallm.errors import DatasetError
+from pandallm.errors import DataFormatError, DatasetError
 from tests.conftest import TOKENIZER_DIR, write_jsonl
 
 NUM_DOCUMENTS = 23
@@ -102,3 +102,13 @@ def test_a_resumed_stream_continues_with_the_batches_the_uninterrupted_one_would
 def test_streaming_takes_pretraining_data_alone(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="streams pretraining_data_dir alone"):
         PandaDataModule(tokenizer=str(TOKENIZER_DIR), instruction_tuning_data_dir="x", streaming=True)
+
+
+def test_a_malformed_line_is_reported_with_its_file_and_line_by_the_worker_that_owns_it(tmp_path: Path) -> None:
+    lines = [{"title": "", "content": f"document {i}"} for i in range(5)]
+    path = write_jsonl(tmp_path / "corpus" / "a.jsonl", lines)
+    path.write_text(path.read_text().replace('"document 3"}', '"document 3"'), encoding="utf-8")  # line 4 broken
+    owner, other = (stream(tmp_path / "corpus", rank, 2, num_workers=0) for rank in (1, 0))  # line 4 is document 3
+    assert len(list(other)) >= 1  # rank 0 owns documents 0, 2, 4 and never parses line 4
+    with pytest.raises(DataFormatError, match=r"a.jsonl:4: invalid JSON"):
+        list(owner)
