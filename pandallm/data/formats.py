@@ -54,7 +54,8 @@ class Format:
 
 
 def _string(value: dict, field: str, path: Path, line: int, *, required: bool = True) -> str:
-    if field not in value:
+    # null is missing: saved datasets and pandas exports write null where a record has no such field.
+    if value.get(field) is None:
         if not required:
             return ""
         raise DataFormatError(path, line, field, "missing")
@@ -174,7 +175,7 @@ def _has_turns(field: str, role_key: str, text_key: str) -> Callable[[dict], boo
 
 
 def _has(*fields: str) -> Callable[[dict], bool]:
-    return lambda value: all(field in value for field in fields)
+    return lambda value: all(value.get(field) is not None for field in fields)
 
 
 def _parse_title_content(value: dict, path: Path, line: int) -> str:

@@ -21,6 +21,8 @@ a template that rewrites earlier turns is refused.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from transformers import PreTrainedTokenizerBase
 from pandallm.data.formats import Turn
 from pandallm.data.records import Record
 from pandallm.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "chat_templates"
 BUILTINS = tuple(sorted(p.stem for p in BUILTIN_DIR.glob("*.jinja")))
@@ -174,9 +178,23 @@ def render(
     return [(piece, trained) for piece, trained in segments if piece]
 
 
+@functools.cache
+def _warn_unmarked_turns(path: str) -> None:
+    # The plain layout writes turns one after the other with nothing that tells who speaks: fine for one exchange,
+    # not for a conversation.
+    log.warning(
+        "pandallm data: %s holds multi-turn conversations, the tokenizer has no chat template, and data.template is "
+        "auto: turns are joined without role markers. Choose a template (data.template: chatml, llama-2, alpaca, "
+        "or your own)",
+        path,
+    )
+
+
 def render_record(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> Rendered:
     """One conversation record, rendered by its template (`template_for`); errors name the file and line."""
     template = template_for(chosen, record.format, tokenizer)
+    if chosen is None and template is PLAIN and len(record.turns) > 2:
+        _warn_unmarked_turns(record.path)
     try:
         segments = render(template, record.turns, tokenizer)
     except TemplateError as e:

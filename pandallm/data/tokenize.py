@@ -45,7 +45,7 @@ def encode_segments(rendered: list[Rendered], tokenizer: PreTrainedTokenizerBase
     writes BOS and EOS itself, so there is never a second BOS. A segment boundary is placed where the tokens of the
     text up to it end; the text up to each boundary is tokenized too, to verify that its tokens are exactly the
     first tokens of the whole (then the labels are exact). Where the tokenizer merges characters across a boundary,
-    the merged token goes to the later segment and the boundary is counted.
+    the merged token goes to the trained side of it (the reply it starts or ends), and the boundary is counted.
     """
     bos_id, eos_id = special_ids(tokenizer)
     head = [] if bos_id is None else [bos_id]
@@ -72,11 +72,17 @@ def encode_segments(rendered: list[Rendered], tokenizer: PreTrainedTokenizerBase
         for prefix_ids, trained in zip(ids, r.trained, strict=True):
             end = len(prefix_ids)
             if whole[:end] != prefix_ids:
-                end = _common_prefix(whole, prefix_ids)
+                # The token at the common prefix's end straddles the boundary: a reply keeps its last token (its end
+                # marker, often), and a prompt gives its straddling token to the reply after it.
+                end = min(_common_prefix(whole, prefix_ids) + (1 if trained else 0), len(whole))
                 num_merged += 1
             segments.append((whole[start:end], trained))
             start = max(start, end)
-        out.append(([], segments, num_merged))
+        # A BOS the template wrote becomes the row's head, so that cutting an over-long prompt from the left keeps it.
+        template_head = []
+        if bos_id is not None and segments and segments[0][0][:1] == [bos_id]:
+            template_head, segments[0] = [bos_id], (segments[0][0][1:], segments[0][1])
+        out.append((template_head, segments, num_merged))
     return out
 
 
@@ -89,9 +95,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _encode_instructions(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> dict:
     rendered = [Rendered(*fields) for fields in zip(batch["texts"], batch["trained"], batch["templated"], strict=True)]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "merged": []}
+    out: dict[str, list] = {
+        "input_ids": [],
+        "labels": [],
+        "position_ids": [],
+        "truncated": [],
+        "merged": [],
+        "trains": [],
+    }
     for head, segments, num_merged in encode_segments(rendered, tokenizer):
         row, truncated = conversation_row(head, segments, max_seq_length)
+        out["trains"].append(any(trained and ids for ids, trained in segments))
         out["input_ids"].append(row.input_ids)
         out["labels"].append(row.labels)
         out["position_ids"].append(row.position_ids)
@@ -122,20 +136,28 @@ def tokenize_instructions(
         num_proc=_procs(num_proc, len(rendered)),
         remove_columns=["texts", "trained", "templated"],
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
-        features=Features({**ROW_FEATURES, "truncated": Value("bool"), "merged": Value("int32")}),
+        features=Features(
+            {**ROW_FEATURES, "truncated": Value("bool"), "merged": Value("int32"), "trains": Value("bool")}
+        ),
         desc="Tokenizing instruction records",
     )
     num_merged = sum(rows["merged"])
     if num_merged:
         log.warning(
             "%d turn boundaries fell inside a token (the template's text and the tokenizer merge characters across "
-            "them); each merged token was trained with the reply after it",
+            "them); each merged token was trained with the reply it belongs to in part",
             num_merged,
         )
     num_overlong = sum(rows["truncated"])
     if drop_overlong and num_overlong:
         rows = rows.filter(lambda truncated: not truncated, input_columns="truncated")
-    return rows.remove_columns(["truncated", "merged"]), num_overlong
+    # A conversation whose replies are all empty would become a row with every label masked: nothing to learn from,
+    # and a zero token count in the loss. Left out and counted.
+    num_untrained = rows.num_rows - sum(rows["trains"])
+    if num_untrained:
+        log.warning("%d conversations have no trained token (empty replies); they were left out", num_untrained)
+        rows = rows.filter(lambda trains: trains, input_columns="trains")
+    return rows.remove_columns(["truncated", "merged", "trains"]), num_overlong
 
 
 def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:

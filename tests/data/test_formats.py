@@ -229,3 +229,12 @@ def test_saved_datasets_are_sources_and_rows_are_lines(tmp_path: Path) -> None:
     ).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataFormatError, match=r"bad:1: field 'conversations'"):
         read_records(tmp_path / "bad")
+
+
+def test_null_fields_count_as_missing(tmp_path: Path) -> None:
+    # As saved datasets and pandas exports write them: an Alpaca record with a null input, and a null `response`
+    # column that must not make the file look like Dolly.
+    record = {"instruction": "Hi", "input": None, "output": "Hello", "response": None}
+    kind, (read,) = read_records(write_jsonl(tmp_path / "a.jsonl", [record]))
+    assert (kind, read.format) == ("instruction", "alpaca")
+    assert [turn.content for turn in read.turns] == ["Hi", "Hello"]

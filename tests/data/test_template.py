@@ -88,6 +88,13 @@ def test_sharegpt_multi_turn_labels_under_llama_2(tmp_path: Path, words: str) ->
     assert row["labels"] == [*[M] * len(first), HELLO, EOS, *[M] * len(second), PARIS, EOS]
 
 
+def test_a_prompt_cut_from_the_left_keeps_the_bos_the_template_wrote(tmp_path: Path, words: str) -> None:
+    # The first exchange alone is 10 tokens under llama-2; in 7 the prompt is cut from the left, after the BOS.
+    (row,) = rows(tmp_path, [SHAREGPT], words, template="llama-2", max_seq_length=7)
+    assert row["input_ids"] == [BOS, BRIEF, END_SYS, HI, END_INST, HELLO, EOS]
+    assert row["labels"] == [M, M, M, M, M, HELLO, EOS]
+
+
 def test_sharegpt_multi_turn_labels_under_chatml(tmp_path: Path, words: str) -> None:
     # <s><|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
     # Hello<|im_end|>\n<|im_start|>user\nCapital?<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n
@@ -180,11 +187,14 @@ def test_a_conversation_the_template_refuses_names_file_and_line(tmp_path: Path,
     assert len(kept) == 199
 
 
-def test_a_boundary_inside_a_token_goes_to_the_later_segment_and_is_counted(words: str) -> None:
+def test_a_token_across_a_boundary_goes_to_the_reply_and_is_counted(words: str) -> None:
     tokenizer = load_tokenizer(words)
     # "Hi Hel" + "lo": the whole text is the words Hi Hello; the prefix alone tokenizes as Hi <unk>.
     (encoded,) = encode_segments([Rendered(["Hi Hel", "lo"], [False, True], templated=True)], tokenizer)
     assert encoded == ([], [([HI], False), ([HELLO], True)], 1)
+    # The other way round: the reply "Hel" ends inside the token Hello; it keeps it, rather than lose its only token.
+    (encoded,) = encode_segments([Rendered(["Hi ", "Hel", "lo"], [False, True, False], templated=True)], tokenizer)
+    assert encoded == ([], [([HI], False), ([HELLO], True), ([], False)], 1)
 
 
 def test_predict_prompts_end_with_the_templates_generation_prompt(tmp_path: Path, words: str) -> None:
