@@ -16,6 +16,7 @@ from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.data.datamodule import PandaDataModule
+from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
 
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
@@ -109,7 +110,14 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in TOOLS:
         module_name, function = TOOLS[argv[0]].split(":")
-        getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
+        try:
+            getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
+        except PandaError as error:
+            if args is not None:  # called from Python: the caller handles it
+                raise
+            # From the shell: the message names the file, line or option; a traceback would bury it.
+            print(f"pandallm {argv[0]}: error: {error}", file=sys.stderr)
+            sys.exit(2)
         return
     cli(args)
 

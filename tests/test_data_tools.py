@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pandallm.cli import main
-from tests.conftest import write_jsonl
+from tests.conftest import REPO, write_jsonl
 from tests.data.word_tokenizer import save_word_tokenizer
 
 
@@ -73,3 +75,16 @@ def test_stats_reports_formats_and_lengths_and_saves_a_histogram(tmp_path: Path,
     assert "tokens per record: min 4, mean 5.8, median 4, p95 10, max 10" in out  # 4 4 4 7 10
     assert "over max_seq_length=6: 40.0%" in out
     assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_path_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pandallm", "data", "check", str(tmp_path / "nothing.jsonl")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"pandallm data: error: {tmp_path / 'nothing.jsonl'}: no such file or directory" in done.stderr
+    assert "Traceback" not in done.stderr

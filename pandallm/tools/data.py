@@ -13,6 +13,7 @@ median, 95th percentile, max, the share over `--max_seq_length`, and a histogram
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from collections import Counter
@@ -22,7 +23,7 @@ from pandallm.data.formats import FORMATS
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
 from pandallm.data.template import render_record, resolve_template
 from pandallm.data.tokenize import encode_segments, special_ids
-from pandallm.errors import DataFormatError, PandaError
+from pandallm.errors import DataFormatError, DatasetError, PandaError
 from pandallm.tokenizer import load_tokenizer
 
 
@@ -31,7 +32,9 @@ def expand(names: list[str]) -> list[Path]:
     paths: list[Path] = []
     for name in names:
         path = Path(name)
-        paths += find_data_files(path, name, text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file or directory")
+        paths += find_data_files(path, "data", text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
     return paths
 
 
@@ -111,7 +114,7 @@ def stats(
         "min": lengths[0],
         "mean": statistics.fmean(lengths),
         "median": statistics.median(lengths),
-        "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],  # nearest rank
+        "p95": lengths[math.ceil(0.95 * len(lengths)) - 1],  # nearest rank
         "max": lengths[-1],
         "over_max_seq_length": sum(n > max_seq_length for n in lengths) / len(lengths),
         "histogram": str(save_histogram(lengths, max_seq_length, Path(histogram))),
