@@ -9,6 +9,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from pandallm.distributed import gather_from_ranks
+
 
 def capture() -> dict[str, Any]:
     """The RNG states as plain Python lists and ints: they gather across ranks with `all_gather_object` and
@@ -51,11 +53,7 @@ class RNGState(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Every rank draws its own dropout masks; only rank 0 writes the checkpoint, so it gathers them all.
-        states = [capture()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            states = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, capture())
-        return {"ranks": states}
+        return {"ranks": gather_from_ranks(capture())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict["ranks"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from lightning.pytorch.trainer.states import TrainerFn
@@ -18,15 +19,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.position import (
-    ResumableDataLoader,
-    StreamLoader,
-    gather_from_ranks,
-    trained_position,
-)
+from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
-from pandallm.data.sharding import shard_indices
+from pandallm.data.sharding import rank_positions
 from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
 from pandallm.data.template import (
@@ -44,6 +40,7 @@ from pandallm.data.tokenize import (
     tokenize_documents,
     tokenize_instructions,
 )
+from pandallm.distributed import gather_from_ranks
 from pandallm.errors import DataFormatError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 
@@ -193,6 +190,8 @@ class PandaDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: DatasetDict | None = None
+        # The training sources (as `mix_ratios` names them) and their rows, known once the data is loaded.
+        self.train_source_names: list[str] = []
         self.train_source_sizes: tuple[int, ...] = ()
         # (epoch, rows of it read) from the checkpoint being resumed (see `train_dataloader`).
         self._resume_position: tuple[int, int] | None = None
@@ -253,17 +252,17 @@ class PandaDataModule(L.LightningDataModule):
         dirs = {kind: d for kind, d in self.data_dirs.items() if not (self.streaming and kind == "pretraining")}
         return training_sources(dirs, self.train_files)
 
-    def _sources(self) -> dict[str, list[Files]]:
+    def _sources(self, train: dict[str, Files]) -> dict[str, list[Files]]:
         """The files of each split, grouped by source (validation and test: one group)."""
         return {
-            "train": list(self.train_sources().values()),
+            "train": list(train.values()),
             "validation": [evaluation_files("val_files", self.val_files)],
             "test": [evaluation_files("test_files", self.test_files)],
         }
 
     @cached_property
     def training_order(self) -> TrainingOrder:
-        names = list(self.train_sources())
+        names = self.train_source_names
         ratios = ordered_ratios(self.mix_ratios, names)
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
@@ -273,7 +272,8 @@ class PandaDataModule(L.LightningDataModule):
         return order
 
     def _load(self) -> DatasetDict:
-        sources = self._sources()
+        train = self.train_sources()
+        sources = self._sources(train)
         key = cache_key(
             {
                 "files": {
@@ -298,6 +298,7 @@ class PandaDataModule(L.LightningDataModule):
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
         empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
+        self.train_source_names = list(train)
         self.train_source_sizes = tuple(len(part) for part in train_parts)
         datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
@@ -416,9 +417,10 @@ class PandaDataModule(L.LightningDataModule):
     def _loader(self, rows, batch_size: int, collate) -> DataLoader:
         """An evaluation loader: every row exactly once over all ranks, in order."""
         rank, world_size = self._rank_and_world()
-        shard = Subset(rows, shard_indices(len(rows), rank, world_size, pad=False)) if world_size > 1 else rows
+        if world_size > 1:
+            rows = Subset(rows, rank_positions(np.arange(len(rows)), rank, world_size, pad=False).tolist())
         collate_fn = partial(collate, pad_id=self.pad_id)
-        return DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn, **self._workers())
+        return DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, **self._workers())
 
     def _workers(self) -> dict[str, Any]:
         workers = self.num_workers

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from pandallm.data.streaming import DocumentStream, StreamLayout
@@ -32,15 +31,6 @@ def trained_position(trainer: L.Trainer) -> tuple[int, int]:
     if batches >= trainer.num_training_batches:
         return epochs.processed + 1, 0
     return epochs.processed, batches
-
-
-def gather_from_ranks(local: Any) -> list[Any]:
-    """`local` of every rank, on every rank (only rank 0 writes the checkpoint)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [local]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    return gathered
 
 
 class ResumableDataLoader(DataLoader):

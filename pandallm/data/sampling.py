@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Sampler
 
+from pandallm.data.sharding import rank_positions
 from pandallm.errors import DatasetError
 
 
@@ -102,15 +103,6 @@ class TrainingOrder:
             pieces.append(order[offset : offset + take])
             position += take
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
-def rank_positions(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank `rank`'s strided shard of an epoch order, padded (from the start of the order) so that every rank
-    reads the same number of rows and none waits forever in a collective."""
-    if len(order) == 0:
-        return order
-    padded = np.resize(order, math.ceil(len(order) / world_size) * world_size)
-    return padded[rank::world_size]
 
 
 class EpochSampler(Sampler[int]):
