@@ -2,6 +2,7 @@
 Trainer, on one GPU. Random-init models (nothing can be downloaded): throughput does not depend on the weights.
 
     python -m benchmarks.gpu [--runs mfu lora qlora] [--steps 20] [--warmup 5] [--packing] [--compile]
+    python -m benchmarks.gpu --runs zero2 zero3 zero3_offload fsdp fsdp2     # the strategies, on the 1B config
     python -m benchmarks.gpu --dry-run      # CPU, tiny config, 2 steps, in one process: checks the script
     python -m benchmarks.gpu --tiny         # the same tiny config on the GPU (QLoRA included)
 
@@ -9,6 +10,10 @@ Trainer, on one GPU. Random-init models (nothing can be downloaded): throughput 
   (fp32 master weights, as llm-foundry trains), through pandallm's own CLI, LightningModule and Trainer.
   MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 6 N + 12 x layers x hidden x seq (the
   attention scores and values, forward and backward) and the peak measured: a large bf16 matmul on this GPU.
+- `zero2`, `zero3`, `zero3_offload`, `fsdp`, `fsdp2`: the same 1B run under each multi-GPU strategy (DeepSpeed
+  ZeRO-2, ZeRO-3, ZeRO-3 with optimizer and parameters offloaded to CPU memory, Lightning's FSDP with one unit per
+  decoder layer, FSDP2), on one GPU: what each costs in tokens/s and saves in GPU memory (on one GPU nothing is
+  sharded, so the savings shown are the offload's; sharding divides the rest by the number of GPUs).
 - `lora`, `qlora`: a 7B config, LoRA r=16 on every projection, bf16 base (`lora`) or NF4 base (`qlora`),
   tokens/s and peak GPU memory of pandallm (packed if `--packing`) against the HF Trainer + peft (padded), on
   Alpaca-like instruction records, each side in its own process.
@@ -45,6 +50,36 @@ LLAMA_1B = {
 }
 LLAMA_7B = {**llama_7b(), "vocab_size": 32000}
 TINY = {**llama_tiny(), "vocab_size": 3000}
+
+_LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
+# `--trainer.strategy` of each strategy run: the shipped DeepSpeed configs; FSDP without activation checkpointing,
+# as every other run here (the model's `gradient_checkpointing` is off in all of them).
+STRATEGIES = {
+    "zero2": {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+        "init_args": {"config": "configs/deepspeed/zero2.json"},
+    },
+    "zero3": {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+        "init_args": {"config": "configs/deepspeed/zero3.json"},
+    },
+    "zero3_offload": {
+        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+        "init_args": {"config": "configs/deepspeed/zero3_offload.json"},
+    },
+    "fsdp": {
+        "class_path": "lightning.pytorch.strategies.FSDPStrategy",
+        "init_args": {
+            "sharding_strategy": "FULL_SHARD",
+            "auto_wrap_policy": [_LLAMA_LAYER],
+            "state_dict_type": "sharded",
+        },
+    },
+    "fsdp2": {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
+    },
+}
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -107,7 +142,8 @@ def write_documents(directory: Path, tokens_needed: int) -> Path:
     return directory
 
 
-def mfu_run(work: Path, options: argparse.Namespace, peak: float) -> dict:
+def mfu_run(work: Path, options: argparse.Namespace, peak: float, strategy: str | None = None) -> dict:
+    """The 1B config's full training (under `strategy`, one of STRATEGIES; default: Lightning's single device)."""
     config, seq = (TINY, 64) if options.tiny else (LLAMA_1B, 2048)
     dtype = torch.float32  # fp32 master weights: bf16-mixed computes in bf16
     init = random_checkpoint(config, work / "init-1b", dtype, options.device)
@@ -122,6 +158,7 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float) -> dict:
         device=options.device,
         precision=options.precision,
         compile=options.compile,
+        strategy=json.dumps(STRATEGIES[strategy]) if strategy else None,
     )
     prepare_rows(setup)
     report = run_side("pandallm", setup, in_process=options.dry_run)
@@ -136,6 +173,7 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float) -> dict:
         "model_flops_per_second": achieved,
         "mfu": achieved / peak,
         "peak_memory_mib": report.get("gpu_peak_mib", report["peak_rss_mib"]),
+        "peak_rss_mib": report["peak_rss_mib"],
     }
 
 
@@ -179,7 +217,8 @@ def adapter_run(work: Path, options: argparse.Namespace, quant_bits: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", default=["mfu", "lora", "qlora"], choices=["mfu", "lora", "qlora"])
+    runs = ["mfu", "lora", "qlora", *STRATEGIES]
+    parser.add_argument("--runs", nargs="+", default=["mfu", "lora", "qlora"], choices=runs)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the throughput")
     parser.add_argument("--batch-1b", type=int, default=4)
@@ -198,8 +237,10 @@ def main() -> None:
     if options.tiny:
         options.steps, options.warmup, options.batch_1b, options.batch_7b = 3, 1, 2, 2
         options.seq_7b, options.records = 128, 64
-    if options.dry_run:  # bitsandbytes' 4-bit base needs a GPU: no QLoRA on the CPU
-        options.device, options.precision, options.runs = "cpu", "32-true", [r for r in options.runs if r != "qlora"]
+    if options.dry_run:
+        # bitsandbytes' 4-bit base, DeepSpeed and Lightning's FSDP need a GPU: FSDP2 is the only strategy run here
+        cpu_runs = [r for r in options.runs if r not in ("qlora", "fsdp") and not r.startswith("zero")]
+        options.device, options.precision, options.runs = "cpu", "32-true", cpu_runs
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU; --dry-run checks the script on the CPU")
     else:
@@ -216,6 +257,14 @@ def main() -> None:
         name = "tiny" if options.tiny else "1B"
         print(f"{name} full {options.precision}: {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} of a")
         print(f"  measured {peak / 1e12:.1f} TFLOP/s matmul peak; peak memory {r['peak_memory_mib']:,} MiB")
+    for strategy in STRATEGIES:
+        if strategy in options.runs:
+            results[f"strategy_{strategy}"] = r = mfu_run(work, options, peak, strategy)
+            size = "tiny" if options.tiny else "1B"
+            print(
+                f"{size} full {options.precision} {strategy:<14}{r['tokens_per_second']:>10,.0f} tokens/s  MFU "
+                f"{r['mfu']:6.1%}{r['peak_memory_mib']:>10,} MiB GPU{r['peak_rss_mib']:>10,} MiB RSS"
+            )
     for run, bits in (("lora", 0), ("qlora", 4)):
         if run in options.runs:
             results[f"{run}_7b"] = r = adapter_run(work, options, bits)

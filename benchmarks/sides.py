@@ -44,6 +44,7 @@ class Setup:
     precision: str = "32-true"  # Lightning's names; bf16-mixed is the HF Trainer's bf16=True
     compile: bool = False
     gradient_checkpointing: bool = False
+    strategy: str | None = None  # pandallm side only: `--trainer.strategy`, as a class name or JSON
 
 
 def cli_args(s: Setup, packing: bool) -> list[str]:
@@ -72,6 +73,8 @@ def cli_args(s: Setup, packing: bool) -> list[str]:
         f"--data.packing={packing}",
         f"--data.cache_dir={s.cache_dir}",
     ]
+    if s.strategy:
+        args.append(f"--trainer.strategy={s.strategy}")
     if s.lora_r:
         args += ["--model.use_lora=true", f"--model.lora_r={s.lora_r}", f"--model.lora_alpha={s.lora_alpha}"]
         args += ["--model.lora_dropout=0.0"]  # no dropout: the losses of both sides must be comparable step by step

@@ -102,7 +102,11 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # PandaLLM.configure_optimizers owns the optimizer and schedule
-        parser_kwargs={"description": "pandallm: train LLaMA-family models (instruction tuning, pretraining)"},
+        # No abbreviated option names: `--trainer.max_step` must be an error, not a silent `--trainer.max_steps`.
+        parser_kwargs={
+            "description": "pandallm: train LLaMA-family models (instruction tuning, pretraining)",
+            "allow_abbrev": False,
+        },
     )
 
 

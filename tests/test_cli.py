@@ -86,6 +86,11 @@ def test_unknown_config_key_fails_with_the_key_named(tmp_path: Path, capsys) -> 
         main(["fit", "--config", "recipes/tiny.yaml", "--config", str(bad)])
     assert exit_.value.code == 2
     assert "learning_rat" in capsys.readouterr().err
+    # A prefix of a real option is a typo too, not an abbreviation to expand silently.
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_step=5", "--print_config"])
+    assert exit_.value.code == 2
+    assert "--trainer.max_step=5" in capsys.readouterr().err
 
 
 def test_preset_without_tokenizer_is_refused(tmp_path: Path) -> None:

@@ -43,18 +43,19 @@ def one_process(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, data
 
 
-def assert_same_training(root: Path, name: str, reference: Path) -> None:
+def assert_same_training(root: Path, name: str, reference: Path, tolerance: dict = TOLERANCE) -> None:
+    """Run `name` logged the losses and exported the weights of the run "single" under `reference`, to `tolerance`."""
     ours, theirs = losses(root, name), losses(reference, "single")
     assert sorted(ours) == sorted(theirs) == list(range(6))
     torch.testing.assert_close(
         torch.tensor([float(ours[k]) for k in sorted(ours)]),
         torch.tensor([float(theirs[k]) for k in sorted(theirs)]),
-        **TOLERANCE,
+        **tolerance,
     )
     a, b = final_weights(root, name), final_weights(reference, "single")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOLERANCE)
+        torch.testing.assert_close(a[key], b[key], **tolerance)
 
 
 def test_two_process_ddp_matches_one_process(one_process, tmp_path: Path) -> None:

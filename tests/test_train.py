@@ -124,3 +124,14 @@ def test_tiny_recipe_loss_falls(tmp_path, monkeypatch) -> None:
     assert len(losses) == 40
     assert losses[0] > 7.5  # ~ln(3000) = 8.0: the model starts from nothing
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # measured: 7.86 -> 6.32
+
+
+def test_bf16_mixed_with_gradient_clipping_trains(tmp_path) -> None:
+    # Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients: every GPU recipe (bf16-mixed,
+    # gradient_clip_val set) stopped at its first step before pandallm chose the foreach AdamW there.
+    from tests.conftest import tiny_fit_args
+
+    args = tiny_fit_args(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=0.3")
+    run = cli(["fit", *args, "--trainer.max_steps=3", "--export.enabled=false"])
+    assert run.trainer.global_step == 3
+    assert not run.trainer.optimizers[0].defaults["fused"]

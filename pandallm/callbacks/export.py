@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.model.export import save_hf
+from pandallm.model.zero import consolidated_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,20 @@ class HFExport(L.Callback):
         if not self.enabled:
             return
         strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-            # ZeRO-3's gathering goes through the DeepSpeed engine, which this repository cannot run (no GPU);
-            # `pandallm export` converts its checkpoint directory instead.
+        directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
+        if shards_parameters(strategy) and pl_module.is_adapter_run:
+            # Adapters of a sharded run are exported from its checkpoint, where they are whole.
             log.warning(
-                "pandallm: no Hugging Face export at the end of a DeepSpeed ZeRO-3 run; convert the checkpoint "
-                "with `pandallm export --ckpt_path <checkpoint dir> --output <dir>`"
+                "pandallm: no Hugging Face export at the end of a sharded LoRA run; export its checkpoint with "
+                "`pandallm export --ckpt_path <checkpoint> --output <dir>`"
             )
             return
-        directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if shards_parameters(strategy):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
-            weights = gather_full_state_dict(strategy.model)
+            if isinstance(strategy, DeepSpeedStrategy):
+                weights = consolidated_weights(strategy)
+            else:
+                weights = gather_full_state_dict(strategy.model)
             if trainer.is_global_zero:
                 save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory)
         elif trainer.is_global_zero:

@@ -12,15 +12,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.checkpoint import compat
 from pandallm.data.cache import tokenizer_digest
-from pandallm.errors import ModelError
+from pandallm.errors import ConfigError, ModelError
 from pandallm.log_steps import logs_this_step
+from pandallm.model import zero
 from pandallm.model.build import (
     gguf_location,
     grow_embeddings,
@@ -44,7 +46,7 @@ from pandallm.model.peft import (
 )
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
-from pandallm.optim.optimizers import OptimizerName, build_optimizer
+from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
 
@@ -185,6 +187,7 @@ class PandaLLM(L.LightningModule):
             return
         h = self.hparams
         vocab_size = len(self.tokenizer)
+        self._zero3_config = zero.tell_transformers_zero3(self._trainer.strategy if self._trainer else None)
         model = load_model(
             h.model_name_or_path,
             vocab_size,
@@ -289,12 +292,20 @@ class PandaLLM(L.LightningModule):
             self._normalize_gradients()
         if self.trainer.precision == "16-mixed":
             return  # fp16's GradScaler skips overflowing steps itself, by design
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        if zero.is_deepspeed(self.trainer.strategy):
+            zero.check_finite_loss(self)  # the gradients live in DeepSpeed's buffers
             return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         # Under DDP the gradients are already averaged over ranks here, so a NaN on any rank reaches every rank
-        # and all of them take the same decision below: no rank waits for another in a collective.
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # and all of them take the same decision below: no rank waits for another in a collective. FSDP2's DTensor
+        # gradients give the whole norm by themselves; FSDP's are plain local shards, whose squares are summed
+        # over the ranks (by every rank, also one whose shard holds no gradient).
+        local_shards = isinstance(self.trainer.strategy, FSDPStrategy) and self.trainer.world_size > 1
+        if not grads and not local_shards:
+            return
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        if local_shards:
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         if logs_this_step(self.trainer):
             self.log("train/grad_norm", norm, on_step=True)
         if torch.isfinite(norm):
@@ -311,6 +322,26 @@ class PandaLLM(L.LightningModule):
         if self.global_rank == 0:
             log.warning("pandallm: %s; update skipped (%d skipped so far)", message, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's FSDP precision plugin cannot clip by norm: FSDP's root module computes the norm over all the
+        # shards itself (every GPU recipe clips, so FSDP runs stopped at their first step without this).
+        fsdp_root = self.trainer.model
+        if (
+            isinstance(self.trainer.strategy, FSDPStrategy)
+            and gradient_clip_val
+            and hasattr(fsdp_root, "clip_grad_norm_")
+        ):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError("trainer.gradient_clip_algorithm: FSDP clips by norm only; set it to norm")
+            fsdp_root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
@@ -408,12 +439,22 @@ class PandaLLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         h = self.hparams
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},  # norms
-        ]
-        optimizer = build_optimizer(h.optimizer, groups, h.learning_rate, h.adam_betas, h.adam_epsilon, self.device)
+        trainer = self.trainer
+        zero.refuse_skipping(trainer.strategy, h.nonfinite)
+        zero.checkpoint_trainable_only(trainer.strategy, self.is_adapter_run)
+        # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer (it could be
+        # unscaling them itself); the foreach AdamW is the same update in a few more kernels.
+        clips_under_amp = isinstance(trainer.precision_plugin, MixedPrecision) and bool(trainer.gradient_clip_val)
+        optimizer = build_optimizer(
+            h.optimizer,
+            decay_groups(self.named_parameters(), h.weight_decay),
+            h.learning_rate,
+            h.adam_betas,
+            h.adam_epsilon,
+            self.device,
+            cpu_offload=zero.offloads_optimizer(trainer.strategy),
+            fused=not clips_under_amp,
+        )
         total = self.total_steps()
         schedule = Schedule(
             h.lr_scheduler,

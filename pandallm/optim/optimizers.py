@@ -1,6 +1,9 @@
 """The optimizers a recipe can name (`model.optimizer`).
 
-- `adamw`: torch's AdamW, fused (one kernel for all parameters) on CUDA and on the CPU.
+- `adamw`: torch's AdamW, fused (one kernel for all parameters) on CUDA and on the CPU. Under DeepSpeed ZeRO with
+  the optimizer offloaded to CPU memory (`offload_optimizer` in configs/deepspeed/), DeepSpeed's CPUAdam instead:
+  the same AdamW update, multi-threaded and SIMD-vectorised over DeepSpeed's flat fp32 partitions (DeepSpeed
+  refuses other optimizers there unless told not to; it builds the op on first use, which takes a minute once).
 - `adamw_8bit`: bitsandbytes' AdamW8bit, moments kept in 8 bits (block-wise quantized): ~75% less optimizer
   memory. PandaLLM's `bit_training` switched its AdamW to this one. Tensors under 4096 elements keep 32-bit state.
 - `paged_adamw`, `paged_adamw_8bit`: bitsandbytes' paged AdamW (32- / 8-bit state): the state lives in CUDA
@@ -19,6 +22,7 @@ above use a ratio of 1 for a zero tensor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -36,6 +40,22 @@ _BITSANDBYTES = {
 }
 
 
+def decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups: matrices with `weight_decay`, norms and biases without.
+
+    By name, not by `ndim`: FSDP flattens parameters and ZeRO-3 empties them before the optimizer is built, so their
+    shapes no longer tell a norm from a matrix. An empty group is left out: DeepSpeed drops empty groups, which
+    would leave the learning-rate schedule with one group more than the optimizer.
+    """
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # input_layernorm, norm, q_proj, lora_A, ...
+            (no_decay if "norm" in module.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(
     name: OptimizerName,
     groups: list[dict[str, Any]],
@@ -43,11 +63,23 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     device: torch.device,
+    cpu_offload: bool = False,
+    fused: bool = True,
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` over parameter `groups` (each with its own `weight_decay`)."""
+    """The optimizer `name` over parameter `groups` (each with its own `weight_decay`); `cpu_offload`: DeepSpeed
+    steps it on the CPU (ZeRO-Offload); `fused`: AdamW may run as one fused kernel."""
     betas = tuple(betas)
+    if name == "adamw" and cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+    if cpu_offload:
+        raise ValueError(
+            f"model.optimizer: '{name}' cannot run under DeepSpeed's optimizer offload; use adamw (DeepSpeed's "
+            "CPUAdam) or a DeepSpeed config without offload_optimizer"
+        )
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused and device.type in ("cuda", "cpu"))
     if name in _BITSANDBYTES:
         import bitsandbytes as bnb
 

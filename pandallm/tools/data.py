@@ -152,7 +152,7 @@ def _counts(counter: Counter) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pandallm data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pandallm data", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, function in (("check", check), ("stats", stats)):
         sub = commands.add_parser(name, help=function.__doc__.split("\n")[0])

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="pandallm export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="pandallm export", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A recipe or a run's config.yaml.")
     parser.add_argument(
         "--ckpt_path", type=str | None, default=None, help="Checkpoint to export: a .ckpt file or a sharded directory."

@@ -182,4 +182,4 @@ def extend_vocab(
 
 
 def main(args: list[str] | None = None) -> None:
-    auto_cli(extend_vocab, args=args, as_positional=False)
+    auto_cli(extend_vocab, args=args, as_positional=False, allow_abbrev=False)

@@ -46,4 +46,4 @@ def fetch_smollm2(output: str = "checkpoints") -> Path:
 
 
 def main(args: list[str] | None = None) -> None:
-    print(auto_cli(fetch_smollm2, args=args))
+    print(auto_cli(fetch_smollm2, args=args, allow_abbrev=False))

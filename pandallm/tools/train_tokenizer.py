@@ -75,4 +75,4 @@ def train_tokenizer(
 
 
 def main(args: list[str] | None = None) -> None:
-    auto_cli(train_tokenizer, args=args)
+    auto_cli(train_tokenizer, args=args, allow_abbrev=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pandallm.optim.nvlamb import NVLamb
-from pandallm.optim.optimizers import OptimizerName, build_optimizer
+from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 
 CPU = torch.device("cpu")
 
@@ -53,3 +53,30 @@ def test_nvlamb_step_matches_the_fused_lamb_formula() -> None:
         update = m_hat / (v_hat.sqrt() + eps) + decay * w0
         expected = w0 - lr * (w0.norm() / update.norm()) * update  # trust ratio on every tensor, biases too
         torch.testing.assert_close(p.detach(), expected)
+
+
+def test_weight_decay_groups_go_by_name_so_flattened_parameters_land_in_the_right_group() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64
+    )
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():  # as FSDP's flat views and ZeRO-3's emptied partitions look to the optimizer
+        p.data = p.data.flatten()
+    decay, no_decay = decay_groups(model.named_parameters(), 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    norms = {id(p) for n, p in model.named_parameters() if n.endswith("norm.weight")}
+    assert {id(p) for p in no_decay["params"]} == norms and len(norms) == 5  # 2 per layer and the final norm
+    assert len(decay["params"]) == len(list(model.parameters())) - 5
+
+    for name, p in model.named_parameters():  # only matrices trained (LoRA-like): no empty group, which DeepSpeed
+        p.requires_grad = "proj" in name  # would drop, leaving the LR schedule a group too many
+    assert [len(g["params"]) for g in decay_groups(model.named_parameters(), 0.0)] == [14]
+
+
+def test_fused_adamw_can_be_turned_off_for_clipping_under_mixed_precision() -> None:
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    fused = build_optimizer("adamw", [{"params": [weight]}], 1e-3, (0.9, 0.99), 1e-6, CPU)
+    plain = build_optimizer("adamw", [{"params": [weight]}], 1e-3, (0.9, 0.99), 1e-6, CPU, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]

@@ -1,0 +1,110 @@
+"""What pandallm does differently under DeepSpeed ZeRO (Lightning's DeepSpeedStrategy).
+
+DeepSpeed keeps gradients in its own partitioned buffers and steps through its engine, so four things that
+pandallm does on parameters directly under DDP and FSDP go through DeepSpeed instead:
+
+- the optimizer, when ZeRO-Offload moves it to CPU memory (`offloads_optimizer`);
+- the check for a non-finite step, which reads the loss rather than the gradients (`check_finite_loss`);
+- the Hugging Face export of a ZeRO-3 run, whose weights no rank holds whole (`consolidated_weights`);
+- LoRA checkpoints without the frozen base, which DeepSpeed writes itself (`checkpoint_trainable_only`).
+
+And one thing transformers must be told: that ZeRO-3 is on (`tell_transformers_zero3`), or `from_pretrained`
+would load a checkpoint into parameters that Lightning's `deepspeed.zero.Init` has already partitioned away.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from pandallm.errors import ConfigError
+
+# Lightning's wrapper around the LightningModule, which DeepSpeed's engine holds as its module.
+_WRAPPER_PREFIX = "_forward_module."
+
+
+def is_deepspeed(strategy: L.pytorch.strategies.Strategy | None) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def offloads_optimizer(strategy: L.pytorch.strategies.Strategy | None) -> bool:
+    """Whether the DeepSpeed config moves the optimizer state to CPU memory or NVMe (ZeRO-Offload)."""
+    if not is_deepspeed(strategy):
+        return False
+    offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def tell_transformers_zero3(strategy: L.pytorch.strategies.Strategy | None) -> object | None:
+    """Under ZeRO-3, make transformers load checkpoints the ZeRO-3 way (global rank 0 reads the weights, DeepSpeed
+    scatters them into the partitions) and resize embeddings with the partitions gathered.
+
+    Returns the `HfDeepSpeedConfig` that turns this on, which the caller must keep: transformers holds only a weak
+    reference to it. None when ZeRO-3 is off.
+    """
+    if not (is_deepspeed(strategy) and strategy.zero_stage_3):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(strategy.config)
+
+
+def checkpoint_trainable_only(strategy: L.pytorch.strategies.Strategy | None, adapter_run: bool) -> None:
+    """A LoRA run's DeepSpeed checkpoints hold the adapters and their optimizer state, not the frozen base: the same
+    contract as its single-file checkpoints (`pandallm.model.trainable_state`). Loading them back is non-strict
+    (`PandaLLM.strict_loading` is off for LoRA runs), the base coming from `model.model_name_or_path` again."""
+    if is_deepspeed(strategy) and adapter_run:
+        strategy.exclude_frozen_parameters = True
+
+
+def refuse_skipping(strategy: L.pytorch.strategies.Strategy | None, nonfinite: str) -> None:
+    if is_deepspeed(strategy) and nonfinite == "skip":
+        # The engine steps on its own partitioned gradients; Lightning cannot skip a DeepSpeed step either.
+        raise ConfigError(
+            "model.nonfinite: skip is not possible under DeepSpeed, which applies every step itself; use "
+            "model.nonfinite: error (the default), or DDP / FSDP"
+        )
+
+
+def check_finite_loss(module: L.LightningModule) -> None:
+    """Stop every rank, naming the step, if any rank's loss is not finite.
+
+    Under DeepSpeed the gradients are out of reach before the engine's step (`p.grad` is None under ZeRO), so the
+    loss stands in for them: a non-finite loss is what makes them non-finite. The flag is all-reduced first so
+    that every rank raises together rather than one rank leaving the others waiting in a collective.
+    """
+    loss = module._last_loss
+    bad = torch.zeros((), device=module.device) if loss is None else (~torch.isfinite(loss)).float()
+    if module.trainer.world_size > 1:
+        bad = module.trainer.strategy.reduce(bad, reduce_op="sum")
+    if bad.item():
+        raise FloatingPointError(
+            f"step {module.trainer.global_step}: non-finite loss on {int(bad.item())} rank(s) (rank "
+            f"{module.global_rank}: {float(loss) if loss is not None else 'none'})"
+        )
+
+
+def consolidated_weights(strategy: DeepSpeedStrategy) -> dict[str, torch.Tensor]:
+    """The whole state dict of a ZeRO-3 model on global rank 0 (CPU tensors, the LightningModule's keys); an empty
+    dict on other ranks. A collective: every rank must call it.
+
+    DeepSpeed's `save_16bit_model` gathers the partitions one module at a time onto rank 0 (never the whole model
+    on every GPU); it needs `stage3_gather_16bit_weights_on_model_save: true`, which configs/deepspeed sets.
+    """
+    engine = strategy.deepspeed_engine
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = strategy.broadcast(tmp)  # one directory: rank 0 writes, the others write nothing
+        if not engine.save_16bit_model(tmp, "weights.pt"):
+            raise ConfigError(
+                "a ZeRO-3 run exports its weights only with stage3_gather_16bit_weights_on_model_save: true in "
+                "its DeepSpeed config"
+            )
+        weights = {}
+        if strategy.is_global_zero:
+            weights = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
+        strategy.barrier("zero3_export")
+    return {k.removeprefix(_WRAPPER_PREFIX): v for k, v in weights.items()}
