@@ -42,6 +42,19 @@ def test_check_lists_every_error_and_fails(tmp_path: Path, capsys) -> None:
     main(["data", "check", str(good)])  # no error: returns normally, exit status 0
 
 
+def test_check_with_a_kind_finds_records_in_the_wrong_data_directory(tmp_path: Path, capsys) -> None:
+    documents = write_jsonl(tmp_path / "it" / "docs.jsonl", [{"title": "t", "content": "c"}])
+    write_jsonl(tmp_path / "it" / "qa.jsonl", [{"input": "Hi", "target": "Hello"}])
+    main(["data", "check", str(tmp_path / "it")])  # either kind is fine without --kind
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", "--kind", "instruction", str(tmp_path / "it")])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().out.splitlines() == [  # what training says of it, then why the file is left empty
+        f"{documents}:1: a pretraining record (pretraining) where instruction records are expected",
+        f"{documents}: holds no records",
+    ]
+
+
 def test_check_with_a_tokenizer_also_renders_every_conversation(tmp_path: Path, capsys) -> None:
     two_users = {"messages": [{"role": "user", "content": "Hi"}] * 2 + [{"role": "assistant", "content": "Hello"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [two_users])

@@ -1,11 +1,13 @@
 """`pandallm data check` and `pandallm data stats`: look at data files before training on them.
 
     pandallm data check dataset/instruction_tuning dataset/formats/sharegpt_en_zh.jsonl
+    pandallm data check --kind instruction dataset/instruction_tuning    # as data.instruction_tuning_data_dir reads it
     pandallm data stats dataset/instruction_tuning --tokenizer dataset/tokenizer --template chatml
 
 `check` reads every record as training would, and lists every error (file:line, field), not just the first; it
 exits with status 1 if there is any. With `--tokenizer`, it also renders every conversation with the template, as
-some templates refuse some conversations (llama-2 needs alternating turns). `stats` counts records per format
+some templates refuse some conversations (llama-2 needs alternating turns). With `--kind`, a record of the other
+kind is an error too, as training reports it for a file in the wrong data directory. `stats` counts records per format
 and reports token lengths as training would encode them (template included, before truncation): min, mean,
 median, 95th percentile, max, the share over `--max_seq_length`, and a histogram saved as a PNG.
 """
@@ -19,7 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pandallm.data.formats import FORMATS
+from pandallm.data.formats import FORMATS, RecordKind
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
 from pandallm.data.template import render_record, resolve_template
 from pandallm.data.tokenize import encode_segments, special_ids
@@ -42,6 +44,7 @@ def check(
     files: list[str],
     format: str = "auto",
     txt_split: str = "file",
+    kind: RecordKind | None = None,
     tokenizer: str | None = None,
     template: str = "auto",
     template_dir: str | None = None,
@@ -55,8 +58,9 @@ def check(
     for path in expand(files):
         found: list[DataFormatError] = []
         try:
-            _, records = read_records(path, None, found, format, txt_split)
+            _, records = read_records(path, kind, found, format, txt_split)
         except PandaError as error:  # a broken .json array, a file with no records: nothing more can be read
+            errors += found  # the records' own errors, which may be why no record is left
             errors.append(error)
             print(f"{path}: unreadable", file=sys.stderr)
             continue
@@ -98,6 +102,7 @@ def stats(
     template_dir: str | None = None,
     format: str = "auto",
     txt_split: str = "file",
+    kind: RecordKind | None = None,
     max_seq_length: int = 2048,
     histogram: str = "token_lengths.png",
 ) -> dict:
@@ -106,7 +111,7 @@ def stats(
     chosen = resolve_template(template, loaded, template_dir)
     records: list[Record] = []
     for path in expand(files):
-        records += read_records(path, None, None, format, txt_split)[1]
+        records += read_records(path, kind, None, format, txt_split)[1]
     lengths = sorted(token_lengths(records, loaded, chosen))
     report = {
         "records": len(records),
@@ -159,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("files", nargs="+", help="Data files, saved datasets, or directories of them.")
         sub.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="Record format of every file.")
         sub.add_argument("--txt_split", choices=["file", "paragraph"], default="file")
+        sub.add_argument(
+            "--kind",
+            choices=["instruction", "pretraining"],
+            default=None,
+            help="The records every file must hold (default: either kind, per file).",
+        )
         sub.add_argument("--tokenizer", required=name == "stats", default=None)
         sub.add_argument("--template", default="auto", help="As data.template.")
         sub.add_argument("--template_dir", default=None)
