@@ -180,27 +180,52 @@ def iter_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]]:
-    """A `.txt` file as documents, `(first line, text)`: the whole file, or each blank-line-separated paragraph."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataFormatError(path, line, None, "not valid UTF-8") from e
+    """A `.txt` file as documents, `(first line, text)`: the whole file, or each blank-line-separated paragraph.
+    Paragraphs are read a line at a time, so that a corpus file larger than memory can be streamed."""
     if split == "file":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataFormatError(path, line, None, "not valid UTF-8") from e
         yield 1, text.strip()
         return
     block: list[str] = []
     start = 1
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            if not block:
-                start = number
-            block.append(line)
-        elif block:
-            yield start, "\n".join(block)
-            block = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, number, None, "not valid UTF-8") from e
+            if line.strip():
+                if not block:
+                    start = number
+                block.append(line)
+            elif block:
+                yield start, "\n".join(block)
+                block = []
     if block:
         yield start, "\n".join(block)
+
+
+def ready(record: Record) -> Callable[[], Record]:
+    """A loader of a record already read."""
+    return lambda: record
+
+
+def lazy_text_records(path: str | Path, split: TxtSplit) -> Iterator[Callable[[], Record]]:
+    """One loader per document of a `.txt` file, in order (streaming's counterpart of `read_records` for text):
+    with the paragraph split, the file is read a line at a time and only one paragraph is held."""
+    path = Path(path)
+    found = False
+    for line, text in iter_text_documents(path, split):
+        if not text.strip():
+            raise DataFormatError(path, line, None, "is empty")
+        found = True
+        yield ready(Record(str(path), line, "text", text=text))
+    if not found:
+        raise DatasetError(f"{path}: holds no text")
 
 
 def _values(path: Path, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:

@@ -29,7 +29,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pandallm.data.collate import collate_rows
 from pandallm.data.encode import document_ids, pack_with_positions
-from pandallm.data.records import Record, TxtSplit, lazy_jsonl_records, read_records
+from pandallm.data.records import (
+    TEXT_SUFFIX,
+    Record,
+    TxtSplit,
+    lazy_jsonl_records,
+    lazy_text_records,
+    read_records,
+    ready,
+)
 from pandallm.data.tokenize import special_ids
 from pandallm.errors import DatasetError
 from pandallm.tokenizer import load_tokenizer
@@ -141,7 +149,8 @@ class DocumentStream(IterableDataset):
     def _documents(self, consumer: int, first: int) -> Iterator[str]:
         """The texts of this consumer's documents from index `first` on, in corpus order. Every worker numbers every
         document, but only its own are parsed (`.jsonl` files are read a line at a time, and a line is parsed only by
-        the worker that owns it; other files are read whole, one at a time) and tokenized."""
+        the worker that owns it; `.txt` paragraphs are read a line at a time too; `.json` arrays and saved datasets
+        are read whole, one file at a time) and tokenized."""
         stride = self.layout.num_consumers
         index = 0
         for path in self.files:
@@ -153,9 +162,7 @@ class DocumentStream(IterableDataset):
     def _records(self, path: Path) -> Iterator[Callable[[], Record]]:
         if path.suffix == ".jsonl":
             return lazy_jsonl_records(path, "pretraining", self.format)
+        if path.suffix == TEXT_SUFFIX:
+            return lazy_text_records(path, self.txt_split)
         _, records = read_records(path, "pretraining", None, self.format, self.txt_split)
-        return (_loaded(record) for record in records)
-
-
-def _loaded(record: Record) -> Callable[[], Record]:
-    return lambda: record
+        return (ready(record) for record in records)

@@ -50,8 +50,8 @@ def decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], wei
     decay, no_decay = [], []
     for name, p in named_parameters:
         if p.requires_grad:
-            module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # input_layernorm, norm, q_proj, lora_A, ...
-            (no_decay if "norm" in module.lower() or name.endswith(".bias") else decay).append(p)
+            # Anywhere in the path: peft nests a trained copy of a norm as `...norm.modules_to_save.default.weight`.
+            (no_decay if "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

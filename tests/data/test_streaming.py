@@ -112,3 +112,21 @@ def test_a_malformed_line_is_reported_with_its_file_and_line_by_the_worker_that_
     assert len(list(other)) >= 1  # rank 0 owns documents 0, 2, 4 and never parses line 4
     with pytest.raises(DataFormatError, match=r"a.jsonl:4: invalid JSON"):
         list(owner)
+
+
+def test_a_paragraph_text_corpus_is_read_a_line_at_a_time(corpus: Path, monkeypatch) -> None:
+    expected = documents_read(DataLoader(stream(corpus, 0, 1, num_workers=0), batch_size=None))
+
+    def whole_file_read(self, *args, **kwargs):
+        raise AssertionError(f"{self} was read whole")
+
+    monkeypatch.setattr(Path, "read_text", whole_file_read)
+    monkeypatch.setattr(Path, "read_bytes", whole_file_read)
+    assert documents_read(DataLoader(stream(corpus, 0, 1, num_workers=0), batch_size=None)) == expected
+
+    monkeypatch.undo()
+    text = corpus / "b.txt"
+    text.write_bytes(text.read_bytes() + b"\n\nbroken \xff paragraph\n")
+    lines = text.read_bytes().count(b"\n")
+    with pytest.raises(DataFormatError, match=rf"b.txt:{lines}: not valid UTF-8"):
+        list(stream(corpus, 0, 1, num_workers=0))
