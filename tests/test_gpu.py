@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pandallm.tools.export import export
@@ -164,4 +165,11 @@ def test_qlora_quantizes_on_the_gpu_trains_and_exports_its_adapter(single_gpu, t
     export(["--model.model_name_or_path=llama-tiny", f"--model.tokenizer={TOKENIZER_DIR}", f"--output={base_dir}"])
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(base, adapter)
-    assert any("lora_A" in name for name, _ in model.named_parameters())
+    saved = load_file(adapter / "adapter_model.safetensors")
+    trained_b = {k: v for k, v in saved.items() if "lora_B" in k}
+    assert trained_b and all(v.abs().sum() > 0 for v in trained_b.values())  # B starts at zero: it was trained
+    loaded = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(loaded) == len(trained_b)
+    for name, value in trained_b.items():  # peft only warns about keys it cannot place: check they all arrived
+        [match] = [p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1])]
+        torch.testing.assert_close(match.detach().cpu().to(value.dtype), value, rtol=0, atol=0)

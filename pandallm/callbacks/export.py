@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.model.export import save_hf
-from pandallm.model.zero import consolidated_weights
+from pandallm.model.zero import check_exportable, consolidated_weights
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class HFExport(L.Callback):
 
     def directory(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "hf"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled and stage == "fit":
+            check_exportable(trainer.strategy)  # before training, not after it
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:

@@ -195,16 +195,17 @@ def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataFormatError(path, number, None, "not valid UTF-8") from e
-            if line.strip():
-                if not block:
-                    start = number
-                block.append(line)
-            elif block:
-                yield start, "\n".join(block)
-                block = []
+            for line in text.splitlines() or [""]:  # other line breaks (\r, \f, U+2028) inside a \n-line too
+                if line.strip():
+                    if not block:
+                        start = number
+                    block.append(line)
+                elif block:
+                    yield start, "\n".join(block)
+                    block = []
     if block:
         yield start, "\n".join(block)
 

@@ -55,6 +55,31 @@ log = logging.getLogger(__name__)
 AdapterSaveType = Literal["adapter_only", "merge"]
 
 
+def fsdp_replicas(trainer: L.Trainer) -> int | None:
+    """How many ranks hold each gradient element under Lightning's FSDP on several ranks (1: full or gradient
+    sharding; the nodes: hybrid sharding); None where the local gradients give the whole norm (no FSDP, one rank,
+    no sharding)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy) or trainer.world_size == 1:
+        return None
+    mode = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy))
+    if mode == "NO_SHARD":
+        return None
+    if "HYBRID" not in mode:
+        return 1
+    mesh = strategy.kwargs.get("device_mesh")  # (replicas, shards), or a 2-D DeviceMesh; default: shard per node
+    if isinstance(mesh, tuple):
+        return mesh[0]
+    return mesh.size(0) if mesh is not None else trainer.num_nodes
+
+
+def fsdp_norm(trainer: L.Trainer, local: torch.Tensor, replicas: int) -> torch.Tensor:
+    """The global gradient norm from each rank's norm of its own shard: squares summed over the ranks (on the
+    device: with CPU offload the gradients, and so `local`, are in CPU memory), each element counted once."""
+    squares = local.to(trainer.strategy.root_device).square()
+    return (trainer.strategy.reduce(squares, reduce_op="sum") / replicas).sqrt()
+
+
 class PandaLLM(L.LightningModule):
     def __init__(
         self,
@@ -165,6 +190,7 @@ class PandaLLM(L.LightningModule):
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
         self._window_tokens: torch.Tensor | int = 0
+        self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
 
     @cached_property
@@ -298,14 +324,13 @@ class PandaLLM(L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # Under DDP the gradients are already averaged over ranks here, so a NaN on any rank reaches every rank
         # and all of them take the same decision below: no rank waits for another in a collective. FSDP2's DTensor
-        # gradients give the whole norm by themselves; FSDP's are plain local shards, whose squares are summed
-        # over the ranks (by every rank, also one whose shard holds no gradient).
-        local_shards = isinstance(self.trainer.strategy, FSDPStrategy) and self.trainer.world_size > 1
-        if not grads and not local_shards:
+        # gradients give the whole norm by themselves; FSDP's are plain local shards (`fsdp_norm`).
+        replicas = fsdp_replicas(self.trainer)
+        if not grads and replicas is None:
             return
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
-        if local_shards:
-            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        if replicas is not None:
+            norm = fsdp_norm(self.trainer, norm, replicas)
         if logs_this_step(self.trainer):
             self.log("train/grad_norm", norm, on_step=True)
         if torch.isfinite(norm):
@@ -322,6 +347,18 @@ class PandaLLM(L.LightningModule):
         if self.global_rank == 0:
             log.warning("pandallm: %s; update skipped (%d skipped so far)", message, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if zero.is_deepspeed(self.trainer.strategy) and self.trainer.precision != "16-mixed":
+            # After DeepSpeed's step and before any callback's `on_train_batch_end`: a checkpoint never holds it.
+            norm = zero.check_finite_grad_norm(self)
+            if norm is not None and logs_this_step(self.trainer):
+                self.log("train/grad_norm", norm, on_step=True)
+
+    def teardown(self, stage: str) -> None:
+        zero.forget_transformers_zero3(self._zero3_config)
+        self._zero3_config = None
 
     def configure_gradient_clipping(
         self,
@@ -442,18 +479,23 @@ class PandaLLM(L.LightningModule):
         trainer = self.trainer
         zero.refuse_skipping(trainer.strategy, h.nonfinite)
         zero.checkpoint_trainable_only(trainer.strategy, self.is_adapter_run)
-        # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer (it could be
-        # unscaling them itself); the foreach AdamW is the same update in a few more kernels.
-        clips_under_amp = isinstance(trainer.precision_plugin, MixedPrecision) and bool(trainer.gradient_clip_val)
+        # Clipping needs gradients that are not scaled any more: a fused AdamW unscales fp16 gradients inside its
+        # own step, after clipping, and Lightning's mixed-precision plugin refuses to clip its gradients at all
+        # (bf16 too). The foreach AdamW is the same update in a few more kernels.
+        plugin = trainer.precision_plugin
+        scaled = isinstance(plugin, MixedPrecision) or getattr(plugin, "scaler", None) is not None
+        clips_scaled = scaled and bool(trainer.gradient_clip_val)
         optimizer = build_optimizer(
             h.optimizer,
-            decay_groups(self.named_parameters(), h.weight_decay),
+            # DeepSpeed drops an empty group, which would leave the LR schedule a group too many; elsewhere both
+            # groups stay, so that checkpoints keep the same optimizer layout whatever is trained.
+            decay_groups(self.named_parameters(), h.weight_decay, keep_empty=not zero.is_deepspeed(trainer.strategy)),
             h.learning_rate,
             h.adam_betas,
             h.adam_epsilon,
             self.device,
             cpu_offload=zero.offloads_optimizer(trainer.strategy),
-            fused=not clips_under_amp,
+            fused=not clips_scaled,
         )
         total = self.total_steps()
         schedule = Schedule(

@@ -4,7 +4,8 @@ DeepSpeed keeps gradients in its own partitioned buffers and steps through its e
 pandallm does on parameters directly under DDP and FSDP go through DeepSpeed instead:
 
 - the optimizer, when ZeRO-Offload moves it to CPU memory (`offloads_optimizer`);
-- the check for a non-finite step, which reads the loss rather than the gradients (`check_finite_loss`);
+- the check for a non-finite step, which reads the loss before the engine's step and the engine's gradient norm
+  after it (`check_finite_loss`, `check_finite_grad_norm`);
 - the Hugging Face export of a ZeRO-3 run, whose weights no rank holds whole (`consolidated_weights`);
 - LoRA checkpoints without the frozen base, which DeepSpeed writes itself (`checkpoint_trainable_only`).
 
@@ -14,8 +15,7 @@ would load a checkpoint into parameters that Lightning's `deepspeed.zero.Init` h
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import math
 
 import lightning as L
 import torch
@@ -43,14 +43,22 @@ def tell_transformers_zero3(strategy: L.pytorch.strategies.Strategy | None) -> o
     """Under ZeRO-3, make transformers load checkpoints the ZeRO-3 way (global rank 0 reads the weights, DeepSpeed
     scatters them into the partitions) and resize embeddings with the partitions gathered.
 
-    Returns the `HfDeepSpeedConfig` that turns this on, which the caller must keep: transformers holds only a weak
-    reference to it. None when ZeRO-3 is off.
+    Returns the `HfDeepSpeedConfig` that turns this on, which the caller must keep (transformers holds only a weak
+    reference to it) and hand to `forget_transformers_zero3` when the run ends. None when ZeRO-3 is off.
     """
     if not (is_deepspeed(strategy) and strategy.zero_stage_3):
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(strategy.config)
+
+
+def forget_transformers_zero3(config: object | None) -> None:
+    """Undo `tell_transformers_zero3`: later `from_pretrained` calls in this process load normally again."""
+    if config is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def checkpoint_trainable_only(strategy: L.pytorch.strategies.Strategy | None, adapter_run: bool) -> None:
@@ -71,11 +79,11 @@ def refuse_skipping(strategy: L.pytorch.strategies.Strategy | None, nonfinite: s
 
 
 def check_finite_loss(module: L.LightningModule) -> None:
-    """Stop every rank, naming the step, if any rank's loss is not finite.
+    """Before DeepSpeed's step: stop every rank, naming the step, if any rank's loss is not finite.
 
     Under DeepSpeed the gradients are out of reach before the engine's step (`p.grad` is None under ZeRO), so the
-    loss stands in for them: a non-finite loss is what makes them non-finite. The flag is all-reduced first so
-    that every rank raises together rather than one rank leaving the others waiting in a collective.
+    loss is checked here, and the gradient norm after the step (`check_finite_grad_norm`). The flag is all-reduced
+    first so that every rank raises together rather than one rank leaving the others waiting in a collective.
     """
     loss = module._last_loss
     bad = torch.zeros((), device=module.device) if loss is None else (~torch.isfinite(loss)).float()
@@ -88,23 +96,45 @@ def check_finite_loss(module: L.LightningModule) -> None:
         )
 
 
+def check_finite_grad_norm(module: L.LightningModule) -> float | None:
+    """After DeepSpeed's step: the global gradient norm the engine computed (the same on every rank, so every rank
+    decides alike without a collective); raises if it is not finite, before any callback can checkpoint the step.
+
+    A finite loss can still give non-finite gradients (an overflow in the backward pass). DeepSpeed has applied the
+    step by then: the error says so, and the last checkpoint is the one to resume from.
+    """
+    norm = module.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm)
+    if not math.isfinite(norm):
+        raise FloatingPointError(
+            f"step {module.trainer.global_step}: gradient norm {norm} under DeepSpeed, which has already applied "
+            "the step; resume from the last checkpoint (--ckpt_path last)"
+        )
+    return norm
+
+
+def check_exportable(strategy: L.pytorch.strategies.Strategy | None) -> None:
+    """Before training: a ZeRO-3 run exported at the end of `fit` needs DeepSpeed to gather its 16-bit weights."""
+    if not (is_deepspeed(strategy) and strategy.zero_stage_3):
+        return
+    if not strategy.config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError(
+            "a ZeRO-3 run exports its weights at the end of fit only with "
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its DeepSpeed config (the shipped "
+            "configs/deepspeed set it); or set export.enabled: false and convert a checkpoint with pandallm export"
+        )
+
+
 def consolidated_weights(strategy: DeepSpeedStrategy) -> dict[str, torch.Tensor]:
     """The whole state dict of a ZeRO-3 model on global rank 0 (CPU tensors, the LightningModule's keys); an empty
     dict on other ranks. A collective: every rank must call it.
 
-    DeepSpeed's `save_16bit_model` gathers the partitions one module at a time onto rank 0 (never the whole model
-    on every GPU); it needs `stage3_gather_16bit_weights_on_model_save: true`, which configs/deepspeed sets.
+    DeepSpeed gathers the partitions one module at a time onto rank 0, never the whole model on every GPU: the
+    gathering of `engine.save_16bit_model`, called directly so that rank 0 does not write the whole model to disk
+    and read it back (Accelerate calls it so too). The weights come in the engine's dtype: bf16 under bf16-mixed,
+    where DeepSpeed holds the model in bf16 and the fp32 master copy in the optimizer.
     """
-    engine = strategy.deepspeed_engine
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = strategy.broadcast(tmp)  # one directory: rank 0 writes, the others write nothing
-        if not engine.save_16bit_model(tmp, "weights.pt"):
-            raise ConfigError(
-                "a ZeRO-3 run exports its weights only with stage3_gather_16bit_weights_on_model_save: true in "
-                "its DeepSpeed config"
-            )
-        weights = {}
-        if strategy.is_global_zero:
-            weights = torch.load(Path(tmp) / "weights.pt", map_location="cpu", weights_only=True)
-        strategy.barrier("zero3_export")
-    return {k.removeprefix(_WRAPPER_PREFIX): v for k, v in weights.items()}
+    weights = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict() or {}
+    return {k.removeprefix(_WRAPPER_PREFIX): v.cpu() for k, v in weights.items()}

@@ -40,12 +40,14 @@ _BITSANDBYTES = {
 }
 
 
-def decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """The trainable parameters in two groups: matrices with `weight_decay`, norms and biases without.
+def decay_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, keep_empty: bool = True
+) -> list[dict]:
+    """The trainable parameters in two groups: matrices with `weight_decay`, norms and biases without; an empty
+    group is left out unless `keep_empty`.
 
     By name, not by `ndim`: FSDP flattens parameters and ZeRO-3 empties them before the optimizer is built, so their
-    shapes no longer tell a norm from a matrix. An empty group is left out: DeepSpeed drops empty groups, which
-    would leave the learning-rate schedule with one group more than the optimizer.
+    shapes no longer tell a norm from a matrix.
     """
     decay, no_decay = [], []
     for name, p in named_parameters:
@@ -53,7 +55,7 @@ def decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], wei
             # Anywhere in the path: peft nests a trained copy of a norm as `...norm.modules_to_save.default.weight`.
             (no_decay if "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return [g for g in groups if g["params"] or keep_empty]
 
 
 def build_optimizer(

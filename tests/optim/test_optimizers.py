@@ -70,9 +70,10 @@ def test_weight_decay_groups_go_by_name_so_flattened_parameters_land_in_the_righ
     assert {id(p) for p in no_decay["params"]} == norms and len(norms) == 5  # 2 per layer and the final norm
     assert len(decay["params"]) == len(list(model.parameters())) - 5
 
-    for name, p in model.named_parameters():  # only matrices trained (LoRA-like): no empty group, which DeepSpeed
-        p.requires_grad = "proj" in name  # would drop, leaving the LR schedule a group too many
-    assert [len(g["params"]) for g in decay_groups(model.named_parameters(), 0.0)] == [14]
+    for name, p in model.named_parameters():  # only matrices trained (LoRA-like): an empty second group, which
+        p.requires_grad = "proj" in name  # DeepSpeed would drop (leaving the LR schedule a group too many)
+    assert [len(g["params"]) for g in decay_groups(model.named_parameters(), 0.0)] == [14, 0]
+    assert [len(g["params"]) for g in decay_groups(model.named_parameters(), 0.0, keep_empty=False)] == [14]
 
 
 def test_fused_adamw_can_be_turned_off_for_clipping_under_mixed_precision() -> None:
