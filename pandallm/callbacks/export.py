@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.model.export import save_hf
-from pandallm.model.zero import check_exportable, consolidated_weights
+from pandallm.model.zero import allow_export, consolidated_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class HFExport(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":
-            check_exportable(trainer.strategy)  # before training, not after it
+            allow_export(trainer.strategy)  # before DeepSpeed's engine reads its config
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:

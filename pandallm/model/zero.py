@@ -15,6 +15,7 @@ would load a checkpoint into parameters that Lightning's `deepspeed.zero.Init` h
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
@@ -22,6 +23,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from pandallm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Lightning's wrapper around the LightningModule, which DeepSpeed's engine holds as its module.
 _WRAPPER_PREFIX = "_forward_module."
@@ -115,16 +118,16 @@ def check_finite_grad_norm(module: L.LightningModule) -> float | None:
     return norm
 
 
-def check_exportable(strategy: L.pytorch.strategies.Strategy | None) -> None:
-    """Before training: a ZeRO-3 run exported at the end of `fit` needs DeepSpeed to gather its 16-bit weights."""
+def allow_export(strategy: L.pytorch.strategies.Strategy | None) -> None:
+    """Before the engine is built: let a ZeRO-3 run gather its 16-bit weights for the export at the end of `fit`
+    (`stage3_gather_16bit_weights_on_model_save`, which Lightning's built-in `deepspeed_stage_3` configs leave off;
+    it changes nothing in training)."""
     if not (is_deepspeed(strategy) and strategy.zero_stage_3):
         return
-    if not strategy.config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save", False):
-        raise ConfigError(
-            "a ZeRO-3 run exports its weights at the end of fit only with "
-            "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its DeepSpeed config (the shipped "
-            "configs/deepspeed set it); or set export.enabled: false and convert a checkpoint with pandallm export"
-        )
+    zero_config = strategy.config.setdefault("zero_optimization", {})
+    if not zero_config.get("stage3_gather_16bit_weights_on_model_save"):
+        log.info("pandallm: stage3_gather_16bit_weights_on_model_save set, for the Hugging Face export at the end")
+        zero_config["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def consolidated_weights(strategy: DeepSpeedStrategy) -> dict[str, torch.Tensor]:
