@@ -227,7 +227,11 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4000)
     parser.add_argument("--precision", default="bf16-mixed", help="of the 1B run (Lightning's names)")
     parser.add_argument("--packing", action="store_true", help="pandallm packs the instruction records")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model, on both sides")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile: model.compile (each layer) and the HF Trainer's torch_compile",
+    )
     parser.add_argument("--workdir", default=".cache/benchmarks/gpu", help="random checkpoints are kept here")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, 2 timed steps")
     parser.add_argument("--tiny", action="store_true", help="the tiny config and 2 timed steps, on the GPU")

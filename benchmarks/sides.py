@@ -65,6 +65,7 @@ def cli_args(s: Setup, packing: bool) -> list[str]:
         "--model.warmup_steps=0",
         f"--model.learning_rate={s.lr}",
         f"--model.gradient_checkpointing={s.gradient_checkpointing}",
+        f"--model.compile={s.compile}",  # each decoder layer; the HF side compiles its whole model (torch_compile)
         f"--data.instruction_tuning_data_dir={s.instruction_dir or 'null'}",
         f"--data.pretraining_data_dir={s.pretraining_dir or 'null'}",
         f"--data.max_seq_length={s.seq}",
@@ -123,14 +124,6 @@ def pandallm_side(s: Setup) -> dict:
         return apply_lora(model, settings)
 
     module_file.apply_lora = seeded_apply_lora  # put back below: a run in-process must leave the module as it was
-    if s.compile:  # pandallm has no compile option of its own: the benchmark compiles the model in place
-        configure_model = module.configure_model
-
-        def compiled_configure_model() -> None:
-            configure_model()
-            module.model.compile()
-
-        module.configure_model = compiled_configure_model
 
     class Recorder(L.Callback):
         def __init__(self) -> None:

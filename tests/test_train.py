@@ -135,3 +135,18 @@ def test_bf16_mixed_with_gradient_clipping_trains(tmp_path) -> None:
     run = cli(["fit", *args, "--trainer.max_steps=3", "--export.enabled=false"])
     assert run.trainer.global_step == 3
     assert not run.trainer.optimizers[0].defaults["fused"]
+
+
+def test_compiled_decoder_layers_train_like_eager_ones(tmp_path) -> None:
+    from tests.conftest import tiny_fit_args
+
+    def train(name: str, *extra: str) -> tuple[list[float], torch.nn.Module]:
+        args = tiny_fit_args(tmp_path / name, "--trainer.max_steps=3", "--export.enabled=false", *extra)
+        run = cli(["fit", *args, "--model.config_overrides={attention_dropout: 0.0}"])
+        return column(metrics(Path(run.trainer.log_dir)), "train/loss"), run.model.model
+
+    eager, _ = train("eager")
+    compiled, model = train("compiled", "--model.compile=true")
+    layers = model.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert compiled == pytest.approx(eager, abs=1e-4)  # the same arithmetic, fused differently

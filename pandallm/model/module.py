@@ -32,6 +32,7 @@ from pandallm.model.build import (
     model_config,
     num_parameters,
 )
+from pandallm.model.compile import compile_decoder_layers
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
@@ -88,6 +89,7 @@ class PandaLLM(L.LightningModule):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         delta_from: str | None = None,
         delta_replaces: list[str] = list(DEFAULT_REPLACED),  # noqa: B006 (jsonargparse reads it)
         use_lora: bool = False,
@@ -122,6 +124,8 @@ class PandaLLM(L.LightningModule):
             config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
             attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
             gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
+            compile: torch.compile each decoder layer (pandallm.model.compile); the first steps are slower while it
+                compiles.
             delta_from: Base checkpoint that `model_name_or_path` holds delta weights of (PandaLLM's released
                 models): the weights trained from are base + delta.
             delta_replaces: Tensors that the delta stores whole rather than as a difference (PandaLLM's extended
@@ -243,6 +247,8 @@ class PandaLLM(L.LightningModule):
             if h.use_lora or h.use_quant:
                 raise ModelError("FSDP2 (ModelParallelStrategy) trains full models only; use DDP or DeepSpeed for LoRA")
             apply_fsdp2(model, self.device_mesh)
+        if h.compile:  # last: the compiled layers are the ones that LoRA, k-bit preparation and FSDP2 left
+            log.info("pandallm: compiling %d decoder layers", compile_decoder_layers(model))
         # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
