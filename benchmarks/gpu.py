@@ -55,17 +55,12 @@ _LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 # `--trainer.strategy` of each strategy run: the shipped DeepSpeed configs; FSDP without activation checkpointing,
 # as every other run here (the model's `gradient_checkpointing` is off in all of them).
 STRATEGIES = {
-    "zero2": {
-        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
-        "init_args": {"config": "configs/deepspeed/zero2.json"},
-    },
-    "zero3": {
-        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
-        "init_args": {"config": "configs/deepspeed/zero3.json"},
-    },
-    "zero3_offload": {
-        "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
-        "init_args": {"config": "configs/deepspeed/zero3_offload.json"},
+    **{
+        name: {
+            "class_path": "lightning.pytorch.strategies.DeepSpeedStrategy",
+            "init_args": {"config": f"configs/deepspeed/{name}.json"},
+        }
+        for name in ("zero2", "zero3", "zero3_offload")
     },
     "fsdp": {
         "class_path": "lightning.pytorch.strategies.FSDPStrategy",
@@ -255,18 +250,17 @@ def main() -> None:
     peak = matmul_peak_flops(options.device, dtype, size, repeats=5)
     results: dict = {"matmul_peak_tflops": peak / 1e12, "packing": options.packing, "compile": options.compile}
     results["chunked_cross_entropy"] = "absent from pandallm (pandallm/model/loss.py); not measured"
+    label = "tiny" if options.tiny else "1B"
     if "mfu" in options.runs:
         results["mfu_1b"] = mfu_run(work, options, peak)
         r = results["mfu_1b"]
-        name = "tiny" if options.tiny else "1B"
-        print(f"{name} full {options.precision}: {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} of a")
+        print(f"{label} full {options.precision}: {r['tokens_per_second']:,.0f} tokens/s, MFU {r['mfu']:.1%} of a")
         print(f"  measured {peak / 1e12:.1f} TFLOP/s matmul peak; peak memory {r['peak_memory_mib']:,} MiB")
     for strategy in STRATEGIES:
         if strategy in options.runs:
             results[f"strategy_{strategy}"] = r = mfu_run(work, options, peak, strategy)
-            size = "tiny" if options.tiny else "1B"
             print(
-                f"{size} full {options.precision} {strategy:<14}{r['tokens_per_second']:>10,.0f} tokens/s  MFU "
+                f"{label} full {options.precision} {strategy:<14}{r['tokens_per_second']:>10,.0f} tokens/s  MFU "
                 f"{r['mfu']:6.1%}{r['peak_memory_mib']:>10,} MiB GPU{r['peak_rss_mib']:>10,} MiB RSS"
             )
     for run, bits in (("lora", 0), ("qlora", 4)):

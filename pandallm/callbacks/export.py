@@ -7,20 +7,18 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.model.export import save_hf
-from pandallm.model.zero import allow_export, consolidated_weights
+from pandallm.model.zero import allow_export, consolidated_weights, is_zero3
 
 log = logging.getLogger(__name__)
 
 
 def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
     """Whether no rank holds the whole model (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        return True
-    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or is_zero3(strategy)
 
 
 class HFExport(L.Callback):
@@ -62,10 +60,7 @@ class HFExport(L.Callback):
             return
         if shards_parameters(strategy):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
-            if isinstance(strategy, DeepSpeedStrategy):
-                weights = consolidated_weights(strategy)
-            else:
-                weights = gather_full_state_dict(strategy.model)
+            weights = consolidated_weights(strategy) if is_zero3(strategy) else gather_full_state_dict(strategy.model)
             if trainer.is_global_zero:
                 save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory)
         elif trainer.is_global_zero:

@@ -215,16 +215,22 @@ def ready(record: Record) -> Callable[[], Record]:
     return lambda: record
 
 
-def lazy_text_records(path: str | Path, split: TxtSplit) -> Iterator[Callable[[], Record]]:
-    """One loader per document of a `.txt` file, in order (streaming's counterpart of `read_records` for text):
-    with the paragraph split, the file is read a line at a time and only one paragraph is held."""
+def lazy_text_records(
+    path: str | Path, split: TxtSplit, skipped: list[DataFormatError] | None = None
+) -> Iterator[Callable[[], Record]]:
+    """One loader per document of a `.txt` file, in order: with the paragraph split, the file is read a line at a
+    time and only one paragraph is held (what streaming needs). An empty document is an error, or with `skipped`
+    appended to it and left out."""
     path = Path(path)
     found = False
     for line, text in iter_text_documents(path, split):
-        if not text.strip():
+        if text.strip():
+            found = True
+            yield ready(Record(str(path), line, "text", text=text))
+        elif skipped is not None:
+            skipped.append(DataFormatError(path, line, None, "is empty"))
+        else:
             raise DataFormatError(path, line, None, "is empty")
-        found = True
-        yield ready(Record(str(path), line, "text", text=text))
     if not found:
         raise DatasetError(f"{path}: holds no text")
 
@@ -327,14 +333,4 @@ def _read_text(
 ) -> list[Record]:
     if kind == "instruction":
         raise DatasetError(f"{path}: a .txt file holds pretraining text; put it under data.pretraining_data_dir")
-    records = []
-    for line, text in iter_text_documents(path, split):
-        if text.strip():
-            records.append(Record(str(path), line, "text", text=text))
-        elif skipped is not None:
-            skipped.append(DataFormatError(path, line, None, "is empty"))
-        else:
-            raise DataFormatError(path, line, None, "is empty")
-    if not records:
-        raise DatasetError(f"{path}: holds no text")
-    return records
+    return [load() for load in lazy_text_records(path, split, skipped)]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
@@ -36,7 +36,7 @@ from pandallm.model.compile import compile_decoder_layers
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
 from pandallm.model.loss import causal_lm_loss_sum
-from pandallm.model.parallel import apply_fsdp2
+from pandallm.model.parallel import apply_fsdp2, fsdp_norm, fsdp_replicas
 from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
@@ -54,31 +54,6 @@ from pandallm.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 AdapterSaveType = Literal["adapter_only", "merge"]
-
-
-def fsdp_replicas(trainer: L.Trainer) -> int | None:
-    """How many ranks hold each gradient element under Lightning's FSDP on several ranks (1: full or gradient
-    sharding; the nodes: hybrid sharding); None where the local gradients give the whole norm (no FSDP, one rank,
-    no sharding)."""
-    strategy = trainer.strategy
-    if not isinstance(strategy, FSDPStrategy) or trainer.world_size == 1:
-        return None
-    mode = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy))
-    if mode == "NO_SHARD":
-        return None
-    if "HYBRID" not in mode:
-        return 1
-    mesh = strategy.kwargs.get("device_mesh")  # (replicas, shards), or a 2-D DeviceMesh; default: shard per node
-    if isinstance(mesh, tuple):
-        return mesh[0]
-    return mesh.size(0) if mesh is not None else trainer.num_nodes
-
-
-def fsdp_norm(trainer: L.Trainer, local: torch.Tensor, replicas: int) -> torch.Tensor:
-    """The global gradient norm from each rank's norm of its own shard: squares summed over the ranks (on the
-    device: with CPU offload the gradients, and so `local`, are in CPU memory), each element counted once."""
-    squares = local.to(trainer.strategy.root_device).square()
-    return (trainer.strategy.reduce(squares, reduce_op="sum") / replicas).sqrt()
 
 
 class PandaLLM(L.LightningModule):
@@ -286,7 +261,7 @@ class PandaLLM(L.LightningModule):
         trainer = self.trainer
         if trainer.accumulate_grad_batches == 1 and trainer.world_size == 1:
             return False
-        return not isinstance(trainer.strategy, DeepSpeedStrategy)
+        return not zero.is_deepspeed(trainer.strategy)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)

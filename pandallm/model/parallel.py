@@ -13,7 +13,9 @@ runs on CPU too (gloo), so it is tested here (tests/test_parallel.py).
 
 from __future__ import annotations
 
+import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
@@ -53,3 +55,28 @@ def wrap_by_size(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) 
     """An `auto_wrap_policy` for Lightning's `FSDPStrategy` (FSDP1) that makes FSDP units by size instead of by
     layer class: `auto_wrap_policy: pandallm.model.parallel.wrap_by_size` (configs/fsdp/size_wrap.yaml)."""
     return size_based_auto_wrap_policy(module, recurse, nonwrapped_numel, min_num_params=WRAP_MIN_PARAMETERS)
+
+
+def fsdp_replicas(trainer: L.Trainer) -> int | None:
+    """How many ranks hold each gradient element under Lightning's FSDP on several ranks (1: full or gradient
+    sharding; the nodes: hybrid sharding); None where the local gradients give the whole norm (no FSDP, one rank,
+    no sharding)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy) or trainer.world_size == 1:
+        return None
+    mode = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy))
+    if mode == "NO_SHARD":
+        return None
+    if "HYBRID" not in mode:
+        return 1
+    mesh = strategy.kwargs.get("device_mesh")  # (replicas, shards), or a 2-D DeviceMesh; default: shard per node
+    if isinstance(mesh, tuple):
+        return mesh[0]
+    return mesh.size(0) if mesh is not None else trainer.num_nodes
+
+
+def fsdp_norm(trainer: L.Trainer, local: torch.Tensor, replicas: int) -> torch.Tensor:
+    """The global gradient norm from each rank's norm of its own shard: squares summed over the ranks (on the
+    device: with CPU offload the gradients, and so `local`, are in CPU memory), each element counted once."""
+    squares = local.to(trainer.strategy.root_device).square()
+    return (trainer.strategy.reduce(squares, reduce_op="sum") / replicas).sqrt()

@@ -34,6 +34,11 @@ def is_deepspeed(strategy: L.pytorch.strategies.Strategy | None) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def is_zero3(strategy: L.pytorch.strategies.Strategy | None) -> bool:
+    """Whether DeepSpeed partitions the weights themselves (ZeRO stage 3): no rank holds the whole model."""
+    return is_deepspeed(strategy) and strategy.zero_stage_3
+
+
 def offloads_optimizer(strategy: L.pytorch.strategies.Strategy | None) -> bool:
     """Whether the DeepSpeed config moves the optimizer state to CPU memory or NVMe (ZeRO-Offload)."""
     if not is_deepspeed(strategy):
@@ -49,7 +54,7 @@ def tell_transformers_zero3(strategy: L.pytorch.strategies.Strategy | None) -> o
     Returns the `HfDeepSpeedConfig` that turns this on, which the caller must keep (transformers holds only a weak
     reference to it) and hand to `forget_transformers_zero3` when the run ends. None when ZeRO-3 is off.
     """
-    if not (is_deepspeed(strategy) and strategy.zero_stage_3):
+    if not is_zero3(strategy):
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -122,7 +127,7 @@ def allow_export(strategy: L.pytorch.strategies.Strategy | None) -> None:
     """Before the engine is built: let a ZeRO-3 run gather its 16-bit weights for the export at the end of `fit`
     (`stage3_gather_16bit_weights_on_model_save`, which Lightning's built-in `deepspeed_stage_3` configs leave off;
     it changes nothing in training)."""
-    if not (is_deepspeed(strategy) and strategy.zero_stage_3):
+    if not is_zero3(strategy):
         return
     zero_config = strategy.config.setdefault("zero_optimization", {})
     if not zero_config.get("stage3_gather_16bit_weights_on_model_save"):

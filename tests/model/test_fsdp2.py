@@ -53,7 +53,7 @@ def test_fsdp_gradient_norm_counts_each_gradient_element_once(
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from pandallm.model.module import fsdp_norm, fsdp_replicas
+    from pandallm.model.parallel import fsdp_norm, fsdp_replicas
 
     strategy = FSDPStrategy(sharding_strategy=mode, **extra)
     trainer = SimpleNamespace(strategy=strategy, world_size=8, num_nodes=2)
