@@ -1,6 +1,7 @@
 """pandallm against the Hugging Face Trainer on the same model, data order, batch and optimizer (CPU fp32).
 
     python -m benchmarks.vs_hf_trainer [--models llama-tiny smollm2-lora] [--rounds 3] [--steps N --warmup W]
+    python -m benchmarks.vs_hf_trainer --models smollm2-lora --batch 8 --seq 512 --rounds 1   # Alpaca-like padding
 
 Two models: `llama-tiny` (the preset, random init, every weight trained) and `smollm2-lora` (SmolLM2-135M-Instruct
 from the GGUF file the tests fetch, LoRA r=16 on every projection, on both sides through peft). The data is a
@@ -43,8 +44,9 @@ MODELS = {
 RUNS = (("pandallm", False), ("hf", False), ("pandallm", True))  # (side, packing)
 
 
-def build_setup(name: str, work: Path, model_dir: Path, steps: int | None, num_records: int) -> Setup:
-    """The checkpoint, the synthetic records and the tokenized rows of model `name`, under `work / name`."""
+def build_setup(name: str, work: Path, model_dir: Path, overrides: dict[str, int], num_records: int) -> Setup:
+    """The checkpoint, the synthetic records and the tokenized rows of model `name`, under `work / name`, with the
+    model's settings (MODELS) changed by `overrides` (steps, batch, seq)."""
     root = work / name
     if name == "llama-tiny":
         init = root / "init"
@@ -65,7 +67,7 @@ def build_setup(name: str, work: Path, model_dir: Path, steps: int | None, num_r
         cache_dir=str(root / "cache"),
         rows_file=str(root / "rows.json"),
         instruction_dir=str(root / "it"),
-        **{**settings, "steps": steps or settings["steps"]},
+        **{**settings, **overrides},
     )
     prepare_rows(setup)
     return setup
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=None, help="per run; default: the model's (MODELS)")
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the throughput")
+    parser.add_argument("--batch", type=int, default=None, help="per run; default: the model's (MODELS)")
+    parser.add_argument("--seq", type=int, default=None, help="max_seq_length; default: the model's (MODELS)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
@@ -96,9 +100,11 @@ def main() -> None:
     options = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pandallm-bench-"))
+    chosen = {"steps": options.steps, "batch": options.batch, "seq": options.seq}
+    overrides = {key: value for key, value in chosen.items() if value is not None}
     try:
         setups = {
-            name: build_setup(name, work, Path(options.model_dir), options.steps, options.records)
+            name: build_setup(name, work, Path(options.model_dir), overrides, options.records)
             for name in options.models
         }
         reports: dict[str, dict[str, list[dict]]] = {name: {} for name in setups}

@@ -64,13 +64,26 @@ class NaNForwardAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank) and self._hook is None:
             embeddings = pl_module.model.get_input_embeddings()
-            self._hook = embeddings.register_forward_hook(lambda module, args, output: output * float("nan"))
+            self._hook = embeddings.register_forward_hook(self.poison)
+
+    @staticmethod
+    def poison(module, args, output):
+        return output * float("nan")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
             self.step = -1
+
+
+class NaNGradientAtStep(NaNForwardAtStep):
+    """Keeps the loss of optimizer step `step` finite but makes its gradients NaN: an overflow in the backward pass,
+    which a check of the loss alone misses."""
+
+    @staticmethod
+    def poison(module, args, output):
+        output.register_hook(lambda grad: grad * float("nan"))
 
 
 class KillDuringShardedSave(L.Callback):

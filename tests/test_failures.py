@@ -13,7 +13,7 @@ import torch
 
 from pandallm.cli import cli
 from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
-from tests.helpers import NaNForwardAtStep
+from tests.helpers import NaNForwardAtStep, NaNGradientAtStep
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,13 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
     run = cli(args(tmp_path), run=False)
     run.trainer.callbacks.append(NaNForwardAtStep(step=3))
     with pytest.raises(FloatingPointError, match=r"step 3: gradient norm nan \(loss on rank 0: nan\)"):
+        run.trainer.fit(run.model, run.datamodule)
+
+
+def test_nonfinite_gradients_under_a_finite_loss_stop_with_the_step_named(tmp_path: Path) -> None:
+    run = cli(args(tmp_path), run=False)
+    run.trainer.callbacks.append(NaNGradientAtStep(step=3))
+    with pytest.raises(FloatingPointError, match=r"step 3: gradient norm nan \(loss on rank 0: \d+\.\d+\)"):
         run.trainer.fit(run.model, run.datamodule)
 
 

@@ -140,6 +140,35 @@ def test_deepspeed_refuses_to_skip_nonfinite_steps(single_gpu, tmp_path: Path) -
     assert "model.nonfinite: skip is not possible under DeepSpeed" in done.stderr
 
 
+@needs_deepspeed
+@pytest.mark.parametrize(
+    ("poison", "message"),
+    [
+        ("NaNForwardAtStep", "step 2: non-finite loss on 1 rank(s)"),
+        ("NaNGradientAtStep", "step 2: gradient norm nan under DeepSpeed"),  # the loss is finite: after the step
+    ],
+)
+def test_deepspeed_stops_on_a_nonfinite_loss_or_gradient_naming_the_step(
+    single_gpu, tmp_path: Path, poison: str, message: str
+) -> None:
+    nan = [f"--trainer.callbacks+=tests.helpers.{poison}", "--trainer.callbacks.step=2"]
+    done = run(tmp_path, "nan", single_gpu, ZERO["zero2"], *nan, expect_code=1)
+    assert message in done.stderr
+
+
+@needs_deepspeed
+def test_lightning_builtin_zero3_config_still_exports_at_the_end_of_fit(single_gpu, tmp_path: Path) -> None:
+    """Lightning's `deepspeed_stage_3` leaves the 16-bit gather off; pandallm turns it on for the export."""
+    run(tmp_path, "builtin", single_gpu, "--trainer.strategy=deepspeed_stage_3")
+    assert_same_training(tmp_path, "builtin", single_gpu[0], TOLERANCE)
+
+
+def test_compiled_decoder_layers_train_like_eager_ones_on_the_gpu(single_gpu, tmp_path: Path) -> None:
+    run(tmp_path, "compiled", single_gpu, "--model.compile=true")
+    # Inductor's fused GPU kernels round differently from eager ones: the same training, not the same bits.
+    assert_same_training(tmp_path, "compiled", single_gpu[0], {"rtol": 1e-3, "atol": 1e-4})
+
+
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
 def test_lightning_fsdp_trains_like_one_gpu_and_its_sharded_checkpoint_exports(
     single_gpu, tmp_path: Path, activation_checkpointing: bool
