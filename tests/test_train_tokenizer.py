@@ -18,3 +18,18 @@ def test_train_tokenizer_command(tmp_path) -> None:
     ids = tokenizer("长城 river ☃", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "长城 river ☃"  # byte fallback: nothing becomes <unk>
     assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_trained_tokenizer_encodes_alike_in_sentencepiece_and_transformers(tmp_path) -> None:
+    """Full-width punctuation, full-width digits and doubled spaces: the text a normalizing tokenizer would change
+    in sentencepiece and not in transformers."""
+    import sentencepiece as spm
+
+    text = "你好，世界！（测试）１２３ ＡＢＣ  two  spaces。"
+    write_jsonl(tmp_path / "data" / "it.jsonl", [{"input": text, "target": text}] * 50 + INSTRUCTIONS * 20)
+    out = tmp_path / "tok"
+    main(["train-tokenizer", f"--inputs=[{tmp_path / 'data'}]", f"--output={out}", "--vocab_size=400"])
+    ids = load_tokenizer(str(out))(text, add_special_tokens=False)["input_ids"]
+    assert ids == spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).encode(text)
+    assert load_tokenizer(str(out)).decode(ids) == text
+    assert len(ids) < len(text.encode())  # the full-width pieces were learned, not spelled out in bytes

@@ -39,7 +39,8 @@ def train_tokenizer(
     vocab_size: int = 3000,
     model_type: str = "bpe",
 ) -> Path:
-    """Train a LLaMA-style sentencepiece tokenizer (BOS 1, EOS 2, UNK 0, byte fallback) and save it.
+    """Train a LLaMA-style sentencepiece tokenizer (BOS 1, EOS 2, UNK 0, byte fallback, no normalization) and save
+    it: sentencepiece and transformers' `LlamaTokenizer` read it alike.
 
     Args:
         inputs: Record files or directories of them (instruction and pretraining records).
@@ -59,6 +60,11 @@ def train_tokenizer(
             model_type=model_type,
             character_coverage=0.9995,
             byte_fallback=True,  # any character still encodes, as bytes
+            # LLaMA's normalizer: none. transformers' LlamaTokenizer applies no sentencepiece normalization, so
+            # pieces learned on NFKC text (sentencepiece's default) would miss in it: every full-width `，` of
+            # Chinese text would become three byte tokens there, and the two tokenizers would disagree.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
             split_digits=True,
             unk_id=0,
             bos_id=1,

@@ -38,8 +38,8 @@ def test_instruction_row_golden(tmp_path: Path, tokenizer_dir: str) -> None:
         )
     )
     row = dm.datasets["train"][0]
-    prompt = [1, 454, 299, 263, 270, 400, 289, 288, 284, 533, 1217, 575, 1248]
-    target = [406, 278, 275, 1232, 2]
+    prompt = [1, 454, 299, 263, 270, 400, 289, 288, 284, 533, 1205, 575, 1259]
+    target = [406, 278, 275, 1221, 2]
     assert row["input_ids"] == prompt + target
     assert row["labels"] == [IGNORE_INDEX] * len(prompt) + target
     assert dm.tokenizer.convert_ids_to_tokens(target) == ["▁P", "ar", "is", ".", "</s>"]
