@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pandallm.cli import main
+from pandallm.errors import ConfigError
 from tests.conftest import REPO, write_jsonl
 from tests.data.word_tokenizer import save_word_tokenizer
 
@@ -49,9 +50,8 @@ def test_check_with_a_kind_finds_records_in_the_wrong_data_directory(tmp_path: P
     with pytest.raises(SystemExit) as exit_:
         main(["data", "check", "--kind", "instruction", str(tmp_path / "it")])
     assert exit_.value.code == 1
-    assert capsys.readouterr().out.splitlines() == [  # what training says of it, then why the file is left empty
+    assert capsys.readouterr().out.splitlines() == [  # what training says of it
         f"{documents}:1: a pretraining record (pretraining) where instruction records are expected",
-        f"{documents}: holds no records",
     ]
 
 
@@ -62,6 +62,8 @@ def test_check_with_a_tokenizer_also_renders_every_conversation(tmp_path: Path, 
     with pytest.raises(SystemExit):
         main(["data", "check", str(path), "--tokenizer", save_word_tokenizer(tmp_path / "w"), "--template", "llama-2"])
     assert f"{path}:1: template 'llama-2'" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--template and --template_dir render records with a tokenizer"):
+        main(["data", "check", str(path), "--template", "llama-2"])  # not a silent pass
 
 
 def test_stats_reports_formats_and_lengths_and_saves_a_histogram(tmp_path: Path, capsys) -> None:

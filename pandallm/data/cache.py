@@ -18,7 +18,7 @@ from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 # Bump when the encoding rules change, so that caches built by an older pandallm are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def file_digest(path: str | Path) -> str:

@@ -34,6 +34,7 @@ from pandallm.data.template import (
     tokenizer_template,
 )
 from pandallm.data.tokenize import (
+    AS_TEXT,
     ROW_FEATURES,
     pack_instructions,
     special_ids,
@@ -140,11 +141,9 @@ class PandaDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         if not 0.0 <= val_fraction < 1.0:
             raise DatasetError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if max_seq_length < 2:
-            raise DatasetError(f"data.max_seq_length must be at least 2, got {max_seq_length}")
-        if instruction_tuning_data_dir is None and pretraining_data_dir is None and not train_files:
+        if max_seq_length < 3:
             raise DatasetError(
-                "no training data: set data.instruction_tuning_data_dir, data.pretraining_data_dir or data.train_files"
+                f"data.max_seq_length must be at least 3 (BOS, a prompt token and a target token), got {max_seq_length}"
             )
         self.tokenizer_name = tokenizer
         self.data_dirs: dict[RecordKind, str | None] = {
@@ -164,6 +163,13 @@ class PandaDataModule(L.LightningDataModule):
             )
         if streaming and (val_fraction > 0 or mix_ratios is not None):
             raise DatasetError("data.streaming holds nothing out and mixes nothing: use data.val_files, no mix_ratios")
+        if streaming and bad_records == "skip":
+            # A stream meets a bad record mid-training, on one worker of one rank, with no total to take a fraction
+            # of: it stops there, naming the file and line, as `bad_records: error` does.
+            raise DatasetError(
+                "data.streaming reads records while it trains and cannot skip malformed ones: check the corpus first "
+                "(`pandallm data check`) and leave data.bad_records at 'error'"
+            )
         if instruction_tuning_data_dir is not None and instruction_tuning_data_dir == pretraining_data_dir:
             raise DatasetError(
                 f"data.instruction_tuning_data_dir and data.pretraining_data_dir are both '{pretraining_data_dir}'"
@@ -190,6 +196,7 @@ class PandaDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.seed = seed
         self.datasets: DatasetDict | None = None
+        self._has_training_data = False
         # The training sources (as `mix_ratios` names them) and their rows, known once the data is loaded.
         self.train_source_names: list[str] = []
         self.train_source_sizes: tuple[int, ...] = ()
@@ -219,11 +226,26 @@ class PandaDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before `setup`: malformed data fails here, before any training.
-        self._load()
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        if stage != TrainerFn.PREDICTING:
+            self._load(self._needs_training_data(stage))
+
+    def _needs_training_data(self, stage: str | None) -> bool:
+        """`fit` trains on it, and `validate` holds its `val_fraction` out of it; `test` and `predict` run from a
+        checkpoint with their own files, on a machine that may not have the training data."""
+        return stage in (None, TrainerFn.FITTING) or (stage == TrainerFn.VALIDATING and self.val_fraction > 0)
 
     def setup(self, stage: str) -> None:
-        if self.datasets is None:
-            self.datasets = self._load()
+        if stage == TrainerFn.PREDICTING:
+            if not self.predict_files:
+                raise DatasetError("no prompts: set data.predict_files")
+            return  # the prompts are read by `predict_dataloader`; nothing else is needed
+        needs_training_data = self._needs_training_data(stage)
+        # Loaded for `validate` or `test` without the training split, then asked to `fit`: load again, with it.
+        if self.datasets is None or (needs_training_data and not self._has_training_data):
+            self.datasets = self._load(needs_training_data)
+            self._has_training_data = needs_training_data
+            self.__dict__.pop("training_order", None)  # a cached_property of the rows loaded before
             sizes = {split: len(ds) for split, ds in self.datasets.items()}
             tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
             log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
@@ -244,8 +266,6 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError("no validation data: set data.val_files or data.val_fraction")
         if stage == "test" and len(self.datasets["test"]) == 0:
             raise DatasetError("no test data: set data.test_files")
-        if stage == "predict" and not self.predict_files:
-            raise DatasetError("no prompts: set data.predict_files")
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -264,6 +284,14 @@ class PandaDataModule(L.LightningDataModule):
     def training_order(self) -> TrainingOrder:
         names = self.train_source_names
         ratios = ordered_ratios(self.mix_ratios, names)
+        if ratios is not None:
+            sizes = zip(names, self.train_source_sizes, ratios, strict=True)
+            empty = [name for name, size, ratio in sizes if ratio > 0 and size == 0]
+            if empty:
+                raise DatasetError(
+                    f"data.mix_ratios: training source(s) {empty} have a positive ratio but no rows left (every record "
+                    "dropped as over-long, or skipped as malformed)"
+                )
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
             for name, ratio, count in zip(names, order.ratios, order.source_counts(), strict=True):
@@ -271,8 +299,17 @@ class PandaDataModule(L.LightningDataModule):
                     log.warning("pandallm data: mix ratio %s of '%s' rounds to no rows per epoch", ratio, name)
         return order
 
-    def _load(self) -> DatasetDict:
-        train = self.train_sources()
+    def _load(self, with_training_data: bool = True) -> DatasetDict:
+        """The rows of every split, from the cache or built; without `with_training_data`, those of the validation
+        and test files alone (the training split is empty)."""
+        if not with_training_data:
+            train = {}
+        elif not any(self.data_dirs.values()) and not self.train_files:
+            raise DatasetError(
+                "no training data: set data.instruction_tuning_data_dir, data.pretraining_data_dir or data.train_files"
+            )
+        else:
+            train = self.train_sources()
         sources = self._sources(train)
         key = cache_key(
             {
@@ -283,6 +320,8 @@ class PandaDataModule(L.LightningDataModule):
                 "tokenizer": tokenizer_digest(self.tokenizer),
                 "formats": [self.formats, self.txt_split],
                 "template": [
+                    # `auto` (None) and `none` (the plain layout, whose source is None too) lay records out differently
+                    "auto" if self.chat_template is None else self.chat_template.name,
                     None if self.chat_template is None else self.chat_template.source,
                     tokenizer_template(self.tokenizer),  # what `auto` uses
                 ],
@@ -559,8 +598,9 @@ class PandaDataModule(L.LightningDataModule):
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
     def prompts(self) -> list[dict]:
-        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids (left-truncated to fit); with a
-        Jinja template (`data.template`), as the template writes a user turn and the generation prompt."""
+        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids; with a Jinja template
+        (`data.template`), as the template writes a user turn and the generation prompt. A prompt longer than
+        `max_seq_length` is cut from the left, after its BOS, as training cuts an over-long prompt."""
         bos_id, _ = special_ids(self.tokenizer)
         template = template_for(self.chat_template, "pandallm", self.tokenizer)
         head = [] if bos_id is None or template.source is not None else [bos_id]
@@ -578,9 +618,15 @@ class PandaDataModule(L.LightningDataModule):
                         tokenize=False,
                         add_generation_prompt=True,
                     )
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids = ids[max(len(ids) - (self.max_seq_length - len(head)), 0) :]
-                rows.append({"input_ids": head + ids, "index": len(rows), "input": value["input"]})
+                if template.source is None:
+                    ids, row_head = self.tokenizer(text, **AS_TEXT)["input_ids"], head
+                else:
+                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                    # The BOS the template wrote stays when an over-long prompt is cut, as in training rows.
+                    row_head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+                    ids = ids[len(row_head) :]
+                ids = ids[max(len(ids) - (self.max_seq_length - len(row_head)), 0) :]
+                rows.append({"input_ids": row_head + ids, "index": len(rows), "input": value["input"]})
         return rows
 
 

@@ -179,7 +179,7 @@ def _has(*fields: str) -> Callable[[dict], bool]:
 
 
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
-    title = _string(value, "title", path, line).strip()
+    title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
     content = _nonempty(_string(value, "content", path, line), "content", path, line)
     return f"{title}\n{content}" if title else content
 
@@ -232,7 +232,13 @@ FORMATS: dict[str, Format] = {
         Format(
             "alpaca", "instruction", ("instruction", "input", "output"), _has("instruction", "output"), _parse_alpaca
         ),
-        Format("pretraining", "pretraining", ("title", "content"), _has("title", "content"), _parse_title_content),
+        Format(
+            "pretraining",
+            "pretraining",
+            ("title", "content"),
+            lambda v: "title" in v and _has("content")(v),  # a null title is a document without one
+            _parse_title_content,
+        ),
         Format("text", "pretraining", ("text",), _has("text"), _parse_text),
     )
 }

@@ -56,20 +56,31 @@ def is_saved_dataset(path: Path) -> bool:
     )
 
 
+def suffix(path: Path) -> str:
+    """A source's suffix, in any case (`A.JSONL` is a `.jsonl` file)."""
+    return path.suffix.lower()
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    # `.ipynb_checkpoints/`, `.git/`, editors' `.swp` copies: never data, and often a duplicate of some.
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def find_data_files(directory: str | Path, option: str, text: bool = False) -> list[Path]:
     """The sources under `directory` (recursively), in a stable order: `.json` / `.jsonl` files, saved datasets
-    (directories, not searched further), and with `text` also `.txt` files."""
+    (directories, not searched further: a `DatasetDict`'s split directories are not sources of their own), and
+    with `text` also `.txt` files. Hidden files and directories (a name starting with '.') are left out."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{option} '{directory}' is not a directory (set `data.{option}: null` to train without it)")
     if is_saved_dataset(directory):
         return [directory]
     suffixes = (*DATA_SUFFIXES, TEXT_SUFFIX) if text else DATA_SUFFIXES
-    datasets = sorted(p for p in directory.rglob("*") if is_saved_dataset(p))
+    visible = [p for p in directory.rglob("*") if not _hidden(p, directory)]
+    found = [p for p in visible if is_saved_dataset(p)]
+    datasets = sorted(p for p in found if not any(d in p.parents for d in found))
     files = sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file() and p.suffix in suffixes and not any(d in p.parents for d in datasets)
+        p for p in visible if p.is_file() and suffix(p) in suffixes and not any(d in p.parents for d in datasets)
     )
     if not files and not datasets:
         kinds = ".json, .jsonl or .txt files" if text else ".json or .jsonl files"
@@ -83,22 +94,27 @@ def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -
     With `skipped`, a `.jsonl` line that is not valid JSON is appended to it instead of raising. A `.json` array
     with a syntax error always raises: nothing after the error can be read reliably.
     """
-    if path.suffix not in DATA_SUFFIXES:
+    if suffix(path) not in DATA_SUFFIXES:
         raise DatasetError(
             f"{path}: unsupported source (expected a .json, .jsonl or .txt file, or a directory written by "
             "Dataset.save_to_disk)"
         )
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataFormatError(path, line, None, "not valid UTF-8") from e
-    if path.suffix == ".jsonl":
+    text = _read_utf8(path)
+    if suffix(path) == ".jsonl":
         yield from _iter_jsonl(path, text, skipped)
     else:
         yield from _iter_json_array(path, text)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a byte-order mark (Windows editors write one) is not part of it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataFormatError(path, line, None, "not valid UTF-8") from e
 
 
 def _json_line(path: Path, line_number: int, line: str) -> object:
@@ -109,7 +125,9 @@ def _json_line(path: Path, line_number: int, line: str) -> object:
 
 
 def _iter_jsonl(path: Path, text: str, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at '\n' only: JSON strings may hold U+2028, U+2029 or U+0085 unescaped (`json.dumps` with
+    # `ensure_ascii=False` writes them so), which `str.splitlines` would also break at.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -142,6 +160,12 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
         return DataFormatError(path, line_at(pos), None, problem)
 
     pos = skip_space(0)
+    if pos < len(text) and text[pos] == "{":
+        raise fail(
+            pos,
+            "expected a JSON array of records, starting with '['; a file of one record per line is JSON "
+            "Lines: name it .jsonl",
+        )
     if pos == len(text) or text[pos] != "[":
         raise fail(pos, "expected a JSON array of records, starting with '['")
     pos = skip_space(pos + 1)
@@ -183,19 +207,14 @@ def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]
     """A `.txt` file as documents, `(first line, text)`: the whole file, or each blank-line-separated paragraph.
     Paragraphs are read a line at a time, so that a corpus file larger than memory can be streamed."""
     if split == "file":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataFormatError(path, line, None, "not valid UTF-8") from e
-        yield 1, text.strip()
+        yield 1, _read_utf8(path).strip()
         return
     block: list[str] = []
     start = 1
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataFormatError(path, number, None, "not valid UTF-8") from e
             for line in text.splitlines() or [""]:  # other line breaks (\r, \f, U+2028) inside a \n-line too
@@ -277,7 +296,7 @@ def lazy_jsonl_records(
 
     def load(line_number: int, raw: bytes) -> Record:
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise DataFormatError(path, line_number, None, "not valid UTF-8") from e
         return _as_record(fmt, _json_line(path, line_number, line), path, line_number, first_line)
@@ -287,7 +306,8 @@ def lazy_jsonl_records(
             if not raw.strip():
                 continue
             if fmt is None:
-                value = _json_line(path, line_number, raw.decode("utf-8", errors="replace"))
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8", errors="replace")
+                value = _json_line(path, line_number, text)
                 fmt, first_line = detect(value, path, line_number, kind), line_number
             yield partial(load, line_number, raw)
 
@@ -307,7 +327,7 @@ def read_records(
     exception).
     """
     path = Path(path)
-    if path.suffix == TEXT_SUFFIX and path.is_file():
+    if suffix(path) == TEXT_SUFFIX and path.is_file():
         return "pretraining", _read_text(path, kind, skipped, txt_split)
     fixed = None if format == "auto" else FORMATS[format]
     if fixed is not None and kind is not None and fixed.kind != kind:
@@ -324,6 +344,8 @@ def read_records(
                 raise
             skipped.append(error)
     if fmt is None:
+        if skipped:  # every record was malformed: they are in `skipped`, which the caller reports and counts
+            return kind or "instruction", records
         raise DatasetError(f"{path}: holds no records")
     return fmt.kind, records
 

@@ -37,8 +37,9 @@ from pandallm.data.records import (
     lazy_text_records,
     read_records,
     ready,
+    suffix,
 )
-from pandallm.data.tokenize import special_ids
+from pandallm.data.tokenize import AS_TEXT, special_ids
 from pandallm.errors import DatasetError
 from pandallm.tokenizer import load_tokenizer
 
@@ -129,7 +130,7 @@ class DocumentStream(IterableDataset):
             # This consumer's k-th document from `first` on is document `base + k * stride` of the corpus.
             base = first + (consumer - first) % stride
             documents = (
-                document_ids(tokenizer(text, add_special_tokens=False)["input_ids"], bos_id, eos_id)
+                document_ids(tokenizer(text, **AS_TEXT)["input_ids"], bos_id, eos_id)
                 for text in self._documents(consumer, first)
             )
             blocks = pack_with_positions(documents, self.max_seq_length, skip=offset if base == first else 0)
@@ -160,9 +161,9 @@ class DocumentStream(IterableDataset):
                 index += 1
 
     def _records(self, path: Path) -> Iterator[Callable[[], Record]]:
-        if path.suffix == ".jsonl":
+        if suffix(path) == ".jsonl":
             return lazy_jsonl_records(path, "pretraining", self.format)
-        if path.suffix == TEXT_SUFFIX:
+        if suffix(path) == TEXT_SUFFIX:
             return lazy_text_records(path, self.txt_split)
         _, records = read_records(path, "pretraining", None, self.format, self.txt_split)
         return (ready(record) for record in records)

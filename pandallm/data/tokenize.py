@@ -31,6 +31,12 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int]:
     return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
+# How user text is tokenized where pandallm adds the special tokens itself (the plain layout, pretraining
+# documents): no BOS / EOS added, and none read from the text either. A literal "<s>" or "</s>" in a record
+# (HTML strike-through tags are common in scraped text) stays text, rather than becoming a BOS inside a row or an
+# EOS trained in the middle of a reply.
+AS_TEXT = {"add_special_tokens": False, "split_special_tokens": True}
+
 Encoded = tuple[list[int], list[tuple[list[int], bool]], int]
 
 
@@ -50,11 +56,7 @@ def encode_segments(rendered: list[Rendered], tokenizer: PreTrainedTokenizerBase
     bos_id, eos_id = special_ids(tokenizer)
     head = [] if bos_id is None else [bos_id]
     plain = [r for r in rendered if not r.templated]
-    plain_ids = (
-        iter(tokenizer([t for r in plain for t in r.texts], add_special_tokens=False)["input_ids"])
-        if plain
-        else iter(())
-    )
+    plain_ids = iter(tokenizer([t for r in plain for t in r.texts], **AS_TEXT)["input_ids"]) if plain else iter(())
     templated = [r for r in rendered if r.templated]
     # For each templated conversation: its text up to every inner boundary, then the whole text.
     prefixes = [["".join(r.texts[: k + 1]) for k in range(len(r.texts))] for r in templated]
@@ -162,7 +164,7 @@ def tokenize_instructions(
 
 def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
     bos_id, eos_id = special_ids(tokenizer)
-    texts = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    texts = tokenizer(batch["text"], **AS_TEXT)["input_ids"]
     return {"ids": [document_ids(ids, bos_id, eos_id) for ids in texts]}
 
 

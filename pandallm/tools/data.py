@@ -24,8 +24,8 @@ from pathlib import Path
 from pandallm.data.formats import FORMATS, RecordKind
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
 from pandallm.data.template import render_record, resolve_template
-from pandallm.data.tokenize import encode_segments, special_ids
-from pandallm.errors import DataFormatError, DatasetError, PandaError
+from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids
+from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaError
 from pandallm.tokenizer import load_tokenizer
 
 
@@ -52,6 +52,8 @@ def check(
     """Every error in `files`, each printed with its file and line; a per-file summary of the valid records."""
     errors: list[PandaError] = []
     chosen, loaded = None, None
+    if tokenizer is None and (template != "auto" or template_dir is not None):
+        raise ConfigError("--template and --template_dir render records with a tokenizer: give --tokenizer too")
     if tokenizer is not None:
         loaded = load_tokenizer(tokenizer)
         chosen = resolve_template(template, loaded, template_dir)
@@ -91,7 +93,7 @@ def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
     if documents:
         bos_id, _ = special_ids(tokenizer)
         extra = 1 if bos_id is None else 2  # [BOS] text [EOS]
-        lengths += [len(ids) + extra for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]]
+        lengths += [len(ids) + extra for ids in tokenizer(documents, **AS_TEXT)["input_ids"]]
     return lengths
 
 

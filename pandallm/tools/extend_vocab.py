@@ -16,6 +16,7 @@ from pathlib import Path
 from jsonargparse import auto_cli
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
+from pandallm.data.records import suffix
 from pandallm.errors import ConfigError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.sentencepiece_merge import (
@@ -41,7 +42,7 @@ def _corpus_files(name: str, option: str) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{option} '{name}': no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in TEXT_SUFFIXES + RECORD_SUFFIXES)
     if not files:
         raise DatasetError(f"{option} '{name}': the directory holds no .txt, .json or .jsonl files")
     return files
@@ -55,11 +56,11 @@ def corpus_texts(inputs: list[str], option: str = "--inputs") -> list[str]:
     lines: list[str] = []
     for name in inputs:
         for file in _corpus_files(name, option):
-            if file.suffix in RECORD_SUFFIXES:
+            if suffix(file) in RECORD_SUFFIXES:
                 lines += corpus_lines([str(file)])
-            elif file.suffix in TEXT_SUFFIXES:
+            elif suffix(file) in TEXT_SUFFIXES:
                 try:
-                    text = file.read_text(encoding="utf-8")
+                    text = file.read_text(encoding="utf-8-sig")
                 except UnicodeDecodeError as e:
                     raise DatasetError(f"{file}: not UTF-8 text ({e})") from e
                 lines += [line for line in text.splitlines() if line.strip()]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
+from lightning.pytorch.trainer.states import TrainerFn
 
 import pandallm.data.datamodule as datamodule_module
 from pandallm.data import PandaDataModule
@@ -129,7 +131,7 @@ def test_missing_inputs_are_named(data_dirs, tokenizer_dir, tmp_path) -> None:
     with pytest.raises(DatasetError, match="no validation data"):
         ready(make(tokenizer_dir, **data_dirs), "validate")
     with pytest.raises(DatasetError, match="no training data"):
-        make(tokenizer_dir, instruction_tuning_data_dir=None, pretraining_data_dir=None)
+        make(tokenizer_dir, instruction_tuning_data_dir=None, pretraining_data_dir=None).prepare_data()
 
 
 def test_num_train_batches_follows_the_distributed_sampler(data_dirs, tokenizer_dir) -> None:
@@ -250,3 +252,95 @@ def test_mix_ratios_must_name_every_source(tmp_path: Path, tokenizer_dir: str) -
         ready(dm)
     with pytest.raises(DatasetError, match="train_files: '.*nothing.jsonl': no such file or directory"):
         ready(make(tokenizer_dir, pretraining_data_dir=None, train_files=[str(tmp_path / "nothing.jsonl")]))
+
+
+def test_a_mix_source_left_without_rows_is_named(tmp_path: Path, tokenizer_dir: str) -> None:
+    write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS)
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, [{"input": "word " * 200, "target": "reply " * 200}] * 3)  # every record over-long
+    dm = make(
+        tokenizer_dir,
+        instruction_tuning_data_dir=str(tmp_path / "it"),
+        pretraining_data_dir=None,
+        train_files=[str(long)],
+        mix_ratios={str(tmp_path / "it"): 1.0, str(long): 1.0},
+        overlong_records="drop",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(DatasetError, match=r"mix_ratios: training source\(s\) \['.*long.jsonl'\] have a positive"):
+        ready(dm)
+
+
+def test_special_token_text_in_records_stays_text(tmp_path: Path, tokenizer_dir: str) -> None:
+    """A literal "<s>" or "</s>" (HTML strike-through, scraped text) is not a BOS or an EOS: one BOS opens the row,
+    and EOS ends the reply and the document, nowhere else."""
+    write_jsonl(tmp_path / "it" / "a.jsonl", [{"input": "Strike <s>this</s> out", "target": "Done: </s> end"}])
+    write_jsonl(tmp_path / "pt" / "d.jsonl", [{"title": "<s>T</s>", "content": "body </s> more"}])
+    dm = ready(
+        make(
+            tokenizer_dir,
+            instruction_tuning_data_dir=str(tmp_path / "it"),
+            pretraining_data_dir=str(tmp_path / "pt"),
+            cache_dir=str(tmp_path / "cache"),
+            max_seq_length=256,
+            per_device_train_batch_size=1,
+        )
+    )
+    bos, eos = dm.tokenizer.bos_token_id, dm.tokenizer.eos_token_id
+    rows = list(dm.datasets["train"])
+    instruction = next(r for r in rows if any(label != IGNORE_INDEX for label in r["labels"][:-1]))
+    ids = instruction["input_ids"]
+    assert ids.count(bos) == 1 and ids[0] == bos and ids.count(eos) == 1 and ids[-1] == eos
+    assert "<s>this</s>" in dm.tokenizer.decode(ids).replace(" ", "")
+    document = [i for r in rows if r is not instruction for i in r["input_ids"] if i not in (0,)]
+    assert document.count(bos) == 1 and document.count(eos) == 1
+
+
+def test_template_auto_and_none_are_cached_apart(tmp_path: Path) -> None:
+    from tests.data.test_template import CHATML, SHAREGPT, rows
+    from tests.data.word_tokenizer import save_word_tokenizer
+
+    tokenizer = save_word_tokenizer(tmp_path / "words", chat_template=CHATML)
+    (auto,) = rows(tmp_path, [SHAREGPT], tokenizer, template="auto")  # the tokenizer's chat template
+    (plain,) = rows(tmp_path, [SHAREGPT], tokenizer, template="none")  # the same files and cache directory
+    assert auto["input_ids"] != plain["input_ids"]
+
+
+def test_settings_that_cannot_work_are_refused_at_start(tokenizer_dir: str, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="max_seq_length must be at least 3"):
+        make(tokenizer_dir, pretraining_data_dir=str(tmp_path), max_seq_length=2)
+    with pytest.raises(DatasetError, match="streaming .* cannot skip malformed"):
+        make(
+            tokenizer_dir,
+            instruction_tuning_data_dir=None,
+            pretraining_data_dir=str(tmp_path),
+            streaming=True,
+            bad_records="skip",
+        )
+
+
+def test_test_and_predict_need_no_training_data(tmp_path: Path, tokenizer_dir: str) -> None:
+    """Evaluating or predicting from a checkpoint, on a machine without the training data."""
+    write_jsonl(tmp_path / "test.jsonl", INSTRUCTIONS)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"input": "Hi"}])
+    settings = {
+        "instruction_tuning_data_dir": str(tmp_path / "not_here"),  # the recipe's, absent on this machine
+        "pretraining_data_dir": None,
+        "cache_dir": str(tmp_path / "cache"),
+        "test_files": [str(tmp_path / "test.jsonl")],
+        "predict_files": [str(tmp_path / "prompts.jsonl")],
+    }
+
+    def under_trainer(stage: TrainerFn) -> PandaDataModule:
+        dm = make(tokenizer_dir, **settings)
+        dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+        dm.trainer.state.fn = stage  # what `trainer.test` / `trainer.predict` set before `prepare_data`
+        dm.prepare_data()
+        dm.setup(stage.value)
+        return dm
+
+    tested = under_trainer(TrainerFn.TESTING)
+    assert len(tested.datasets["test"]) == len(INSTRUCTIONS) and len(tested.datasets["train"]) == 0
+    assert len(under_trainer(TrainerFn.PREDICTING).predict_dataloader().dataset) == 1
+    with pytest.raises(DatasetError, match="instruction_tuning_data_dir '.*not_here' is not a directory"):
+        under_trainer(TrainerFn.FITTING)

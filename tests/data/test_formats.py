@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from pandallm.data.formats import Turn
 from pandallm.data.records import find_data_files, read_records
@@ -92,6 +92,7 @@ def test_each_instruction_format_is_detected_and_normalized(tmp_path: Path, reco
     [
         ({"title": "T", "content": "body"}, "pretraining", "T\nbody"),
         ({"title": "", "content": "body"}, "pretraining", "body"),
+        ({"title": None, "content": "body"}, "pretraining", "body"),  # a null title, as pandas exports write it
         ({"text": "body", "meta": {"source": "web"}}, "text", "body"),
     ],
 )
@@ -229,6 +230,19 @@ def test_saved_datasets_are_sources_and_rows_are_lines(tmp_path: Path) -> None:
     ).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataFormatError, match=r"bad:1: field 'conversations'"):
         read_records(tmp_path / "bad")
+
+
+def test_a_saved_dataset_dict_is_one_source_read_from_its_train_split(tmp_path: Path) -> None:
+    # Each split directory of a DatasetDict looks like a saved Dataset of its own: its validation rows must not
+    # become training rows, nor its training rows be read twice.
+    split = {
+        "train": Dataset.from_list([{"input": f"train {i}", "target": "t"} for i in range(4)]),
+        "validation": Dataset.from_list([{"input": "held out", "target": "v"}]),
+    }
+    DatasetDict(split).save_to_disk(str(tmp_path / "it" / "dd"))
+    assert find_data_files(tmp_path / "it", "instruction_tuning_data_dir") == [tmp_path / "it" / "dd"]
+    _, records = read_records(tmp_path / "it" / "dd")
+    assert [r.turns[0].content for r in records] == [f"train {i}" for i in range(4)]
 
 
 def test_null_fields_count_as_missing(tmp_path: Path) -> None:

@@ -60,9 +60,46 @@ def test_malformed_json_array_names_the_line(tmp_path: Path) -> None:
     path.write_text('[\n  {"title": "a", "content": "b"},\n  {"title": "c", "content": 7}\n]\n')
     with pytest.raises(DataFormatError, match=r"bad.json:3: field 'content': expected a string, got int"):
         read_records(path, "pretraining")
-    path.write_text('{"title": "a", "content": "b"}')
-    with pytest.raises(DataFormatError, match=r"bad.json:1: expected a JSON array"):
+    path.write_text('{"title": "a", "content": "b"}\n{"title": "c", "content": "d"}\n')
+    with pytest.raises(DataFormatError, match=r"bad.json:1: expected a JSON array.*JSON Lines: name it .jsonl"):
         read_records(path, "pretraining")
+
+
+def test_files_as_editors_and_exporters_write_them(tmp_path: Path) -> None:
+    """A byte-order mark, Windows line ends, and line separators inside strings (`json.dumps(ensure_ascii=False)`
+    leaves U+2028, U+2029 and U+0085 unescaped) are all valid records."""
+    records = [{"input": "line\u2028sep\u2029para\x85next", "target": "ok"}, {"input": "b", "target": "c"}]
+    lines = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records, ensure_ascii=False).encode())
+    (tmp_path / "c.txt").write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\nSecond.\n")
+    for name in ("a.jsonl", "b.json"):
+        _, read = read_records(tmp_path / name)
+        assert [(r.line, r.turns[0].content) for r in read] == [
+            (1, records[0]["input"]),
+            (2 if name == "a.jsonl" else 1, "b"),
+        ]
+    for split, texts in (("file", ["First paragraph.\n\nSecond."]), ("paragraph", ["First paragraph.", "Second."])):
+        _, read = read_records(tmp_path / "c.txt", txt_split=split)
+        assert [r.text for r in read] == texts
+
+
+def test_sources_are_found_in_any_case_and_hidden_copies_are_not(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "it" / "UPPER.JSONL", [{"input": "a", "target": "b"}])
+    write_jsonl(tmp_path / "it" / ".ipynb_checkpoints" / "UPPER-checkpoint.jsonl", [{"input": "a", "target": "b"}])
+    write_jsonl(tmp_path / "it" / ".hidden.jsonl", [{"input": "a", "target": "b"}])
+    assert find_data_files(tmp_path / "it", "instruction_tuning_data_dir") == [tmp_path / "it" / "UPPER.JSONL"]
+    assert len(read_records(tmp_path / "it" / "UPPER.JSONL")[1]) == 1
+
+
+def test_a_file_of_only_malformed_records_is_skipped_and_reported_in_skip_mode(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{bad\n{"question": "x"}\n')
+    skipped: list[DataFormatError] = []
+    assert read_records(path, "instruction", skipped) == ("instruction", [])
+    assert [(e.line, "invalid JSON" in str(e) or "cannot tell" in str(e)) for e in skipped] == [(1, True), (2, True)]
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: invalid JSON"):
+        read_records(path, "instruction")  # strict mode: the first one stops the run
 
 
 def test_unknown_record_kind_lists_the_expected_fields(tmp_path: Path) -> None:

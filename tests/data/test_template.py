@@ -214,3 +214,5 @@ def test_predict_prompts_end_with_the_templates_generation_prompt(tmp_path: Path
     assert prompt_ids() == [BOS, HI]  # as before templates: [BOS] input
     assert prompt_ids(template="chatml") == [BOS, IM_START, USER, HI, IM_END, IM_START, ASSISTANT]
     assert prompt_ids(template="llama-2") == [BOS, INST, HI, END_INST]
+    # Too long: cut from the left after the template's BOS, as training cuts an over-long prompt.
+    assert prompt_ids(template="llama-2", max_seq_length=3) == [BOS, HI, END_INST]
