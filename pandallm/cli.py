@@ -19,6 +19,7 @@ from pandallm.data.datamodule import PandaDataModule
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
 TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
@@ -53,6 +54,12 @@ class PandaCLI(LightningCLI):
             default=None,
             help="Entry of the sweep file to run; default SLURM_ARRAY_TASK_ID",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version loads an explicit `--ckpt_path` file's hyper-parameters over the parsed `model`
+        options, so every `--model.*` a user passed was silently dropped (and `--ckpt_path last` behaved otherwise).
+        pandallm keeps the config as given: the checkpoint's own record is compared with it when it loads, which
+        names each changed setting and refuses the ones that cannot work (`pandallm.checkpoint.compat`)."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         argv = list(sys.argv[1:] if args is None else args)
@@ -104,7 +111,9 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
         auto_configure_optimizers=False,  # PandaLLM.configure_optimizers owns the optimizer and schedule
         # No abbreviated option names: `--trainer.max_step` must be an error, not a silent `--trainer.max_steps`.
         parser_kwargs={
+            "prog": "pandallm",
             "description": "pandallm: train LLaMA-family models (instruction tuning, pretraining)",
+            "epilog": "tool commands (each with --help): " + ", ".join(TOOLS),
             "allow_abbrev": False,
         },
     )
@@ -123,6 +132,13 @@ def main(args: list[str] | None = None) -> None:
             print(f"pandallm {argv[0]}: error: {error}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        # LightningCLI would answer with its four subcommands only, as if the tools did not exist.
+        print(
+            f"pandallm: error: unknown command '{argv[0]}'; the commands are {', '.join([*SUBCOMMANDS, *TOOLS])}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     cli(args)
 
 

@@ -96,3 +96,15 @@ def test_unknown_config_key_fails_with_the_key_named(tmp_path: Path, capsys) -> 
 def test_preset_without_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model.tokenizer must be set"):
         PandaLLM(model_name_or_path="llama-7b")
+
+
+def test_the_help_and_an_unknown_command_name_the_tool_commands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "tool commands (each with --help): train-tokenizer, extend-vocab, export" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["exprot", "--output", "x"])
+    assert exit_.value.code == 2
+    assert "unknown command 'exprot'; the commands are fit, validate, test, predict, train-tokenizer" in (
+        capsys.readouterr().err
+    )

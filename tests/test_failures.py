@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from pandallm.cli import cli
-from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
+from pandallm.errors import ConfigError, ModelError
+from pandallm.tools.export import export
+from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, metric_column, write_jsonl
 from tests.helpers import NaNForwardAtStep, NaNGradientAtStep
 
 pytestmark = pytest.mark.integration
@@ -124,10 +126,35 @@ def test_resuming_with_other_settings_names_each_difference(tmp_path: Path, chec
     assert "data.per_device_train_batch_size: 4 -> 2" in warning
 
 
+def test_changed_optimizer_settings_are_applied_on_resume(tmp_path: Path, checkpoint: Path, caplog) -> None:
+    """Given on the command line with an explicit checkpoint file, as users resume: named, and in force."""
+    changed = ["--model.learning_rate=5e-4", "--model.lr_scheduler=constant", "--model.weight_decay=0.1"]
+    run = cli(["fit", *args(tmp_path, "--trainer.max_steps=8", *changed), f"--ckpt_path={checkpoint}"])
+    warning = next(r.getMessage() for r in caplog.records if "changed settings" in r.getMessage())
+    assert "model.learning_rate: 0.001 -> 0.0005" in warning
+    [optimizer] = run.trainer.optimizers
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4]  # constant: the new peak, at once
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    [version] = sorted((tmp_path / "r").glob("version_*"))[-1:]
+    assert metric_column(version, "train/lr")[-2:] == pytest.approx([5e-4, 5e-4])  # logged as float32
+
+
+def test_resuming_after_max_steps_says_the_rest_of_the_epoch_is_skipped(tmp_path: Path, caplog) -> None:
+    run = cli(args(tmp_path, "--trainer.max_steps=2"), run=False)
+    run.trainer.fit(run.model, run.datamodule)
+    run.trainer.save_checkpoint(tmp_path / "short.ckpt")
+    run = cli(args(tmp_path, "--trainer.max_steps=3"), run=False)
+    run.trainer.fit(run.model, run.datamodule, ckpt_path=tmp_path / "short.ckpt")
+    assert any(
+        "stopped at trainer.max_steps after 2 of the 4 batches of epoch 0" in r.getMessage() for r in caplog.records
+    )
+
+
 def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path, checkpoint: Path) -> None:
     run = cli(args(tmp_path, "--model.config_overrides={num_hidden_layers: 3, hidden_size: 32}"), run=False)
-    with pytest.raises(ValueError, match=r"cannot resume from .*done.ckpt'?:\n  model shape: hidden_size: 64 -> 32"):
+    with pytest.raises(ValueError, match=r"cannot load .*done.ckpt'?:\n  model shape: hidden_size: 64 -> 32") as error:
         run.trainer.fit(run.model, run.datamodule, ckpt_path=checkpoint)
+    assert "with the changed settings:\n    model.config_overrides:" in str(error.value)
 
 
 def test_a_checkpoint_from_elsewhere_is_refused(tmp_path: Path) -> None:
@@ -149,8 +176,43 @@ EXPLOITED = Path("/tmp/pandallm-test-exploited")
 def test_checkpoints_load_without_running_pickled_code(tmp_path: Path) -> None:
     EXPLOITED.unlink(missing_ok=True)
     evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps({"state_dict": {}, "payload": Exploit()}))
+    torch.save({"state_dict": {}, "payload": Exploit()}, evil)
     run = cli(args(tmp_path), run=False)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ModelError, match=r"evil.ckpt: not loadable as weights only.*GLOBAL posix.system"):
         run.trainer.fit(run.model, run.datamodule, ckpt_path=evil)
+    with pytest.raises(ModelError, match="evil.ckpt: not loadable as weights only"):
+        export([f"--ckpt_path={evil}", f"--output={tmp_path / 'hf'}"])
+    evil.write_bytes(pickle.dumps({"state_dict": {}, "payload": Exploit()}))  # a bare pickle, not torch.save's zip
+    with pytest.raises(ModelError, match="evil.ckpt: not a torch checkpoint file"):
+        export([f"--ckpt_path={evil}", f"--output={tmp_path / 'hf'}"])
     assert not EXPLOITED.exists()
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(256)) * 20)
+    (tmp_path / "a_directory").mkdir()
+    for path, problem in ((noise, "not a torch checkpoint file"), (tmp_path / "a_directory", "a directory")):
+        run = cli(args(tmp_path), run=False)
+        with pytest.raises(ModelError, match=f"{path}: {problem}"):
+            run.trainer.fit(run.model, run.datamodule, ckpt_path=path)
+    with pytest.raises(ModelError, match=f"{noise}: not a torch checkpoint file"):
+        export([f"--ckpt_path={noise}", f"--output={tmp_path / 'hf'}"])
+
+
+def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path, checkpoint: Path) -> None:
+    """A run or checkpoint directory given as the export's output is refused, with everything in it kept."""
+    (tmp_path / "notes.txt").write_text("mine")
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    for output in (tmp_path, checkpoint):
+        with pytest.raises(ConfigError, match="export to"):
+            export([f"--ckpt_path={checkpoint}", f"--output={output}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept and checkpoint.is_file()
+    out = tmp_path / "hf"
+    export([f"--ckpt_path={checkpoint}", f"--output={out}"])
+    export([f"--ckpt_path={checkpoint}", f"--output={out}"])  # an earlier export is replaced
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="export to"):  # at the start of fit, not after training
+        run = cli(args(tmp_path, "--export.enabled=true", f"--export.dirpath={tmp_path}"), run=False)
+        run.trainer.fit(run.model, run.datamodule)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "hf"])

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pandallm.cli import cli, main
 from pandallm.model.presets import llama_tiny
-from tests.conftest import metric_column, tiny_fit_args
+from tests.conftest import TOKENIZER_DIR, metric_column, tiny_fit_args
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +114,7 @@ def test_the_export_command_exports_a_finished_runs_checkpoint(lora_on_a_checkpo
     base = AutoModelForCausalLM.from_pretrained(run["root"] / "base")
     base.resize_token_embeddings(3000)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_dir)), trained, rtol=0, atol=1e-6)
+    # One setting given, the rest from the checkpoint (not from the defaults): the same merged model.
+    again = run["root"] / "tool_merged_again"
+    main(["export", f"--ckpt_path={checkpoint}", f"--output={again}", f"--model.tokenizer={TOKENIZER_DIR}", *MERGE])
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(again)), trained, rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
-from pandallm.model.export import save_hf
+from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.zero import allow_export, consolidated_weights, is_zero3
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class HFExport(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":
             allow_export(trainer.strategy)  # before DeepSpeed's engine reads its config
+            check_export_target(self.directory(trainer))  # refused before training, not after it
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:

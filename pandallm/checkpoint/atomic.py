@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
+from pandallm.checkpoint.load import LOAD_ERRORS, load_error
 from pandallm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,17 @@ def _write_bytes(file, data: bytes) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if "://" not in str(path) and Path(path).is_dir():
+            raise ModelError(
+                f"{path}: a directory, not a checkpoint file (a sharded or DeepSpeed checkpoint directory loads "
+                "under the strategy that wrote it)"
+            )
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except LOAD_ERRORS as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise load_error(path, e) from e
         # Checked before Lightning reads anything, so a file from elsewhere gets this message, not a KeyError.
         if not isinstance(checkpoint, dict) or "pandallm" not in checkpoint or "state_dict" not in checkpoint:
             raise ModelError(

@@ -77,10 +77,14 @@ def check(path: str, checkpoint: dict, current: dict, state_shapes: dict[str, tu
         problems.append("tensor shapes differ: " + "; ".join(mismatched[:5]))
     if missing:
         problems.append(f"{len(missing)} trainable tensors are missing from the checkpoint, e.g. {missing[:3]}")
-    if problems:
-        raise ModelError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
-    return (
+    changed = (
         _differences(saved["model"], current["model"], "model.")
         + _differences(saved["data"], current["data"], "data.")
         + _differences(saved["run"], current["run"], "trainer.")
     )
+    if problems:
+        # The changed settings say why (e.g. `model.use_lora: True -> False` behind missing tensors).
+        settings = [c for c in changed if c.startswith("model.")]
+        because = "\n  with the changed settings:\n    " + "\n    ".join(settings) if settings else ""
+        raise ModelError(f"cannot load {path}:\n  " + "\n  ".join(problems) + because)
+    return changed

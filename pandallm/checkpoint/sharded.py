@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pandallm.checkpoint.load import safe_load
 from pandallm.errors import ModelError
 
 # Lightning's file of everything in a sharded checkpoint that is not a tensor shard (loops, hyper-parameters).
@@ -64,7 +65,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Lightning's `meta.pt`: hyper-parameters, loop state, pandallm's record."""
-    return torch.load(Path(path) / METADATA_FILE, map_location="cpu", weights_only=False)
+    return safe_load(Path(path) / METADATA_FILE)
 
 
 def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,20 @@ def trained_position(trainer: L.Trainer) -> tuple[int, int]:
     return epochs.processed, batches
 
 
+def epoch_cut_short(checkpoint: dict[str, Any]) -> tuple[int, int, int] | None:
+    """`(epoch, batches trained, batches in it)` when `checkpoint` was saved by a `fit` that stopped inside an epoch
+    (`trainer.max_steps` reached): Lightning counts that epoch as done, so a resumed run starts the next one. None
+    for any other checkpoint, and for a stream (its epochs have no end)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs = loop.get("epoch_progress", {}).get("current", {})
+    batches = loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("processed")
+    data = checkpoint.get("PandaDataModule", {})
+    if not epochs or not batches or "rows_per_epoch" not in data or epochs.get("processed") != epochs.get("started"):
+        return None
+    per_epoch = -(-data["rows_per_epoch"] // data["batch_rows"])
+    return (epochs["processed"] - 1, batches, per_epoch) if batches < per_epoch else None
+
+
 class ResumableDataLoader(DataLoader):
     """The training loader of indexed data. Its position is not its own state: the data module saves it and the
     `EpochSampler` rebuilds the order from it. The empty `state_dict` tells Lightning that the loader resumes

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.checkpoint import compat
 from pandallm.data.cache import tokenizer_digest
+from pandallm.data.position import epoch_cut_short
 from pandallm.errors import ConfigError, ModelError
 from pandallm.log_steps import logs_this_step
 from pandallm.model import zero
@@ -48,6 +49,7 @@ from pandallm.model.peft import (
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
+from pandallm.optim.resume import apply_settings, changed_settings
 from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
 from pandallm.tokenizer import load_tokenizer
 
@@ -171,6 +173,7 @@ class PandaLLM(L.LightningModule):
         self._window_tokens: torch.Tensor | int = 0
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
+        self._changed_optimizer_settings: list[str] = []
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -400,6 +403,34 @@ class PandaLLM(L.LightningModule):
                 "\n  ".join(changed),
             )
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
+        cut = epoch_cut_short(checkpoint)
+        if cut and self._trainer is not None and self.trainer.state.fn == "fit" and self.global_rank == 0:
+            log.warning(
+                "pandallm: %s was saved when fit stopped at trainer.max_steps after %d of the %d batches of epoch %d; "
+                "Lightning counts that epoch as done, so this run starts epoch %d and the rest of epoch %d is not "
+                "trained",
+                where,
+                cut[1],
+                cut[2],
+                cut[0],
+                cut[0] + 1,
+                cut[0],
+            )
+        # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
+        self._changed_optimizer_settings = changed_settings(checkpoint.get("hyper_parameters", {}), self.hparams)
+
+    def on_train_start(self) -> None:
+        if not self._changed_optimizer_settings:
+            return
+        [config] = self.trainer.lr_scheduler_configs
+        apply_settings(self.trainer.optimizers[0], config.scheduler, self.hparams)
+        if self.global_rank == 0:
+            log.warning(
+                "pandallm: applied the changed optimizer settings %s; learning rate now %g",
+                self._changed_optimizer_settings,
+                self.trainer.optimizers[0].param_groups[0]["lr"],
+            )
+        self._changed_optimizer_settings = []
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)

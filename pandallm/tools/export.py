@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from pandallm.callbacks.export import HFExport
+from pandallm.checkpoint.load import safe_load
 from pandallm.checkpoint.sharded import (
     hf_weights,
     is_sharded_checkpoint,
@@ -38,7 +40,7 @@ from pandallm.checkpoint.sharded import (
     read_sharded_weights,
 )
 from pandallm.errors import ModelError
-from pandallm.model.export import save_hf
+from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.module import PandaLLM
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,13 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             raise ModelError(f"--ckpt_path {path} is a DeepSpeed checkpoint; converting it needs deepspeed") from e
         with tempfile.TemporaryDirectory() as tmp:
             convert_zero_checkpoint_to_fp32_state_dict(str(file), str(Path(tmp) / "full.ckpt"))
+            # DeepSpeed's own loader has unpickled its files already (it offers no other way); this file is its
+            # output.
             checkpoint = torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
     elif file.is_file():
-        # mmap: the tensors are paged in as they are copied out, not read into memory first.
-        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        # mmap: the tensors are paged in as they are copied out, not read into memory first. `weights_only`: a
+        # checkpoint from elsewhere cannot run pickled code here, as it cannot in `fit`.
+        checkpoint = safe_load(file, mmap=zipfile.is_zipfile(file))  # torch.save's format; not older pickles
     elif file.is_dir():
         raise ModelError(f"--ckpt_path {path}: a directory, but neither a sharded nor a DeepSpeed checkpoint")
     else:
@@ -104,12 +109,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def export_full_weights(checkpoint: dict[str, Any], output: str, tokenizer: str | None) -> Path:
+def export_full_weights(checkpoint: dict[str, Any], arguments: dict[str, Any], output: str) -> Path:
     """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
-    arguments = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
-    if tokenizer is not None:
-        arguments["tokenizer"] = tokenizer
     module = PandaLLM(**arguments)
     return save_hf(plain_model(module.config, hf_weights(checkpoint["state_dict"])), module.tokenizer, output)
 
@@ -117,25 +119,30 @@ def export_full_weights(checkpoint: dict[str, Any], output: str, tokenizer: str 
 def export(args: list[str]) -> Path:
     parser = build_parser()
     cfg = parser.parse_args(args)
+    check_export_target(cfg.output)  # before reading a checkpoint of many GB
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     if checkpoint is not None and ("pandallm" not in checkpoint or "hyper_parameters" not in checkpoint):
         raise ModelError(f"--ckpt_path {cfg.ckpt_path}: not a pandallm checkpoint (it has no 'pandallm' record)")
-    configured = any(a == "--config" or a.startswith(("--config=", "--model")) for a in args)
-    if checkpoint is not None and not configured and not checkpoint["hyper_parameters"].get("use_lora"):
-        directory = export_full_weights(checkpoint, cfg.output, cfg.tokenizer)
+    recorded: dict[str, Any] = {}
+    if checkpoint is not None:
+        # The run's own settings are the defaults; a --config and --model.* options given here change them.
+        recorded = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
+        parser.set_defaults({f"model.{name}": value for name, value in recorded.items()})
+        cfg = parser.parse_args(args)
+    arguments = module_arguments(PandaLLM, cfg.model.as_dict())
+    if cfg.tokenizer is not None:
+        arguments["tokenizer"] = cfg.tokenizer
+    if checkpoint is not None and not arguments["use_lora"] and arguments == {**recorded, **_tokenizer(cfg)}:
+        directory = export_full_weights(checkpoint, arguments, cfg.output)
         log.info("pandallm: exported to %s", directory)
         return directory
-    if configured or checkpoint is None:
-        model = parser.instantiate_classes(cfg).model
-    else:
-        model = PandaLLM(**module_arguments(PandaLLM, checkpoint["hyper_parameters"]))
-    if cfg.tokenizer is not None:
-        model.tokenizer_name = cfg.tokenizer
+    model = PandaLLM(**arguments)
     # A preset's frozen base is random: rebuilt from the run's seed (pandallm's default, 42, unless configured).
     seed = cfg.seed_everything
     L.seed_everything(42 if seed in (None, True) else int(seed), verbose=False)
     model.configure_model()
     if checkpoint is not None:
+        # Other settings than the run's: the checkpoint's record is compared with them (shapes, tokenizer).
         model.on_load_checkpoint(checkpoint, where=f"checkpoint '{cfg.ckpt_path}'")
         model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
     model.eval()
@@ -143,6 +150,10 @@ def export(args: list[str]) -> Path:
     directory = model.export_hf(cfg.output, save_type)
     log.info("pandallm: exported to %s", directory)
     return directory
+
+
+def _tokenizer(cfg) -> dict[str, str]:
+    return {} if cfg.tokenizer is None else {"tokenizer": cfg.tokenizer}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,66 @@
+"""Optimizer settings changed on resume: applied, not only reported.
+
+Lightning restores the optimizer's parameter groups (learning rate, betas, epsilon, weight decay) and the LR
+scheduler (its base rates and its `Schedule`) from the checkpoint, after the module has built them from the new
+config, so a user who resumes with a lower learning rate would train on with the old one. These are put back to
+the config's values once the checkpoint is restored; the moments, the step count and the schedule's length (the
+number of steps it was created for) stay the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from pandallm.optim.schedules import Schedule, warmup_steps
+
+SETTINGS = (
+    "learning_rate",
+    "adam_betas",
+    "adam_epsilon",
+    "weight_decay",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_proportion",
+    "min_lr_ratio",
+    "poly_power",
+)
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The optimizer and schedule settings that differ between a checkpoint's hyper-parameters and the config."""
+    return [name for name in SETTINGS if name in saved and _plain(saved[name]) != _plain(current.get(name))]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value  # YAML gives lists where the code has tuples
+
+
+def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any]) -> None:
+    """Put the config's optimizer and schedule settings into a restored `optimizer` and `scheduler`."""
+    groups = optimizer.param_groups
+    for index, group in enumerate(groups):
+        if "betas" in group:
+            group["betas"] = tuple(h["adam_betas"])
+        if "eps" in group:
+            group["eps"] = h["adam_epsilon"]
+        if len(groups) == 2:  # `decay_groups`' layout: matrices, then norms and biases (never decayed)
+            group["weight_decay"] = h["weight_decay"] if index == 0 else 0.0
+        group["initial_lr"] = h["learning_rate"]
+    restored = scheduler.lr_lambdas[0]
+    total = restored.total_steps if isinstance(restored, Schedule) else 1
+    schedule = Schedule(
+        h["lr_scheduler"],
+        total,
+        warmup_steps(total, h["warmup_steps"], h["warmup_proportion"]),
+        h["min_lr_ratio"],
+        h["poly_power"],
+    )
+    scheduler.lr_lambdas = [schedule] * len(groups)
+    scheduler.base_lrs = [h["learning_rate"]] * len(groups)
+    # The rate of the step about to run, as LambdaLR computes it.
+    for group, base in zip(groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
