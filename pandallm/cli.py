@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import zipfile
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -15,6 +17,8 @@ from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
+from pandallm.checkpoint.load import safe_load
+from pandallm.checkpoint.sharded import module_arguments
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
@@ -58,8 +62,23 @@ class PandaCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's version loads an explicit `--ckpt_path` file's hyper-parameters over the parsed `model`
         options, so every `--model.*` a user passed was silently dropped (and `--ckpt_path last` behaved otherwise).
-        pandallm keeps the config as given: the checkpoint's own record is compared with it when it loads, which
-        names each changed setting and refuses the ones that cannot work (`pandallm.checkpoint.compat`)."""
+        pandallm makes them the defaults instead (`_checkpoint_defaults`), under the config and options given."""
+
+    def _checkpoint_defaults(self) -> bool:
+        """An explicit `--ckpt_path` file's recorded model settings become the `model.*` defaults: `validate`,
+        `test` and `predict` need no config to rebuild the model, and a `--config` or `--model.*` given still wins
+        (the checkpoint's record is then compared with the result as it loads: `pandallm.checkpoint.compat`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self._subcommand_config().get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return False  # `last`, or a sharded directory: resolved by Lightning later
+        checkpoint = safe_load(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))
+        recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not recorded:
+            return False  # not a pandallm checkpoint: refused with that message when it loads
+        defaults = module_arguments(PandaLLM, recorded)
+        self._parser(subcommand).set_defaults({f"model.{name}": value for name, value in defaults.items()})
+        return True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         argv = list(sys.argv[1:] if args is None else args)
@@ -67,6 +86,8 @@ class PandaCLI(LightningCLI):
         printing = any(a.startswith("--print_config") for a in argv)
         argv_to_run = [a for a in argv if not a.startswith("--print_config")]
         self.config = parser.parse_args(argv_to_run)
+        if self._checkpoint_defaults():
+            self.config = parser.parse_args(argv_to_run)
         config = self._subcommand_config()
         if not config.get("sweep"):
             if printing:

@@ -212,7 +212,11 @@ def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path, chec
     export([f"--ckpt_path={checkpoint}", f"--output={out}"])
     export([f"--ckpt_path={checkpoint}", f"--output={out}"])  # an earlier export is replaced
     assert (out / "model.safetensors").is_file()
-    with pytest.raises(ConfigError, match="export to"):  # at the start of fit, not after training
+    with pytest.raises(ConfigError, match="the run writes there"):  # at the start of fit, not after training
         run = cli(args(tmp_path, "--export.enabled=true", f"--export.dirpath={tmp_path}"), run=False)
         run.trainer.fit(run.model, run.datamodule)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "hf"])
+    fresh = [f"--trainer.logger.save_dir={tmp_path / 'fresh'}", f"--export.dirpath={tmp_path / 'fresh'}"]
+    with pytest.raises(ConfigError, match="the run writes there"):  # empty now, but the run's own directory
+        run = cli(args(tmp_path, "--export.enabled=true", *fresh), run=False)
+        run.trainer.fit(run.model, run.datamodule)

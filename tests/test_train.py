@@ -95,9 +95,11 @@ def test_export_loads_in_plain_transformers_with_identical_logits(trained) -> No
 def test_predict_writes_one_completion_per_prompt(trained) -> None:
     checkpoint = next((trained["run_dir"] / "checkpoints").glob("*.ckpt"))
     out = trained["root"] / "predictions.jsonl"
-    # On a machine without the training data: predicting needs the checkpoint and the prompts alone.
+    # On a machine without the training data, and without the model options: predicting needs the checkpoint (whose
+    # recorded settings rebuild the model) and the prompts alone.
     elsewhere = [f"--data.instruction_tuning_data_dir={trained['root'] / 'gone'}", "--data.pretraining_data_dir=null"]
-    cli(["predict", *trained["args"], *elsewhere, f"--ckpt_path={checkpoint}", f"--predictions.path={out}"])
+    no_model = [a for a in trained["args"] if not a.startswith("--model.")]
+    cli(["predict", *no_model, *elsewhere, f"--ckpt_path={checkpoint}", f"--predictions.path={out}"])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["input"] for line in lines] == [
         r["input"] for r in map(json.loads, (trained["root"] / "val.jsonl").read_text().splitlines())

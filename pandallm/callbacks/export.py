@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
+from pandallm.errors import ConfigError
 from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.zero import allow_export, consolidated_weights, is_zero3
 
@@ -45,13 +46,41 @@ class HFExport(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":
             allow_export(trainer.strategy)  # before DeepSpeed's engine reads its config
-            check_export_target(self.directory(trainer))  # refused before training, not after it
+            # Refused before training, not after it: a directory that is not an earlier export, or one the run
+            # itself fills (its log or checkpoint directory, or a parent of one).
+            directory = self.directory(trainer).resolve()
+            run_dirs = [
+                Path(trainer.default_root_dir),
+                *(Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath),
+            ]
+            if trainer.log_dir:
+                run_dirs.append(Path(trainer.log_dir))
+            for run_dir in run_dirs:
+                if directory == run_dir.resolve() or directory in run_dir.resolve().parents:
+                    raise ConfigError(
+                        f"export.dirpath '{directory}': the run writes there ({run_dir}), and the export replaces the "
+                        "directory; give a directory of its own"
+                    )
+            check_export_target(directory)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
         strategy = trainer.strategy
         directory = self.directory(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
+        # Decided on rank 0 and shared, so that every rank stops together rather than wait at the barrier below.
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                check_export_target(directory)
+            except ConfigError as error:
+                problem = str(error)
+        problem = strategy.broadcast(problem)
+        if problem:
+            raise ConfigError(
+                f"{problem} (the trained weights are in the run's checkpoints: export one with "
+                "`pandallm export --ckpt_path`)"
+            )
         if shards_parameters(strategy) and pl_module.is_adapter_run:
             # Adapters of a sharded run are exported from its checkpoint, where they are whole.
             log.warning(

@@ -412,6 +412,11 @@ class PandaDataModule(L.LightningDataModule):
         """Each conversation as template text. A conversation its template cannot render (roles that do not
         alternate where the template needs it) is a malformed record: it raises, or with `skipped` is left out."""
         rendered = []
+        # A Jinja template's text is tokenized whole, its own markers as special tokens: a "</s>" that a record's
+        # text holds would be read as one too (an EOS inside a reply). Counted and reported; the plain layout
+        # reads record text as text (`AS_TEXT`).
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        marked: list[Record] = []
         for record in records:
             try:
                 rendered.append(render_record(record, self.chat_template, self.tokenizer))
@@ -419,6 +424,18 @@ class PandaDataModule(L.LightningDataModule):
                 if skipped is None:
                     raise
                 skipped.append(error)
+                continue
+            if rendered[-1].templated and any(t in turn.content for turn in record.turns for t in specials):
+                marked.append(record)
+        if marked:
+            log.warning(
+                "pandallm data: %d conversation(s) hold special-token text (%s) that the Jinja template's "
+                "tokenization reads as special tokens, e.g. %s:%d; clean them, or use data.template: none",
+                len(marked),
+                ", ".join(specials),
+                marked[0].path,
+                marked[0].line,
+            )
         return rendered
 
     def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:

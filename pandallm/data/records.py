@@ -61,7 +61,7 @@ def suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _hidden(path: Path, root: Path) -> bool:
+def is_hidden(path: Path, root: Path) -> bool:
     # `.ipynb_checkpoints/`, `.git/`, editors' `.swp` copies: never data, and often a duplicate of some.
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -76,7 +76,7 @@ def find_data_files(directory: str | Path, option: str, text: bool = False) -> l
     if is_saved_dataset(directory):
         return [directory]
     suffixes = (*DATA_SUFFIXES, TEXT_SUFFIX) if text else DATA_SUFFIXES
-    visible = [p for p in directory.rglob("*") if not _hidden(p, directory)]
+    visible = [p for p in directory.rglob("*") if not is_hidden(p, directory)]
     found = [p for p in visible if is_saved_dataset(p)]
     datasets = sorted(p for p in found if not any(d in p.parents for d in found))
     files = sorted(
@@ -334,6 +334,7 @@ def read_records(
         raise DatasetError(f"{path}: format '{format}' holds {fixed.kind} records, where {kind} records are expected")
     fmt, first_line = fixed, None
     records: list[Record] = []
+    skipped_before = len(skipped) if skipped is not None else 0
     for line, value in _values(path, skipped):
         try:
             if fmt is None:
@@ -344,7 +345,8 @@ def read_records(
                 raise
             skipped.append(error)
     if fmt is None:
-        if skipped:  # every record was malformed: they are in `skipped`, which the caller reports and counts
+        # Every record of this file was malformed: they are in `skipped`, which the caller reports and counts.
+        if skipped is not None and len(skipped) > skipped_before:
             return kind or "instruction", records
         raise DatasetError(f"{path}: holds no records")
     return fmt.kind, records

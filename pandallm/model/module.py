@@ -417,7 +417,9 @@ class PandaLLM(L.LightningModule):
                 cut[0],
             )
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
-        self._changed_optimizer_settings = changed_settings(checkpoint.get("hyper_parameters", {}), self.hparams)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        saved = checkpoint.get("hyper_parameters", {})
+        self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []
 
     def on_train_start(self) -> None:
         if not self._changed_optimizer_settings:

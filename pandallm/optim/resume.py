@@ -46,8 +46,9 @@ def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any]) ->
             group["betas"] = tuple(h["adam_betas"])
         if "eps" in group:
             group["eps"] = h["adam_epsilon"]
-        if len(groups) == 2:  # `decay_groups`' layout: matrices, then norms and biases (never decayed)
-            group["weight_decay"] = h["weight_decay"] if index == 0 else 0.0
+        # `decay_groups`' layout: matrices, then norms and biases (never decayed). Under DeepSpeed an empty group is
+        # left out: the one left is the matrices' (a LoRA run trains no norms; every run trains some matrix).
+        group["weight_decay"] = h["weight_decay"] if index == 0 else 0.0
         group["initial_lr"] = h["learning_rate"]
     restored = scheduler.lr_lambdas[0]
     total = restored.total_steps if isinstance(restored, Schedule) else 1

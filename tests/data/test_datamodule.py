@@ -271,7 +271,7 @@ def test_a_mix_source_left_without_rows_is_named(tmp_path: Path, tokenizer_dir: 
         ready(dm)
 
 
-def test_special_token_text_in_records_stays_text(tmp_path: Path, tokenizer_dir: str) -> None:
+def test_special_token_text_in_records_stays_text(tmp_path: Path, tokenizer_dir: str, caplog) -> None:
     """A literal "<s>" or "</s>" (HTML strike-through, scraped text) is not a BOS or an EOS: one BOS opens the row,
     and EOS ends the reply and the document, nowhere else."""
     write_jsonl(tmp_path / "it" / "a.jsonl", [{"input": "Strike <s>this</s> out", "target": "Done: </s> end"}])
@@ -294,6 +294,17 @@ def test_special_token_text_in_records_stays_text(tmp_path: Path, tokenizer_dir:
     assert "<s>this</s>" in dm.tokenizer.decode(ids).replace(" ", "")
     document = [i for r in rows if r is not instruction for i in r["input_ids"] if i not in (0,)]
     assert document.count(bos) == 1 and document.count(eos) == 1
+    # A Jinja template tokenizes its text whole: such records are reported.
+    templated = make(
+        tokenizer_dir,
+        instruction_tuning_data_dir=str(tmp_path / "it"),
+        pretraining_data_dir=None,
+        cache_dir=str(tmp_path / "cache"),
+        template="llama-2",
+    )
+    with caplog.at_level("WARNING"):
+        templated.prepare_data()
+    assert any("1 conversation(s) hold special-token text" in r.getMessage() for r in caplog.records)
 
 
 def test_template_auto_and_none_are_cached_apart(tmp_path: Path) -> None:

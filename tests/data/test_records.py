@@ -100,6 +100,9 @@ def test_a_file_of_only_malformed_records_is_skipped_and_reported_in_skip_mode(t
     assert [(e.line, "invalid JSON" in str(e) or "cannot tell" in str(e)) for e in skipped] == [(1, True), (2, True)]
     with pytest.raises(DataFormatError, match=r"bad.jsonl:1: invalid JSON"):
         read_records(path, "instruction")  # strict mode: the first one stops the run
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DatasetError, match="empty.json: holds no records"):  # not excused by other files' errors
+        read_records(tmp_path / "empty.json", "instruction", skipped)
 
 
 def test_unknown_record_kind_lists_the_expected_fields(tmp_path: Path) -> None:
