@@ -310,6 +310,11 @@ class PandaDataModule(L.LightningDataModule):
             )
         else:
             train = self.train_sources()
+        for name, files in train.items():  # which files were found: a directory may hold more, or fewer, than meant
+            shown = ", ".join(str(path) for _, path in files[:5]) + (
+                f", ... ({len(files)} in all)" if len(files) > 5 else ""
+            )
+            log.info("pandallm data: training source '%s': %s", name, shown)
         sources = self._sources(train)
         key = cache_key(
             {
