@@ -294,9 +294,21 @@ class PandaDataModule(L.LightningDataModule):
                 )
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
+            # Each epoch rounds the shares to whole rows the same way: a share rounded far off stays off.
+            total, weight = order.length, sum(order.ratios)
             for name, ratio, count in zip(names, order.ratios, order.source_counts(), strict=True):
-                if ratio > 0 and count == 0:
-                    log.warning("pandallm data: mix ratio %s of '%s' rounds to no rows per epoch", ratio, name)
+                wanted = ratio / weight * total
+                if ratio > 0 and abs(count - wanted) > 0.1 * wanted:
+                    log.warning(
+                        "pandallm data: mix ratio %s of '%s' rounds to %d of the %d rows of every epoch (%.1f%%, not "
+                        "%.1f%%); raise data.epoch_rows to get closer",
+                        ratio,
+                        name,
+                        count,
+                        total,
+                        100 * count / total,
+                        100 * ratio / weight,
+                    )
         return order
 
     def _load(self, with_training_data: bool = True) -> DatasetDict:
@@ -398,7 +410,7 @@ class PandaDataModule(L.LightningDataModule):
                     self.max_seq_length,
                     "they were dropped" if drop else "their prompts were truncated from the left",
                 )
-            if self.packing:
+            if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
         if by_kind["pretraining"]:

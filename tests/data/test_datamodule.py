@@ -355,3 +355,40 @@ def test_test_and_predict_need_no_training_data(tmp_path: Path, tokenizer_dir: s
     assert len(under_trainer(TrainerFn.PREDICTING).predict_dataloader().dataset) == 1
     with pytest.raises(DatasetError, match="instruction_tuning_data_dir '.*not_here' is not a directory"):
         under_trainer(TrainerFn.FITTING)
+
+
+def test_packing_a_source_whose_records_were_all_dropped_leaves_it_empty(tmp_path: Path, tokenizer_dir: str) -> None:
+    write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"input": "word " * 200, "target": "reply " * 200}] * 3)
+    dm = ready(
+        make(
+            tokenizer_dir,
+            instruction_tuning_data_dir=str(tmp_path / "it"),
+            pretraining_data_dir=None,
+            train_files=[str(long)],
+            val_files=[str(long)],
+            overlong_records="drop",
+            packing=True,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    assert dm.train_source_sizes[1] == 0 and len(dm.datasets["validation"]) == 0 and dm.train_source_sizes[0] > 0
+
+
+def test_a_mix_share_rounded_far_off_is_reported(tmp_path: Path, tokenizer_dir: str, caplog) -> None:
+    write_jsonl(tmp_path / "a.jsonl", INSTRUCTIONS)
+    write_jsonl(tmp_path / "b.jsonl", INSTRUCTIONS)
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    dm = make(
+        tokenizer_dir,
+        instruction_tuning_data_dir=None,
+        pretraining_data_dir=None,
+        train_files=files,
+        mix_ratios={files[0]: 1.0, files[1]: 1.0},
+        epoch_rows=3,  # 1.5 rows each: one source gets 2 of every epoch's 3
+        per_device_train_batch_size=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with caplog.at_level("WARNING"):
+        ready(dm)
+    assert any("rounds to 1 of the 3 rows of every epoch (33.3%, not 50.0%)" in r.getMessage() for r in caplog.records)
