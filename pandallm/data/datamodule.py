@@ -294,20 +294,20 @@ class PandaDataModule(L.LightningDataModule):
                 )
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
-            # Each epoch rounds the shares to whole rows the same way: a share rounded far off stays off.
+            # Shares are whole rows in each epoch and exact only over epochs: one of less than a row is not read in
+            # every epoch.
             total, weight = order.length, sum(order.ratios)
-            for name, ratio, count in zip(names, order.ratios, order.source_counts(), strict=True):
+            for name, ratio in zip(names, order.ratios, strict=True):
                 wanted = ratio / weight * total
-                if ratio > 0 and abs(count - wanted) > 0.1 * wanted:
+                if 0 < wanted < 1:
                     log.warning(
-                        "pandallm data: mix ratio %s of '%s' rounds to %d of the %d rows of every epoch (%.1f%%, not "
-                        "%.1f%%); raise data.epoch_rows to get closer",
+                        "pandallm data: mix ratio %s of '%s' is %.2f of the %d rows of an epoch: it gives a row to "
+                        "about %.0f%% of the epochs; raise data.epoch_rows to read it in every one",
                         ratio,
                         name,
-                        count,
+                        wanted,
                         total,
-                        100 * count / total,
-                        100 * ratio / weight,
+                        100 * wanted,
                     )
         return order
 

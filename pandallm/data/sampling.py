@@ -7,8 +7,9 @@ a random generator whose state would have to travel in checkpoints, so the only 
 loader restores a generator's state instead; resumed at or across an epoch boundary, its next epochs were shuffled
 differently from the uninterrupted run's: tests/test_resume.py.)
 
-Mixing (LLMBox's `dataset_ratio`): with ratios, each epoch draws `round(ratio_i / sum(ratios) * epoch_rows)` rows from
-source i. A source is walked through a chain of seeded permutations of its rows, epoch after epoch, so a source
+Mixing (LLMBox's `dataset_ratio`): with ratios, each epoch draws `ratio_i / sum(ratios) * epoch_rows` rows from
+source i, rounded down or up so that every epoch holds `epoch_rows` and, over epochs, each source its exact share. A
+source is walked through a chain of seeded permutations of its rows, epoch after epoch, so a source
 that contributes fewer rows than it holds is read whole over the following epochs before any row repeats, and one
 that contributes more repeats each row as evenly as possible. The mixed rows are then shuffled together.
 
@@ -62,21 +63,48 @@ class TrainingOrder:
     @property
     def length(self) -> int:
         """Rows per epoch."""
-        if self.ratios is None:
+        if self.ratios is None or self.epoch_rows is None:
             return sum(self.sizes)
-        return sum(self.source_counts())
+        return self.epoch_rows
 
-    def source_counts(self) -> list[int]:
-        """Rows each source gives to one epoch: largest-remainder rounding of the ratios, summing to `epoch_rows`."""
+    def source_counts(self, epoch: int = 0) -> list[int]:
+        """Rows each source gives to epoch `epoch`, summing to `epoch_rows`: each source's exact share rounded down
+        or up, with the rounded-up ones chosen so that over epochs every source reaches its ratio (`_extras`)."""
         if self.ratios is None:
             return list(self.sizes)
+        base, _ = self._shares()
+        return (base + self._extras(np.asarray([epoch]))[0]).tolist()
+
+    def _shares(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each source's whole rows per epoch, and the fraction of a row left over (summing to a whole number)."""
         total = self.epoch_rows if self.epoch_rows is not None else sum(self.sizes)
-        weights = np.asarray(self.ratios, dtype=np.float64) / sum(self.ratios)
-        exact = weights * total
-        counts = np.floor(exact).astype(np.int64)
-        for i in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
-            counts[i] += 1
-        return counts.tolist()
+        exact = np.asarray(self.ratios, dtype=np.float64) / sum(self.ratios) * total
+        base = np.floor(exact).astype(np.int64)
+        return base, exact - base
+
+    def _extras(self, epochs: np.ndarray) -> np.ndarray:
+        """Which sources get one row more than their whole rows, in each of `epochs` (one row of 0/1 per epoch).
+
+        The leftover fractions r_i (each < 1, summing to R whole rows) are laid end to end on [0, R); the sources
+        under the points phase + k (k = 0..R-1) get the extra rows, exactly R of them. The phase walks a
+        low-discrepancy sequence (multiples of the golden ratio), so source i gets an extra row in a share r_i of
+        the epochs, evenly spread: the same rounding in every epoch would favour the same sources for ever (three
+        rows split 1:1 would be 2 and 1 in every epoch).
+        """
+        _, leftover = self._shares()
+        extra_rows = int(round(leftover.sum()))
+        ends = np.cumsum(leftover)
+        phase = np.modf(epochs.astype(np.float64) * 0.6180339887498949)[0]
+        points = phase[:, None] + np.arange(extra_rows)[None, :]  # epochs x R
+        chosen = np.searchsorted(ends, points, side="right")
+        extras = np.zeros((len(epochs), len(leftover)), dtype=np.int64)
+        np.put_along_axis(extras, np.minimum(chosen, len(leftover) - 1), 1, axis=1)
+        return extras
+
+    def _rows_before(self, epoch: int) -> np.ndarray:
+        """Rows each source gave to epochs 0 .. epoch - 1: where its chain of permutations continues."""
+        base, _ = self._shares()
+        return base * epoch + self._extras(np.arange(epoch)).sum(axis=0)
 
     def epoch(self, epoch: int) -> np.ndarray:
         """Positions in the concatenated rows, in the order epoch `epoch` reads them."""
@@ -84,9 +112,10 @@ class TrainingOrder:
             total = sum(self.sizes)
             return _permutation(total, self.seed, epoch) if self.shuffle else np.arange(total)
         offsets = np.cumsum([0, *self.sizes[:-1]])
+        counts, starts = self.source_counts(epoch), self._rows_before(epoch)
         parts = [
-            offset + self._source_stream(source, size, count * epoch, count)
-            for source, (offset, size, count) in enumerate(zip(offsets, self.sizes, self.source_counts(), strict=True))
+            offset + self._source_stream(source, size, int(start), count)
+            for source, (offset, size, count, start) in enumerate(zip(offsets, self.sizes, counts, starts, strict=True))
             if count > 0
         ]
         mixed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

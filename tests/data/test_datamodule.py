@@ -375,7 +375,7 @@ def test_packing_a_source_whose_records_were_all_dropped_leaves_it_empty(tmp_pat
     assert dm.train_source_sizes[1] == 0 and len(dm.datasets["validation"]) == 0 and dm.train_source_sizes[0] > 0
 
 
-def test_a_mix_share_rounded_far_off_is_reported(tmp_path: Path, tokenizer_dir: str, caplog) -> None:
+def test_a_mix_share_under_one_row_per_epoch_is_reported(tmp_path: Path, tokenizer_dir: str, caplog) -> None:
     write_jsonl(tmp_path / "a.jsonl", INSTRUCTIONS)
     write_jsonl(tmp_path / "b.jsonl", INSTRUCTIONS)
     files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
@@ -384,11 +384,12 @@ def test_a_mix_share_rounded_far_off_is_reported(tmp_path: Path, tokenizer_dir: 
         instruction_tuning_data_dir=None,
         pretraining_data_dir=None,
         train_files=files,
-        mix_ratios={files[0]: 1.0, files[1]: 1.0},
-        epoch_rows=3,  # 1.5 rows each: one source gets 2 of every epoch's 3
+        mix_ratios={files[0]: 9.0, files[1]: 1.0},
+        epoch_rows=5,  # half a row of b.jsonl per epoch
         per_device_train_batch_size=1,
         cache_dir=str(tmp_path / "cache"),
     )
     with caplog.at_level("WARNING"):
         ready(dm)
-    assert any("rounds to 1 of the 3 rows of every epoch (33.3%, not 50.0%)" in r.getMessage() for r in caplog.records)
+    warned = "is 0.50 of the 5 rows of an epoch: it gives a row to about 50% of"
+    assert any(warned in r.getMessage() for r in caplog.records)

@@ -34,6 +34,20 @@ def test_mixture_proportions_follow_the_ratios_over_many_epochs() -> None:
     assert shares == pytest.approx([0.5, 0.3, 0.2], abs=0.01)
 
 
+def test_shares_of_fractional_rows_reach_their_ratios_over_epochs() -> None:
+    """Rounded alike in every epoch, 3 rows at 1:1 would be 2 and 1 for ever, and 1 row over three sources would
+    never read two of them."""
+    for sizes, ratios, rows in (((2, 3), (1, 1), 3), ((5, 2, 3), (1, 1, 1), 1), ((1000, 50, 300), (5, 3, 2), 97)):
+        order = TrainingOrder(sizes=sizes, ratios=ratios, epoch_rows=rows, seed=1)
+        per_epoch = [order.source_counts(e) for e in range(300)]
+        assert all(sum(counts) == rows == len(order.epoch(e)) for e, counts in enumerate(per_epoch))
+        shares = [sum(c[i] for c in per_epoch) / (300 * rows) for i in range(len(sizes))]
+        assert shares == pytest.approx([r / sum(ratios) for r in ratios], abs=0.01)
+        # Each epoch continues every source's chain where the epochs before it stopped.
+        seen = collections.Counter(source_of(p, sizes) for e in range(20) for p in order.epoch(e).tolist())
+        assert [seen[i] for i in range(len(sizes))] == [sum(c[i] for c in per_epoch[:20]) for i in range(len(sizes))]
+
+
 def test_a_downsampled_source_is_read_whole_before_any_row_repeats() -> None:
     order = TrainingOrder(sizes=(10, 100), ratios=(1, 1), epoch_rows=20, seed=5)
     assert order.source_counts() == [10, 10]
