@@ -50,7 +50,7 @@ from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings
-from pandallm.optim.schedules import Schedule, ScheduleName, total_optimizer_steps, warmup_steps
+from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
 from pandallm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -511,14 +511,7 @@ class PandaLLM(L.LightningModule):
             cpu_offload=zero.offloads_optimizer(trainer.strategy),
             fused=not clips_scaled,
         )
-        total = self.total_steps()
-        schedule = Schedule(
-            h.lr_scheduler,
-            total,
-            warmup_steps(total, h.warmup_steps, h.warmup_proportion),
-            h.min_lr_ratio,
-            h.poly_power,
-        )
+        schedule = schedule_from(h, self.total_steps())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from pandallm.optim.schedules import Schedule, warmup_steps
+from pandallm.optim.schedules import Schedule, schedule_from
 
 SETTINGS = (
     "learning_rate",
@@ -51,14 +51,7 @@ def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any]) ->
         group["weight_decay"] = h["weight_decay"] if index == 0 else 0.0
         group["initial_lr"] = h["learning_rate"]
     restored = scheduler.lr_lambdas[0]
-    total = restored.total_steps if isinstance(restored, Schedule) else 1
-    schedule = Schedule(
-        h["lr_scheduler"],
-        total,
-        warmup_steps(total, h["warmup_steps"], h["warmup_proportion"]),
-        h["min_lr_ratio"],
-        h["poly_power"],
-    )
+    schedule = schedule_from(h, restored.total_steps if isinstance(restored, Schedule) else 1)
     scheduler.lr_lambdas = [schedule] * len(groups)
     scheduler.base_lrs = [h["learning_rate"]] * len(groups)
     # The rate of the step about to run, as LambdaLR computes it.

@@ -7,8 +7,9 @@ exactly: restoring the scheduler's step count restores the learning rate.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 ScheduleName = Literal["linear", "cosine", "constant", "poly", "warmup"]
 
@@ -58,6 +59,18 @@ def warmup_steps(total_steps: int, steps: int, proportion: float | None) -> int:
     if not 0.0 <= proportion <= 1.0:
         raise ValueError(f"warmup_proportion must be in [0, 1], got {proportion}")
     return round(proportion * total_steps)
+
+
+def schedule_from(settings: Mapping[str, Any], total_steps: int) -> Schedule:
+    """The schedule a module's settings (`lr_scheduler`, `warmup_steps`, `warmup_proportion`, `min_lr_ratio`,
+    `poly_power`) describe, over `total_steps`."""
+    return Schedule(
+        settings["lr_scheduler"],
+        total_steps,
+        warmup_steps(total_steps, settings["warmup_steps"], settings["warmup_proportion"]),
+        settings["min_lr_ratio"],
+        settings["poly_power"],
+    )
 
 
 def total_optimizer_steps(
