@@ -395,16 +395,23 @@ class PandaLLM(L.LightningModule):
         else:
             shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
         changed = compat.check(where, checkpoint, self._run_record(), shapes)
-        if changed and self._trainer is not None and self.trainer.state.fn == "fit" and self.global_rank == 0:
+        self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
+        # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
+        saved = checkpoint.get("hyper_parameters", {})
+        self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []
+        if not fitting or self.global_rank != 0:
+            return
+        if changed:
             log.warning(
                 "pandallm: resuming from %s with changed settings; the run will not continue exactly as the "
                 "uninterrupted one would:\n  %s",
                 where,
                 "\n  ".join(changed),
             )
-        self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
         cut = epoch_cut_short(checkpoint)
-        if cut and self._trainer is not None and self.trainer.state.fn == "fit" and self.global_rank == 0:
+        if cut:
             log.warning(
                 "pandallm: %s was saved when fit stopped at trainer.max_steps after %d of the %d batches of epoch %d; "
                 "Lightning counts that epoch as done, so this run starts epoch %d and the rest of epoch %d is not "
@@ -416,10 +423,6 @@ class PandaLLM(L.LightningModule):
                 cut[0] + 1,
                 cut[0],
             )
-        # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        saved = checkpoint.get("hyper_parameters", {})
-        self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []
 
     def on_train_start(self) -> None:
         if not self._changed_optimizer_settings:
