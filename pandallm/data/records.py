@@ -117,6 +117,18 @@ def _read_utf8(path: Path) -> str:
         raise DataFormatError(path, line, None, "not valid UTF-8") from e
 
 
+def _line_text(raw: bytes, line_number: int, errors: str = "strict") -> str:
+    """A line read as bytes, as text; the first one without a byte-order mark."""
+    return raw.decode("utf-8-sig" if line_number == 1 else "utf-8", errors)
+
+
+def _decode_line(path: Path, line_number: int, raw: bytes) -> str:
+    try:
+        return _line_text(raw, line_number)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_number, None, "not valid UTF-8") from e
+
+
 def _json_line(path: Path, line_number: int, line: str) -> object:
     try:
         return json.loads(line)
@@ -213,11 +225,8 @@ def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]
     start = 1
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataFormatError(path, number, None, "not valid UTF-8") from e
-            for line in text.splitlines() or [""]:  # other line breaks (\r, \f, U+2028) inside a \n-line too
+            # `splitlines`: other line breaks (\r, \f, U+2028) inside a \n-line end a line too.
+            for line in _decode_line(path, number, raw).splitlines() or [""]:
                 if line.strip():
                     if not block:
                         start = number
@@ -295,10 +304,7 @@ def lazy_jsonl_records(
     first_line = None
 
     def load(line_number: int, raw: bytes) -> Record:
-        try:
-            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataFormatError(path, line_number, None, "not valid UTF-8") from e
+        line = _decode_line(path, line_number, raw)
         return _as_record(fmt, _json_line(path, line_number, line), path, line_number, first_line)
 
     with path.open("rb") as f:
@@ -306,8 +312,7 @@ def lazy_jsonl_records(
             if not raw.strip():
                 continue
             if fmt is None:
-                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8", errors="replace")
-                value = _json_line(path, line_number, text)
+                value = _json_line(path, line_number, _line_text(raw, line_number, errors="replace"))
                 fmt, first_line = detect(value, path, line_number, kind), line_number
             yield partial(load, line_number, raw)
 
