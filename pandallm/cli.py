@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import zipfile
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -18,7 +17,7 @@ from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.checkpoint.load import safe_load
-from pandallm.checkpoint.sharded import module_arguments
+from pandallm.checkpoint.sharded import model_defaults
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
@@ -72,12 +71,11 @@ class PandaCLI(LightningCLI):
         ckpt_path = self._subcommand_config().get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return False  # `last`, or a sharded directory: resolved by Lightning later
-        checkpoint = safe_load(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))
+        checkpoint = safe_load(ckpt_path)
         recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not recorded:
             return False  # not a pandallm checkpoint: refused with that message when it loads
-        defaults = module_arguments(PandaLLM, recorded)
-        self._parser(subcommand).set_defaults({f"model.{name}": value for name, value in defaults.items()})
+        self._parser(subcommand).set_defaults(model_defaults(PandaLLM, recorded))
         return True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:

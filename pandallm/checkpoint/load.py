@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ def load_error(path: str | Path, error: Exception) -> ModelError:
     return ModelError(f"{path}: not a torch checkpoint file ({reason})")
 
 
-def safe_load(path: str | Path, mmap: bool = False) -> Any:
+def safe_load(path: str | Path) -> Any:
     """`torch.load` with `weights_only`: tensors and plain containers, never pickled code (a checkpoint from
-    elsewhere cannot run anything here)."""
+    elsewhere cannot run anything here). Memory-mapped where the file is in `torch.save`'s zip format: tensors are
+    paged in as they are read, not loaded whole first (reading a 65B checkpoint's settings costs next to nothing)."""
     if Path(path).is_dir():
         raise ModelError(f"{path}: a directory, not a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except LOAD_ERRORS as e:
         raise load_error(path, e) from e

@@ -96,3 +96,9 @@ def module_arguments(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, A
     """The saved hyper-parameters that `cls.__init__` takes (Lightning adds private ones such as `_instantiator`)."""
     accepted = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in hyper_parameters.items() if k in accepted and k != "self"}
+
+
+def model_defaults(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings of `cls` as the `model.*` defaults of a parser, under which a `--config`
+    and `--model.*` options given still win."""
+    return {f"model.{name}": value for name, value in module_arguments(cls, hyper_parameters).items()}

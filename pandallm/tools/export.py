@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from pandallm.checkpoint.load import safe_load
 from pandallm.checkpoint.sharded import (
     hf_weights,
     is_sharded_checkpoint,
+    model_defaults,
     module_arguments,
     plain_model,
     read_metadata,
@@ -97,9 +97,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             # output.
             checkpoint = torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
     elif file.is_file():
-        # mmap: the tensors are paged in as they are copied out, not read into memory first. `weights_only`: a
-        # checkpoint from elsewhere cannot run pickled code here, as it cannot in `fit`.
-        checkpoint = safe_load(file, mmap=zipfile.is_zipfile(file))  # torch.save's format; not older pickles
+        # Weights only: a checkpoint from elsewhere cannot run pickled code here, as it cannot in `fit`.
+        checkpoint = safe_load(file)
     elif file.is_dir():
         raise ModelError(f"--ckpt_path {path}: a directory, but neither a sharded nor a DeepSpeed checkpoint")
     else:
@@ -127,7 +126,7 @@ def export(args: list[str]) -> Path:
     if checkpoint is not None:
         # The run's own settings are the defaults; a --config and --model.* options given here change them.
         recorded = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
-        parser.set_defaults({f"model.{name}": value for name, value in recorded.items()})
+        parser.set_defaults(model_defaults(PandaLLM, checkpoint["hyper_parameters"]))
         cfg = parser.parse_args(args)
     arguments = module_arguments(PandaLLM, cfg.model.as_dict())
     if cfg.tokenizer is not None:
