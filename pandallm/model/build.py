@@ -4,13 +4,16 @@ hub id), a GGUF file, or PandaLLM-style delta weights on top of a base checkpoin
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pandallm.errors import ModelError
 from pandallm.model.delta import DEFAULT_REPLACED, apply_delta
@@ -37,18 +40,67 @@ def gguf_location(path: str, key: str = "model.model_name_or_path") -> tuple[str
 
 
 def model_config(name_or_path: str, vocab_size: int, overrides: dict[str, Any] | None) -> LlamaConfig:
-    """The config of the model to build; `overrides` replace any `LlamaConfig` field (e.g. `num_hidden_layers`)."""
-    overrides = dict(overrides or {})
+    """The config of the model to build; `overrides` replace any `LlamaConfig` field (e.g. `num_hidden_layers`,
+    `rope_scaling`)."""
     if is_preset(name_or_path):
         config = LlamaConfig(**{**preset(name_or_path), "vocab_size": vocab_size})
     else:
         config = _checkpoint_config(name_or_path)
-    unknown = [key for key in overrides if not hasattr(config, key)]
+    if not overrides:
+        return config
+    unknown = [key for key in overrides if not hasattr(config, key) and key not in ROPE_FIELDS]
     if unknown:
         raise ModelError(f"model.config_overrides: unknown LlamaConfig field(s) {unknown}")
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    # The config is built again with the overrides, not patched: its `__init__` derives fields from others
+    # (`rope_parameters` from `rope_scaling` and `rope_theta`, `head_dim` from the hidden size and heads), and a
+    # field set afterwards leaves those stale (a `rope_scaling` set on a built config crashed in the rotary
+    # embedding's init; a `hidden_size` kept the old `head_dim`).
+    try:
+        config = type(config)(**overridden_fields(config, overrides))
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:
+        raise ModelError(f"model.config_overrides {overrides}: not a valid LlamaConfig: {e}") from e
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        # transformers only logs this; the model would then fail to build with a bare KeyError.
+        raise ModelError(
+            f"model.config_overrides: unknown RoPE type '{rope_type}'; transformers knows default, "
+            f"{', '.join(ROPE_INIT_FUNCTIONS)}"
+        )
     return config
+
+
+ROPE_FIELDS = ("rope_scaling", "rope_theta", "rope_parameters")
+
+
+def overridden_fields(config: LlamaConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config`'s fields with `overrides` applied, for `LlamaConfig(**fields)`."""
+    fields = config.to_dict()
+    overrides = copy.deepcopy(overrides)  # transformers' rope standardisation writes into the dicts it is given
+    heads = overrides.get("num_attention_heads", config.num_attention_heads)
+    if "head_dim" not in overrides and config.head_dim == config.hidden_size // config.num_attention_heads:
+        # Derived, not chosen: derive it again from the new dimensions.
+        fields["head_dim"] = overrides.get("hidden_size", config.hidden_size) // heads
+    if any(key in overrides for key in ROPE_FIELDS):
+        fields["rope_parameters"] = rope_parameters(config, {k: overrides.pop(k) for k in ROPE_FIELDS if k in overrides})
+        fields.pop("rope_scaling", None)
+        fields.pop("rope_theta", None)
+    return {**fields, **overrides}
+
+
+def rope_parameters(config: LlamaConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE parameters of `config` under overrides of `rope_parameters`, `rope_scaling` (the field's name
+    before transformers 5) and `rope_theta`. A scaling override keeps the checkpoint's base frequency: transformers
+    would take its default (10000) when `rope_scaling` comes without one, silently changing a Llama 3 model's."""
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    theta = current.get("rope_theta", 10000.0)
+    if "rope_parameters" in overrides or "rope_scaling" in overrides:
+        scaling = overrides.get("rope_parameters", overrides.get("rope_scaling")) or {}
+        current = {("rope_type" if key == "type" else key): value for key, value in scaling.items()}
+        current.setdefault("rope_type", "default")
+        current.setdefault("rope_theta", theta)
+    if "rope_theta" in overrides:
+        current["rope_theta"] = overrides["rope_theta"]
+    return current
 
 
 def _checkpoint_config(name_or_path: str) -> LlamaConfig:

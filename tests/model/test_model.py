@@ -69,6 +69,24 @@ def test_presets_and_overrides() -> None:
         model_config("./llama-8b", 100, None)
 
 
+def test_rope_overrides_rebuild_the_config_as_transformers_expects(tmp_path) -> None:
+    # A checkpoint with a non-default base frequency (Llama 3's is 500000), as a user's would be.
+    LlamaForCausalLM(LlamaConfig(**{**llama_tiny(), "vocab_size": 100, "rope_theta": 5e5})).save_pretrained(tmp_path)
+    base = build_model(str(tmp_path), 100)
+    scaled = build_model(str(tmp_path), 100, {"rope_scaling": {"type": "linear", "factor": 4}})
+    # Linear scaling divides the positions by the factor, i.e. every inverse frequency; the base frequency stays.
+    torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq / 4)
+    assert scaled.config.rope_parameters == {"rope_type": "linear", "factor": 4, "rope_theta": 5e5}
+    assert scaled(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 100)
+    assert model_config(str(tmp_path), 100, {"rope_theta": 1e6}).rope_parameters["rope_theta"] == 1e6
+    # A derived field follows the fields it derives from.
+    assert model_config("llama-tiny", 100, {"hidden_size": 128}).head_dim == 32
+    with pytest.raises(ModelError, match="unknown RoPE type 'bogus'"):
+        model_config("llama-tiny", 100, {"rope_scaling": {"type": "bogus", "factor": 2}})
+    with pytest.raises(ModelError, match="not a valid LlamaConfig"):
+        model_config("llama-tiny", 100, {"num_hidden_layers": "two"})
+
+
 def test_non_llama_checkpoints_are_refused(tmp_path) -> None:
     GPT2Config().save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="is a 'gpt2' model; pandallm trains the LLaMA architecture"):
