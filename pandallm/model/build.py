@@ -81,7 +81,8 @@ def overridden_fields(config: LlamaConfig, overrides: dict[str, Any]) -> dict[st
         # Derived, not chosen: derive it again from the new dimensions.
         fields["head_dim"] = overrides.get("hidden_size", config.hidden_size) // heads
     if any(key in overrides for key in ROPE_FIELDS):
-        fields["rope_parameters"] = rope_parameters(config, {k: overrides.pop(k) for k in ROPE_FIELDS if k in overrides})
+        rope = {key: overrides.pop(key) for key in ROPE_FIELDS if key in overrides}
+        fields["rope_parameters"] = rope_parameters(config, rope)
         fields.pop("rope_scaling", None)
         fields.pop("rope_theta", None)
     return {**fields, **overrides}
