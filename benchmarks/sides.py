@@ -33,6 +33,7 @@ class Setup:
     batch: int
     seq: int
     steps: int
+    accumulate: int = 1  # micro-batches per optimizer step (`batch` rows each)
     instruction_dir: str | None = None
     pretraining_dir: str | None = None  # full `seq`-token blocks instead (the GPU MFU run; pandallm side only)
     packing: bool = False  # pandallm side only: the HF side always trains padded rows
@@ -54,6 +55,7 @@ def cli_args(s: Setup, packing: bool) -> list[str]:
         "--trainer.devices=1",
         f"--trainer.precision={s.precision}",
         f"--trainer.max_steps={s.steps}",
+        f"--trainer.accumulate_grad_batches={s.accumulate}",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
         "--trainer.enable_checkpointing=false",
@@ -130,12 +132,18 @@ def pandallm_side(s: Setup) -> dict:
             self.times: list[float] = []
             self.tokens: list[int] = []
             self.losses: list[float] = []
+            self.window_tokens = 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            # After the optimizer step. Reading the loss waits for the device, as the HF Trainer's logging does.
-            self.losses.append(float(pl_module._last_loss))
-            self.tokens.append(int(batch["attention_mask"].sum()))
+            self.window_tokens += int(batch["attention_mask"].sum())
+            if trainer.global_step == len(self.times):
+                return  # inside an accumulation window: no optimizer step yet
+            # After the optimizer step: the loss it logged, over the whole window. Reading it waits for the device,
+            # as the HF Trainer's logging does.
+            self.losses.append(float(pl_module.step_loss))
+            self.tokens.append(self.window_tokens)
             self.times.append(time.perf_counter())
+            self.window_tokens = 0
 
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
@@ -198,6 +206,7 @@ def hf_side(s: Setup) -> dict:
     args = TrainingArguments(
         output_dir=str(Path(s.cache_dir) / "hf"),
         per_device_train_batch_size=s.batch,
+        gradient_accumulation_steps=s.accumulate,
         max_steps=s.steps,
         learning_rate=s.lr,
         adam_beta1=0.9,  # pandallm's AdamW defaults
@@ -237,8 +246,9 @@ def hf_side(s: Setup) -> dict:
     trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[recorder])
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    # Step i trains rows [i * batch, (i + 1) * batch): the sequential sampler's order.
-    tokens = [sum(len(r["input_ids"]) for r in rows[i * s.batch : (i + 1) * s.batch]) for i in range(s.steps)]
+    # Step i trains rows [i * n, (i + 1) * n), n = batch x accumulate: the sequential sampler's order.
+    n = s.batch * s.accumulate
+    tokens = [sum(len(r["input_ids"]) for r in rows[i * n : (i + 1) * n]) for i in range(s.steps)]
     return _report(recorder.times, tokens[: len(recorder.times)], losses, s.device)
 
 

@@ -77,7 +77,7 @@ def pad_share(setup: Setup) -> float:
     """Share of the HF Trainer's batch positions that are padding, over the steps timed."""
     lengths = [len(r["input_ids"]) for r in json.loads(Path(setup.rows_file).read_text())]
     real = padded = 0
-    for i in range(setup.steps):
+    for i in range(setup.steps * setup.accumulate):
         batch = lengths[i * setup.batch : (i + 1) * setup.batch]
         real, padded = real + sum(batch), padded + max(batch) * len(batch)
     return 1 - real / padded
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the throughput")
     parser.add_argument("--batch", type=int, default=None, help="per run; default: the model's (MODELS)")
     parser.add_argument("--seq", type=int, default=None, help="max_seq_length; default: the model's (MODELS)")
+    parser.add_argument("--accumulate", type=int, default=None, help="micro-batches of --batch rows per step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=1500)
     parser.add_argument("--model-dir", default=".cache/benchmarks", help="where the GGUF checkpoint is exported")
@@ -100,7 +101,7 @@ def main() -> None:
     options = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pandallm-bench-"))
-    chosen = {"steps": options.steps, "batch": options.batch, "seq": options.seq}
+    chosen = {"steps": options.steps, "batch": options.batch, "seq": options.seq, "accumulate": options.accumulate}
     overrides = {key: value for key, value in chosen.items() if value is not None}
     try:
         setups = {
@@ -149,6 +150,7 @@ def summarize(setup: Setup, runs: dict[str, list[dict]], warmup: int) -> dict:
     )
     return {
         "batch": setup.batch,
+        "accumulate": setup.accumulate,
         "max_seq_length": setup.seq,
         "steps": setup.steps,
         "warmup_steps_excluded": warmup,

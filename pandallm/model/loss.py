@@ -18,7 +18,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     # The labels are shifted, not the logits: position t is scored against token t + 1 and the last position
     # against nothing. Slicing the logits instead would copy the largest tensor of the step (batch x seq x vocab).
     next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    # At least fp32 for the softmax (bf16 / fp16 logits lose the loss's low bits), and never below the logits' own.
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+    loss_sum = F.cross_entropy(logits, next_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, (next_labels != IGNORE_INDEX).sum()

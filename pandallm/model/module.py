@@ -170,7 +170,8 @@ class PandaLLM(L.LightningModule):
         self._added_tokens = 0
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
-        self._window_tokens: torch.Tensor | int = 0
+        self._window_sums: torch.Tensor | int = 0  # [loss sum, target tokens] of the accumulation window so far
+        self.step_loss: torch.Tensor | None = None  # of the last optimizer step: over its window and every rank
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
@@ -270,11 +271,9 @@ class PandaLLM(L.LightningModule):
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp(min=1)
         self._last_loss = loss.detach()
-        # Logged as the mean over ranks (one all-reduce of a scalar): the loss of the global batch, when ranks hold
-        # equal numbers of target tokens.
-        self.log(
-            "train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True
-        )
+        # The window's summed loss and target tokens: the logged `train/loss` is their ratio over every micro-batch
+        # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
+        self._window_sums = self._window_sums + torch.stack([loss_sum.detach().double(), count.double()])
         if logs_this_step(self.trainer):
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         if not self._token_weighted:
@@ -283,14 +282,18 @@ class PandaLLM(L.LightningModule):
         # mean of per-micro-batch means, which over-weights the tokens of short micro-batches (transformers
         # #34191). That token count is known only once the window is complete, so the summed loss is
         # back-propagated here and the gradients are divided by it in `_normalize_gradients`.
-        self._window_tokens = self._window_tokens + count
         return loss_sum
 
-    def _normalize_gradients(self) -> None:
-        tokens = torch.as_tensor(self._window_tokens, dtype=torch.float32, device=self.device)
-        self._window_tokens = 0
+    def _window_totals(self) -> torch.Tensor:
+        """The accumulation window's [loss sum, target tokens], summed over ranks (one all-reduce of two numbers
+        per optimizer step), in fp64; the window starts again empty."""
+        sums = torch.as_tensor(self._window_sums, dtype=torch.float64, device=self.device)
+        self._window_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return sums
+
+    def _normalize_gradients(self, tokens: torch.Tensor) -> None:
         # Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP / FSDP average over ranks.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -298,8 +301,12 @@ class PandaLLM(L.LightningModule):
         torch._foreach_mul_(grads, scale.item())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        loss_sum, tokens = self._window_totals()
+        # The loss of this update: comparable across batch sizes, accumulation and ranks, and with the HF Trainer's.
+        self.step_loss = (loss_sum / tokens.clamp(min=1)).float()
+        self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
         if self._token_weighted:
-            self._normalize_gradients()
+            self._normalize_gradients(tokens)
         if self.trainer.precision == "16-mixed":
             return  # fp16's GradScaler skips overflowing steps itself, by design
         if zero.is_deepspeed(self.trainer.strategy):
