@@ -49,7 +49,7 @@ from pandallm.model.peft import (
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
-from pandallm.optim.resume import apply_settings, changed_settings
+from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
 from pandallm.tokenizer import load_tokenizer
 
@@ -432,17 +432,34 @@ class PandaLLM(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        if not self._changed_optimizer_settings:
-            return
+        # Here Lightning has restored a resumed run's optimizer and scheduler over the ones built from the config.
         [config] = self.trainer.lr_scheduler_configs
-        apply_settings(self.trainer.optimizers[0], config.scheduler, self.hparams)
-        if self.global_rank == 0:
-            log.warning(
-                "pandallm: applied the changed optimizer settings %s; learning rate now %g",
-                self._changed_optimizer_settings,
-                self.trainer.optimizers[0].param_groups[0]["lr"],
-            )
+        optimizer = self.trainer.optimizers[0]
+        length, restored = self.total_steps(), restored_length(config.scheduler)
+        resized = restored is not None and restored != length
+        if self._changed_optimizer_settings or resized:
+            before = optimizer.param_groups[0]["lr"]
+            apply_settings(optimizer, config.scheduler, self.hparams, length)
+            if self.global_rank == 0:
+                changes = list(self._changed_optimizer_settings)
+                if resized:
+                    # e.g. a finished run resumed with more epochs: the old schedule had decayed to its end.
+                    changes.append(f"the schedule's length, {restored} -> {length} optimizer steps")
+                log.warning(
+                    "pandallm: resumed with a changed %s; the learning rate at step %d is now %g (the checkpoint's "
+                    "schedule gave %g)",
+                    "; ".join(changes),
+                    self.trainer.global_step,
+                    optimizer.param_groups[0]["lr"],
+                    before,
+                )
         self._changed_optimizer_settings = []
+        if optimizer.param_groups[0]["lr"] == 0.0 and self.trainer.global_step < length and self.global_rank == 0:
+            log.warning(
+                "pandallm: the learning rate is 0 at step %d of %d: the steps that follow do not train",
+                self.trainer.global_step,
+                length,
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)

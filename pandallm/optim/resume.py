@@ -1,10 +1,11 @@
-"""Optimizer settings changed on resume: applied, not only reported.
+"""Optimizer settings and run length changed on resume: applied, not only reported.
 
 Lightning restores the optimizer's parameter groups (learning rate, betas, epsilon, weight decay) and the LR
-scheduler (its base rates and its `Schedule`) from the checkpoint, after the module has built them from the new
-config, so a user who resumes with a lower learning rate would train on with the old one. These are put back to
-the config's values once the checkpoint is restored; the moments, the step count and the schedule's length (the
-number of steps it was created for) stay the checkpoint's.
+scheduler (its base rates and its `Schedule`, length included) from the checkpoint, after the module has built them
+from the new config, so a user who resumes with a lower learning rate would train on with the old one, and one who
+resumes a finished run with more epochs would train every added step at the end of the old decay (learning rate 0
+under `cosine` or `linear`). These are put back to the config's values and the run's length once the checkpoint is
+restored; the moments and the step count stay the checkpoint's.
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value  # YAML gives lists where the code has tuples
 
 
-def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any]) -> None:
-    """Put the config's optimizer and schedule settings into a restored `optimizer` and `scheduler`."""
+def restored_length(scheduler: LambdaLR) -> int | None:
+    """The number of steps a restored `scheduler`'s schedule was made for (None: not a pandallm `Schedule`)."""
+    schedule = scheduler.lr_lambdas[0]
+    return schedule.total_steps if isinstance(schedule, Schedule) else None
+
+
+def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any], total_steps: int) -> None:
+    """Put the config's optimizer and schedule settings, over `total_steps` (this run's length), into a restored
+    `optimizer` and `scheduler`."""
     groups = optimizer.param_groups
     for index, group in enumerate(groups):
         if "betas" in group:
@@ -50,8 +58,7 @@ def apply_settings(optimizer: Any, scheduler: LambdaLR, h: Mapping[str, Any]) ->
         # left out: the one left is the matrices' (a LoRA run trains no norms; every run trains some matrix).
         group["weight_decay"] = h["weight_decay"] if index == 0 else 0.0
         group["initial_lr"] = h["learning_rate"]
-    restored = scheduler.lr_lambdas[0]
-    schedule = schedule_from(h, restored.total_steps if isinstance(restored, Schedule) else 1)
+    schedule = schedule_from(h, total_steps)
     scheduler.lr_lambdas = [schedule] * len(groups)
     scheduler.base_lrs = [h["learning_rate"]] * len(groups)
     # The rate of the step about to run, as LambdaLR computes it.
