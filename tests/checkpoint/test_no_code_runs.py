@@ -1,6 +1,6 @@
 """Nothing a user is handed runs code: sharded checkpoint directories (torch.distributed.checkpoint's `.metadata`,
-the non-tensor items in its shards, Lightning's `meta.pt`) and checkpoints at a URL. Each payload would create a
-marker file; each file is refused with a message naming it.
+the non-tensor items in its shards, Lightning's `meta.pt`), checkpoints at a URL, PEFT adapters and delta bases
+with pickled `.bin` weights. Each payload would create a marker file; each file is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pandallm.checkpoint.load import check_dcp_directory, load_weights_only
 from pandallm.cli import cli
 from pandallm.errors import ConfigError, ModelError
+from pandallm.model.delta import apply_delta
 from pandallm.model.module import PandaLLM
+from pandallm.model.peft import load_adapter
+from pandallm.model.presets import llama_tiny
 from pandallm.tools.export import export
 from tests.conftest import REPO, TOKENIZER_DIR, tiny_fit_args
 
@@ -168,3 +173,30 @@ def test_checkpoint_urls_load_weights_only(tmp_path: Path, marker: Path, served:
 
     with pytest.raises(ConfigError, match="weights_only: false: pandallm loads checkpoints weights-only"):
         cli(["validate", *fit, "--weights_only=false", f"--ckpt_path={root / 'good.ckpt'}"])
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**llama_tiny(), "vocab_size": 100}))
+
+
+def test_a_pickled_adapter_is_refused_naming_it(tmp_path: Path, marker: Path) -> None:
+    """peft reads `adapter_model.bin` weights-only: the payload does not run, and the user is told which adapter."""
+    adapter = tmp_path / "adapter"
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        adapter, safe_serialization=False
+    )
+    weights = torch.load(adapter / "adapter_model.bin", weights_only=True)
+    torch.save({**weights, "payload": Payload(marker)}, adapter / "adapter_model.bin")
+    with pytest.raises(ModelError, match=rf"model.lora_adapter '{adapter}': not loadable as weights only"):
+        load_adapter(tiny_llama(), str(adapter))
+
+
+def test_a_pickled_delta_base_is_refused_naming_it(tmp_path: Path, marker: Path) -> None:
+    """transformers reads `pytorch_model.bin` weights-only: the payload does not run; the message names the base."""
+    base = tmp_path / "base"
+    model = tiny_llama()
+    model.config.save_pretrained(base)
+    torch.save({**model.state_dict(), "payload": Payload(marker)}, base / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=rf"model.delta_from '{base}': not loadable as weights only"):
+        apply_delta(tiny_llama(), str(base), str(tmp_path / "delta"))
