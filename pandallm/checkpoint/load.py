@@ -42,7 +42,7 @@ def load_error(path: str | Path, error: Exception) -> ModelError:
     lines = [line.strip() for line in str(error).replace("WeightsUnpickler error:", "\n").splitlines()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
     reason = (named or [line for line in lines if line] or [type(error).__name__])[0]
-    if isinstance(error, pickle.UnpicklingError) and ("global" in reason.lower() or "unsupported" in reason.lower()):
+    if isinstance(error, pickle.UnpicklingError) and any(op in reason.lower() for op in ("global", "build")):
         return ModelError(
             f"{path}: not loadable as weights only: it holds objects, which pandallm does not unpickle, since "
             f"unpickling can run any code ({reason})"
@@ -86,8 +86,12 @@ _METADATA_GLOBALS = _METADATA_RECORDS | {
 }
 # "pathlib": where Python 3.11 writes `PosixPath` from, which later Pythons define in `pathlib._local`.
 _METADATA_MODULES = frozenset(c.__module__ for c in _METADATA_GLOBALS) | {"torch", "pathlib"}
-# What unpickling damaged or foreign bytes raises, besides refusing a global.
+# What Python's unpickler raises on damaged or foreign bytes (KeyError: an unknown opcode).
 _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+class _Refused(pickle.UnpicklingError):
+    """An object that `.metadata` may not hold."""
 
 
 class _MetadataUnpickler(pickle._Unpickler):
@@ -102,12 +106,12 @@ class _MetadataUnpickler(pickle._Unpickler):
         found = getattr(sys.modules.get(module), name, None) if module in _METADATA_MODULES else None
         harmless = isinstance(found, (torch.dtype, torch.layout, torch.memory_format))
         if found is None or not (harmless or any(found is allowed for allowed in _METADATA_GLOBALS)):
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+            raise _Refused(f"Unsupported global: GLOBAL {module}.{name}")
         return found
 
     def load_build(self) -> None:
         if type(self.stack[-2]) not in _METADATA_RECORDS:
-            raise pickle.UnpicklingError(f"Unsupported: BUILD of {type(self.stack[-2]).__name__}")
+            raise _Refused(f"Unsupported: BUILD of {type(self.stack[-2]).__name__}")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -117,8 +121,10 @@ def read_dcp_metadata(file: IO[bytes], path: str | Path) -> dcp_metadata.Metadat
     """A DCP `.metadata` file, unpickled with only the classes of a checkpoint's metadata allowed."""
     try:
         metadata = _MetadataUnpickler(file).load()
-    except _UNPICKLE_ERRORS as e:
+    except _Refused as e:
         raise load_error(path, e) from e
+    except _UNPICKLE_ERRORS as e:
+        raise ModelError(f"{path}: not the metadata of a torch.distributed.checkpoint directory ({e!r})") from e
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise ModelError(f"{path}: not the metadata of a torch.distributed.checkpoint directory")
     return metadata

@@ -81,6 +81,27 @@ def test_export_of_a_sharded_directory_does_not_unpickle_its_metadata(tmp_path: 
         export([f"--ckpt_path={directory}", f"--output={tmp_path / 'hf'}"])
 
 
+def test_metadata_that_would_change_torch_itself_is_refused(tmp_path: Path) -> None:
+    """No global but the metadata classes is called, and none is changed either: BUILD on a function would set its
+    attributes for the whole process (here the cache of layouts that every later `torch.load` reads)."""
+    layouts = torch.serialization._get_layout.cache
+    directory = tmp_path / "last.ckpt"
+    directory.mkdir()
+    torch.save({}, directory / "meta.pt")
+    (directory / ".metadata").write_bytes(
+        b"\x80\x02ctorch.serialization\n_get_layout\n"  # the function itself, then its new attributes
+        + pickle.dumps({"cache": {"torch.strided": "tampered"}}, protocol=2)[2:-1]
+        + pickle.BUILD
+        + pickle.STOP
+    )
+    try:
+        with pytest.raises(ModelError, match=r"\.metadata: not loadable as weights only.*BUILD of function"):
+            export([f"--ckpt_path={directory}", f"--output={tmp_path / 'hf'}"])
+        assert torch.serialization._get_layout.cache is layouts
+    finally:
+        torch.serialization._get_layout.cache = layouts
+
+
 def test_what_dcp_writes_reads_back_weights_only(tmp_path: Path) -> None:
     """The metadata classes allowed are those torch writes: tensors of several dtypes, optimizer param groups."""
     groups = {"lr": 1e-3, "betas": (0.9, 0.95), "foreach": None, "params": ["model.w"], "amsgrad": False}
