@@ -193,6 +193,10 @@ def check_dcp_directory(path: str | Path) -> None:
     for name in (DCP_METADATA_FILE, METADATA_FILE):
         if not (path / name).is_file():
             raise ModelError(f"{path}: not a sharded checkpoint directory (it has no {name})")
+    # torch reads a rank's own `__RANK.metadata` where reading `.metadata` fails for any reason.
+    for own in sorted(path.glob(f"__*{DCP_METADATA_FILE}")):
+        with open(own, "rb") as file:
+            read_dcp_metadata(file, own)
     stored = WeightsOnlyReader(path).read_metadata().state_dict_metadata
     items = {fqn: None for fqn, meta in stored.items() if isinstance(meta, dcp_metadata.BytesStorageMetadata)}
     if items:

@@ -117,6 +117,14 @@ def test_what_dcp_writes_reads_back_weights_only(tmp_path: Path) -> None:
     assert loaded["optimizer_0.param_groups.0.betas"] == (0.9, 0.95)
 
 
+def test_the_metadata_torch_falls_back_to_is_checked_too(tmp_path: Path, marker: Path) -> None:
+    """torch reads a rank's `__RANK.metadata` when reading `.metadata` fails: it is held to the same rules."""
+    directory = write_dcp(tmp_path / "last.ckpt", {"state_dict": {"w": torch.zeros(2)}})
+    (directory / "__0.metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ModelError, match=r"last.ckpt/__0.metadata: not loadable as weights only"):
+        check_dcp_directory(directory)
+
+
 FSDP2 = [
     "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
     "--trainer.strategy.data_parallel_size=1",
