@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
-from pandallm.checkpoint.load import LOAD_ERRORS, load_error
+from pandallm.checkpoint.load import LOAD_ERRORS, WeightsOnlyLoad, load_error
 from pandallm.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "under the strategy that wrote it)"
             )
         try:
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            # Always weights-only: Lightning's default for an http(s) URL is `weights_only=False`.
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except LOAD_ERRORS as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -152,8 +153,9 @@ class AtomicDirectorySave:
 
 
 class AtomicCheckpoints(L.Callback):
-    """Swaps the strategy's plain `TorchCheckpointIO` for `AtomicCheckpointIO`, and makes the sharded strategies'
-    directory checkpoints atomic with `AtomicDirectorySave`.
+    """Swaps the strategy's plain `TorchCheckpointIO` for `AtomicCheckpointIO`, makes the sharded strategies'
+    directory checkpoints atomic with `AtomicDirectorySave`, and makes every strategy load weights-only
+    (`WeightsOnlyLoad`).
 
     DeepSpeed, which writes its own directory layout, is left as it is.
     """
@@ -165,3 +167,5 @@ class AtomicCheckpoints(L.Callback):
         sharded = isinstance(strategy, (ModelParallelStrategy, FSDPStrategy))
         if sharded and not isinstance(strategy.save_checkpoint, AtomicDirectorySave):
             strategy.save_checkpoint = AtomicDirectorySave(strategy)
+        if not isinstance(strategy.load_checkpoint, WeightsOnlyLoad):
+            strategy.load_checkpoint = WeightsOnlyLoad(strategy)

@@ -9,21 +9,16 @@ a checkpoint directory they are read without any process group (`read_sharded_we
 from __future__ import annotations
 
 import inspect
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pandallm.checkpoint.load import safe_load
+from pandallm.checkpoint.load import DCP_METADATA_FILE, METADATA_FILE, WeightsOnlyReader, load_weights_only, safe_load
 from pandallm.errors import ModelError
 
-# Lightning's file of everything in a sharded checkpoint that is not a tensor shard (loops, hyper-parameters).
-METADATA_FILE = "meta.pt"
 # Where the LightningModule's state dict sits in the DCP keys: `ModelParallelStrategy` saves it as "state_dict",
 # `FSDPStrategy` as "model"; PandaLLM keeps the Hugging Face model in its attribute `model`.
 DCP_MODULE_KEYS = ("state_dict", "model")
@@ -60,7 +55,7 @@ def plain_model(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> LlamaF
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / METADATA_FILE).is_file()
+    return path.is_dir() and (path / DCP_METADATA_FILE).is_file() and (path / METADATA_FILE).is_file()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -70,26 +65,22 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The whole model weights of a sharded checkpoint directory, in PandaLLM's keys, on CPU; the optimizer
-    state in the same directory is not read."""
+    state in the same directory is not read. Nothing in the directory is unpickled without restriction."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise ModelError(f"{path} is not a sharded checkpoint (a directory with .metadata and {METADATA_FILE})")
-    stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    stored = WeightsOnlyReader(path).read_metadata().state_dict_metadata
     for top in DCP_MODULE_KEYS:
         prefix = top + "."
-        tensors = {
-            k[len(prefix) :]: meta for k, meta in stored.items() if k.startswith(prefix) and hasattr(meta, "size")
-        }
+        tensors = {k: meta for k, meta in stored.items() if k.startswith(prefix) and hasattr(meta, "size")}
         if tensors:
             break
     else:
         raise ModelError(f"{path}: no model weights found (looked for keys under {', '.join(DCP_MODULE_KEYS)})")
-    # `no_dist`: this process alone reads every shard of every requested tensor (no process group needed).
+    # This process alone reads every shard of every requested tensor (no process group needed).
     weights = {k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in tensors.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # that is the intent
-        dcp_load({top: weights}, checkpoint_id=path, no_dist=True)
-    return weights
+    load_weights_only(path, weights)
+    return {k[len(prefix) :]: tensor for k, tensor in weights.items()}
 
 
 def module_arguments(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,12 @@ tensor; set `model.delta_replaces: []` for those.
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from transformers import LlamaForCausalLM
 
+from pandallm.checkpoint.load import load_error
 from pandallm.errors import ModelError
 
 DEFAULT_REPLACED = ("embed_tokens", "lm_head")
@@ -20,6 +23,9 @@ DEFAULT_REPLACED = ("embed_tokens", "lm_head")
 def _base_parameters(base_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     try:
         base = LlamaForCausalLM.from_pretrained(base_path, dtype=dtype)
+    except pickle.UnpicklingError as e:
+        # transformers reads `.bin` weights with `weights_only=True`: what it refused did not run.
+        raise load_error(f"model.delta_from '{base_path}'", e) from e
     except (OSError, ValueError) as e:
         raise ModelError(f"model.delta_from '{base_path}' could not be loaded as a LLaMA checkpoint: {e}") from e
     return {name: p.detach() for name, p in base.named_parameters()}

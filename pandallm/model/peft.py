@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
+from pandallm.checkpoint.load import load_error
 from pandallm.errors import ModelError
 from pandallm.model.quantize import dequantize, is_quantized
 
@@ -89,6 +91,9 @@ def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
     try:
         return PeftModel.from_pretrained(model, path, is_trainable=True)
+    except pickle.UnpicklingError as e:
+        # peft reads an `adapter_model.bin` with `weights_only=True`: what it refused did not run.
+        raise load_error(f"model.lora_adapter '{path}'", e) from e
     except (RuntimeError, ValueError, KeyError) as e:
         base = f" '{model.name_or_path}'" if model.name_or_path else ""
         origin = f"; it was trained on '{trained_on}'" if trained_on else ""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from pandallm.callbacks.export import HFExport
@@ -92,10 +91,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         except ImportError as e:  # pragma: no cover (needs deepspeed)
             raise ModelError(f"--ckpt_path {path} is a DeepSpeed checkpoint; converting it needs deepspeed") from e
         with tempfile.TemporaryDirectory() as tmp:
-            convert_zero_checkpoint_to_fp32_state_dict(str(file), str(Path(tmp) / "full.ckpt"))
-            # DeepSpeed's own loader has unpickled its files already (it offers no other way); this file is its
-            # output.
-            checkpoint = torch.load(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=False)
+            # DeepSpeed's own loader unpickles its files (it offers no other way: the documented exception). What
+            # it read is used as returned; the file the converter also writes is never unpickled a second time.
+            checkpoint = convert_zero_checkpoint_to_fp32_state_dict(str(file), str(Path(tmp) / "full.ckpt"))
     elif file.is_file():
         # Weights only: a checkpoint from elsewhere cannot run pickled code here, as it cannot in `fit`.
         checkpoint = safe_load(file)
