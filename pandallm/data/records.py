@@ -12,6 +12,8 @@ each record starts so that errors (ours and the decoder's) point at a line a use
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +24,8 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, parse
 from pandallm.errors import DataFormatError, DatasetError
+
+log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
 TEXT_SUFFIX = ".txt"
@@ -69,23 +73,74 @@ def is_hidden(path: Path, root: Path) -> bool:
 def find_data_files(directory: str | Path, option: str, text: bool = False) -> list[Path]:
     """The sources under `directory` (recursively), in a stable order: `.json` / `.jsonl` files, saved datasets
     (directories, not searched further: a `DatasetDict`'s split directories are not sources of their own), and
-    with `text` also `.txt` files. Hidden files and directories (a name starting with '.') are left out."""
+    with `text` also `.txt` files. Hidden files and directories (a name starting with '.') are left out.
+
+    Symbolic links are followed, to files and to directories (`Path.rglob` follows neither on Python 3.11); a
+    directory reached a second time (a link back to a parent, or two links to one directory) is read once. A
+    source that cannot be read (a broken link, no permission) is an error naming each one: data a user put in
+    the directory is meant to be trained on, and leaving it out would go unnoticed.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{option} '{directory}' is not a directory (set `data.{option}: null` to train without it)")
     if is_saved_dataset(directory):
         return [directory]
     suffixes = (*DATA_SUFFIXES, TEXT_SUFFIX) if text else DATA_SUFFIXES
-    visible = [p for p in directory.rglob("*") if not is_hidden(p, directory)]
-    found = [p for p in visible if is_saved_dataset(p)]
-    datasets = sorted(p for p in found if not any(d in p.parents for d in found))
-    files = sorted(
-        p for p in visible if p.is_file() and suffix(p) in suffixes and not any(d in p.parents for d in datasets)
-    )
-    if not files and not datasets:
+    found, unreadable = _walk(directory, suffixes)
+    if unreadable:
+        raise DatasetError(
+            f"{option} '{directory}': cannot read {len(unreadable)} source(s): {'; '.join(unreadable[:10])}"
+            f"{'; ...' if len(unreadable) > 10 else ''}. Fix or remove them (or move them into a hidden directory)"
+        )
+    if not found:
         kinds = ".json, .jsonl or .txt files" if text else ".json or .jsonl files"
         raise DatasetError(f"{option} '{directory}' holds no {kinds} or saved datasets")
-    return sorted([*files, *datasets])
+    return sorted(found)
+
+
+def _walk(root: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[str]]:
+    """The sources under `root`, following links, and what could not be read, each as `path (why)`."""
+    found: list[Path] = []
+    unreadable: list[str] = []
+    # Directories by the file they are (device, inode), not by name: a link to a parent would otherwise loop.
+    seen = {_identity(root)}
+    pending = [root]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError as e:
+            unreadable.append(f"{current} ({e.strerror or e})")
+            continue
+        for path in entries:
+            if path.name.startswith("."):
+                continue
+            if path.is_dir():  # follows a link
+                if is_saved_dataset(path):
+                    found.append(path)
+                    continue
+                identity = _identity(path)
+                if identity in seen:
+                    log.info("pandallm data: %s leads to a directory read already (%s)", path, path.resolve())
+                    continue
+                seen.add(identity)
+                pending.append(path)
+            elif suffix(path) not in suffixes and path.suffix:
+                continue  # not a source, readable or not
+            elif path.is_symlink() and not path.exists():
+                # Without a suffix, it may have led to a directory of sources.
+                unreadable.append(f"{path} (a broken link to {os.readlink(path)})")
+            elif path.is_file() and suffix(path) in suffixes:
+                if os.access(path, os.R_OK):
+                    found.append(path)
+                else:
+                    unreadable.append(f"{path} (no permission to read)")
+    return found, unreadable
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
