@@ -178,13 +178,89 @@ def _has(*fields: str) -> Callable[[dict], bool]:
     return lambda value: all(value.get(field) is not None for field in fields)
 
 
+# Fields of instruction and chat layouts, of the formats above and of layouts pandallm does not read (yet). A record
+# holding one is a conversation, or one turn of one, whatever else it holds: read as a document, its prompt would be
+# trained unmasked (and an OpenAssistant message without the messages it answers). Weaker fields (`prompt`, `chosen`)
+# count only together with their partner, as below: `prompt` alone is metadata in some corpora (Cosmopedia).
+CHAT_FIELDS = frozenset(
+    {"instruction", "input", "output", "target", "response", "conversations", "messages"}
+    | {"role", "message_id", "parent_id", "message_tree_id", "replies"}
+)
+# Layouts pandallm does not read, by the fields that give them away: what a record of each is, and what to do.
+UNSUPPORTED_LAYOUTS = (
+    (
+        ("message_id", "parent_id"),
+        "an OpenAssistant message row (oasst1 / oasst2 'messages'): one turn of a message tree",
+        "rebuild each conversation from its parent_id chain into an openai-format record, "
+        '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} '
+        "(role 'prompter' is 'user')",
+    ),
+    (
+        ("message_tree_id",),
+        "an OpenAssistant message tree",
+        'flatten each path of the tree into an openai-format record, {"messages": [...]}',
+    ),
+    (
+        ("chosen", "rejected"),
+        "a preference pair (DPO or reward-model data)",
+        "pandallm trains on demonstrations: keep the prompt and the chosen reply as an instruction record",
+    ),
+    (
+        ("prompt", "completion"),
+        "a prompt / completion pair",
+        "rename the fields to input / target (the pandallm format)",
+    ),
+)
+
+
+def _chat_fields(value: dict) -> list[str]:
+    paired = {field for fields, _, _ in UNSUPPORTED_LAYOUTS if all(f in value for f in fields) for field in fields}
+    return sorted(CHAT_FIELDS.intersection(value) | paired)
+
+
+def unsupported_layout(value: dict) -> str | None:
+    """Why a record with fields of an instruction or chat layout that no format reads is neither a conversation nor
+    a document; None if it has no such fields."""
+    found = _chat_fields(value)
+    if not found:
+        return None
+    role = f", role {value['role']!r}" if isinstance(value.get("role"), (str, int)) else ""
+    for fields, what, advice in UNSUPPORTED_LAYOUTS:
+        if all(field in value for field in fields):
+            return (
+                f"this record looks like {what} (fields {found}{role}). It is not plain text, and pandallm does not "
+                f"read this layout: {advice}"
+            )
+    return (
+        f"this record has fields of an instruction or chat layout ({found}{role}) that no pandallm format reads. It "
+        f"is not read as plain text: convert it to one of {describe(formats_of('instruction'))}, or, if it is a "
+        "document, remove those fields"
+    )
+
+
+def _document(value: dict, path: Path, line: int) -> None:
+    """Refuse a record with chat fields as a document, also where a format was named rather than detected."""
+    chat = next((fmt for fmt in formats_of("instruction") if fmt.matches(value)), None)
+    if chat is not None:
+        raise DataFormatError(path, line, None, f"a {chat.name} record {list(chat.fields)}: not plain text")
+    problem = unsupported_layout(value)
+    if problem is not None:
+        raise DataFormatError(path, line, None, problem)
+
+
+def _is_document(*fields: str) -> Callable[[dict], bool]:
+    return lambda value: all(value.get(field) is not None for field in fields) and not _chat_fields(value)
+
+
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
+    _document(value, path, line)
     title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
     content = _nonempty(_string(value, "content", path, line), "content", path, line)
     return f"{title}\n{content}" if title else content
 
 
 def _parse_text(value: dict, path: Path, line: int) -> str:
+    _document(value, path, line)
     return _nonempty(_string(value, "text", path, line), "text", path, line)
 
 
@@ -236,10 +312,10 @@ FORMATS: dict[str, Format] = {
             "pretraining",
             "pretraining",
             ("title", "content"),
-            lambda v: "title" in v and _has("content")(v),  # a null title is a document without one
+            lambda v: "title" in v and _is_document("content")(v),  # a null title is a document without one
             _parse_title_content,
         ),
-        Format("text", "pretraining", ("text",), _has("text"), _parse_text),
+        Format("text", "pretraining", ("text",), _is_document("text"), _parse_text),
     )
 }
 FormatName = Literal["auto", "pandallm", "sharegpt", "openai", "dolly", "belle", "alpaca", "pretraining", "text"]
@@ -266,6 +342,9 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
             raise DataFormatError(
                 path, line, None, f"a {other.kind} record ({other.name}) where {kind} records are expected"
             )
+        unsupported = unsupported_layout(value)
+        if unsupported is not None:
+            raise DataFormatError(path, line, None, unsupported)
         found = sorted(value)
     else:
         found = type(value).__name__
