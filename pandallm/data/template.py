@@ -30,7 +30,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.formats import Turn
-from pandallm.data.records import Record
+from pandallm.data.records import PromptRecord, Record
 from pandallm.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,8 @@ def _checked(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> Chat
 
 
 def template_for(chosen: ChatTemplate | None, record_format: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
-    """The template of one record: `chosen`, or with `auto` (None) the rule in this module's docstring."""
+    """The template of one record: `chosen`, or with `auto` (None) the rule in this module's docstring. Training
+    rows and predict prompts both take theirs from here, so that a model is prompted as its records were rendered."""
     if chosen is not None:
         return chosen
     own = tokenizer_template(tokenizer)
@@ -134,12 +135,17 @@ def template_for(chosen: ChatTemplate | None, record_format: str, tokenizer: Pre
 
 
 def render(
-    template: ChatTemplate, turns: tuple[Turn, ...], tokenizer: PreTrainedTokenizerBase
+    template: ChatTemplate,
+    turns: tuple[Turn, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    generation_prompt: bool = False,
 ) -> list[tuple[str, bool]]:
     """The conversation as text segments `(text, trained)`, in order; their concatenation is the whole text.
 
     The plain layout returns one segment per turn (tokenized one by one, EOS added after each trained one, by
-    `pandallm.data.tokenize`); a Jinja template returns the spans between assistant replies.
+    `pandallm.data.tokenize`); a Jinja template returns the spans between assistant replies. With
+    `generation_prompt` (the turns before a reply, to predict it), a Jinja template's text ends with its generation
+    prompt; the plain layout has none (a reply follows the prompt directly).
     """
     if template.source is None:
         return [(turn.content, turn.role == "assistant") for turn in turns]
@@ -156,7 +162,7 @@ def render(
         except jinja2.TemplateError as e:
             raise TemplateError(f"template '{template.name}': {e}") from e
 
-    whole = text(len(messages))
+    whole = text(len(messages), generation_prompt)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of `whole` already in `segments`
     for i, turn in enumerate(turns):
@@ -190,13 +196,17 @@ def _warn_unmarked_turns(path: str) -> None:
     )
 
 
-def render_record(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> Rendered:
-    """One conversation record, rendered by its template (`template_for`); errors name the file and line."""
+def render_record(
+    record: Record | PromptRecord, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase
+) -> Rendered:
+    """One conversation record, rendered by its template (`template_for`); errors name the file and line. A
+    `PromptRecord` (the turns before a reply) is rendered as a training row's beginning, with the template's
+    generation prompt."""
     template = template_for(chosen, record.format, tokenizer)
     if chosen is None and template is PLAIN and len(record.turns) > 2:
         _warn_unmarked_turns(record.path)
     try:
-        segments = render(template, record.turns, tokenizer)
+        segments = render(template, record.turns, tokenizer, generation_prompt=isinstance(record, PromptRecord))
     except TemplateError as e:
         raise DataFormatError(record.path, record.line, None, str(e)) from e
     return Rendered([text for text, _ in segments], [trained for _, trained in segments], template.source is not None)
