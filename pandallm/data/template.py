@@ -25,6 +25,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
@@ -63,6 +64,18 @@ class Rendered:
 
 class TemplateError(ValueError):
     """A conversation that a template cannot render (the caller adds the file and line)."""
+
+
+# The data settings that decide how a conversation becomes ids: `validate`, `test` and `predict` from a checkpoint
+# take them from what the checkpoint records (`trained_rendering`), so that a model is prompted as it was trained.
+RENDERING_SETTINGS = ("template", "template_dir", "max_seq_length")
+
+
+def trained_rendering(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The rendering settings a pandallm checkpoint records (its `pandallm` record, `pandallm.checkpoint.compat`),
+    as `data.*` parser defaults, under which a `--config` or `--data.*` option given still wins."""
+    recorded = (checkpoint.get("pandallm") or {}).get("data") or {}
+    return {f"data.{key}": recorded[key] for key in RENDERING_SETTINGS if key in recorded}
 
 
 def tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
