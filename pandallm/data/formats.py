@@ -459,7 +459,11 @@ def parse_prompt(fmt: Format, value: object, path: Path, line: int) -> Prompt:
     """Validate one decoded value as a prompt of the instruction format `fmt`: its turns before the reply, and the
     reply it holds, if any."""
     assert fmt.prompt is not None, f"{fmt.name} records are not prompts"
-    return _parsed(fmt, value, path, line, fmt.prompt)
+    turns, reference = _parsed(fmt, value, path, line, fmt.prompt)
+    # Generating from nothing is never what a prompt file meant (an export that lost the prompt's column).
+    if not any(turn.content.strip() for turn in turns if turn.role == "user"):
+        raise DataFormatError(path, line, None, f"the prompt of this {fmt.name} record is empty: nothing to reply to")
+    return turns, reference
 
 
 def _parsed(fmt: Format, value: object, path: Path, line: int, parser: Callable[[dict, Path, int], T]) -> T:

@@ -149,6 +149,9 @@ def test_records_that_are_not_prompts_name_file_line_and_what_they_are(tmp_path:
     assert refused([{"input": "Hi"}, {"instruction": "Hi", "output": "Hello"}]).startswith(
         "2: a alpaca record ['instruction', 'input', 'output'] in a file of pandallm records (detected from line 1)"
     )
+    assert refused([{"input": " ", "target": "Hello"}]) == (
+        "1: the prompt of this pandallm record is empty: nothing to reply to"
+    )
     assert refused([{"messages": [{"role": "system", "content": "Be brief"}]}]) == (
         "1: field 'messages': has no user turn to reply to"
     )
