@@ -19,6 +19,7 @@ from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.checkpoint.load import safe_load
 from pandallm.checkpoint.sharded import model_defaults
 from pandallm.data.datamodule import PandaDataModule
+from pandallm.data.template import trained_rendering
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
 
@@ -66,7 +67,9 @@ class PandaCLI(LightningCLI):
     def _checkpoint_defaults(self) -> bool:
         """An explicit `--ckpt_path` file's recorded model settings become the `model.*` defaults: `validate`,
         `test` and `predict` need no config to rebuild the model, and a `--config` or `--model.*` given still wins
-        (the checkpoint's record is then compared with the result as it loads: `pandallm.checkpoint.compat`)."""
+        (the checkpoint's record is then compared with the result as it loads: `pandallm.checkpoint.compat`). So do
+        its data settings that decide how records become ids (`data.template`, ...): prompts are rendered as the
+        model was trained."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self._subcommand_config().get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -75,7 +78,7 @@ class PandaCLI(LightningCLI):
         recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not recorded:
             return False  # not a pandallm checkpoint: refused with that message when it loads
-        self._parser(subcommand).set_defaults(model_defaults(PandaLLM, recorded))
+        self._parser(subcommand).set_defaults({**model_defaults(PandaLLM, recorded), **trained_rendering(checkpoint)})
         return True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:

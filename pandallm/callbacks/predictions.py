@@ -14,8 +14,10 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, path: str | None = None) -> None:
         """
         Args:
-            path: Output file of `{"input", "output"}` lines; default `predictions.jsonl` in the run directory.
-                With several ranks each writes its own file, suffixed `.rankN`.
+            path: Output file of JSON lines, one per prompt: `{"input", "output"}` for pandallm `{"input"}`
+                records, `{"prompt": [{"role", "content"}, ...], "output"}` for the other formats, with
+                `"reference"` (the record's own reply) when the record has one; default `predictions.jsonl` in the run
+                directory. With several ranks each writes its own file, suffixed `.rankN`.
         """
         super().__init__(write_interval="batch")
         self.path = path

@@ -40,4 +40,6 @@ def collate_prompts(rows: Sequence[dict], pad_id: int) -> dict:
         n = len(row["input_ids"])
         input_ids[i, length - n :] = torch.as_tensor(row["input_ids"])
         attention_mask[i, length - n :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "input": [row["input"] for row in rows]}
+    # What the prediction writer shows beside each output: the prompt as the record gave it, and its reference.
+    shown = {key: [row[key] for row in rows] for key in ("prompt", "reference")}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **shown}

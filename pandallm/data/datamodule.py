@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
-from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, iter_json_values, read_records
+from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import rank_positions
 from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
@@ -30,14 +30,12 @@ from pandallm.data.template import (
     Rendered,
     render_record,
     resolve_template,
-    template_for,
     tokenizer_template,
 )
 from pandallm.data.tokenize import (
-    AS_TEXT,
     ROW_FEATURES,
     pack_instructions,
-    special_ids,
+    prompt_rows,
     tokenize_documents,
     tokenize_instructions,
 )
@@ -105,7 +103,8 @@ class PandaDataModule(L.LightningDataModule):
             val_fraction: Share of the training records (of each source and kind, seeded by `seed`) held out for
                 validation.
             test_files: Sources for `pandallm test`, of either kind.
-            predict_files: Records whose `input` `pandallm predict` completes.
+            predict_files: Records `pandallm predict` replies to, in any instruction format (README,
+                "Predicting"); the reply may be left out, and is kept as the reference when it is there.
             instruction_format: Format of every instruction-tuning file: `auto` detects it from each file's first
                 record (`pandallm`, `alpaca`, `dolly`, `belle`, `sharegpt`, `openai`), or name one.
             pretraining_format: Format of every pretraining `.json` / `.jsonl` file: `auto`, `pretraining`
@@ -632,36 +631,12 @@ class PandaDataModule(L.LightningDataModule):
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
     def prompts(self) -> list[dict]:
-        """The `input` of every record in `predict_files`, as `[BOS] prompt` ids; with a Jinja template
-        (`data.template`), as the template writes a user turn and the generation prompt. A prompt longer than
-        `max_seq_length` is cut from the left, after its BOS, as training cuts an over-long prompt."""
-        bos_id, _ = special_ids(self.tokenizer)
-        template = template_for(self.chat_template, "pandallm", self.tokenizer)
-        head = [] if bos_id is None or template.source is not None else [bos_id]
-        rows = []
-        for name in self.predict_files:
-            path = Path(name)
-            for line, value in iter_json_values(path):
-                if not isinstance(value, dict) or not isinstance(value.get("input"), str):
-                    raise DataFormatError(path, line, "input", "expected an object with a string 'input'")
-                text = value["input"]
-                if template.source is not None:
-                    text = self.tokenizer.apply_chat_template(
-                        [{"role": "user", "content": text}],
-                        chat_template=template.source,
-                        tokenize=False,
-                        add_generation_prompt=True,
-                    )
-                if template.source is None:
-                    ids, row_head = self.tokenizer(text, **AS_TEXT)["input_ids"], head
-                else:
-                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                    # The BOS the template wrote stays when an over-long prompt is cut, as in training rows.
-                    row_head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
-                    ids = ids[len(row_head) :]
-                ids = ids[max(len(ids) - (self.max_seq_length - len(row_head)), 0) :]
-                rows.append({"input_ids": row_head + ids, "index": len(rows), "input": value["input"]})
-        return rows
+        """The records of `predict_files` as prompts (`pandallm.data.tokenize.prompt_rows`): read through the format
+        detection of training files (an Alpaca record's prompt is its instruction and input, a chat record's its
+        turns before the last reply), rendered by the template its format was trained with, and tokenized as a
+        training row begins."""
+        prompts = [prompt for name in self.predict_files for prompt in read_prompts(name)]
+        return prompt_rows(prompts, self.chat_template, self.tokenizer, self.max_seq_length)
 
 
 def hold_out(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

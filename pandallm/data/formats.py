@@ -16,10 +16,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pandallm.errors import DataFormatError
 
+T = TypeVar("T")
 RecordKind = Literal["instruction", "pretraining"]
 Role = Literal["system", "user", "assistant"]
 
@@ -41,9 +42,18 @@ class Turn:
     content: str
 
 
+# A record to generate a reply to (`pandallm predict`): the turns before the reply, and the reply the record holds,
+# its reference (None when it has none).
+Prompt = tuple[tuple[Turn, ...], str | None]
+
+
 @dataclass(frozen=True)
 class Format:
-    """One record format: its name, the kind of record it gives, the fields that identify it, and its parser."""
+    """One record format: its name, the kind of record it gives, the fields that identify it, and its parser.
+
+    Instruction formats also read a record as a prompt (`prompt`), where the reply may be left out: `prompt_matches`
+    tells such a record of this format by the fields of its prompt.
+    """
 
     name: str
     kind: RecordKind
@@ -51,6 +61,11 @@ class Format:
     matches: Callable[[dict], bool]
     # value, path, line -> a conversation (instruction formats) or a document text (pretraining formats)
     parse: Callable[[dict, Path, int], tuple[Turn, ...] | str]
+    prompt_matches: Callable[[dict], bool] | None = None
+    prompt: Callable[[dict, Path, int], Prompt] | None = None
+
+    def is_prompt(self, value: dict) -> bool:
+        return self.prompt_matches is not None and self.prompt_matches(value)
 
 
 def _string(value: dict, field: str, path: Path, line: int, *, required: bool = True) -> str:
@@ -76,27 +91,42 @@ def _join(instruction: str, extra: str) -> str:
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
-def _single_turn(user: str, assistant: str) -> tuple[Turn, ...]:
-    return (Turn("user", user), Turn("assistant", assistant))
+PromptParser = Callable[[dict, Path, int], tuple[Turn, ...]]
 
 
-def _parse_pandallm(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
-    prompt = _string(value, "input", path, line)
-    return _single_turn(prompt, _nonempty(_string(value, "target", path, line), "target", path, line))
+def _with_reply(prompt_of: PromptParser, reply: str) -> Callable[[dict, Path, int], tuple[Turn, ...]]:
+    """The parser of a format whose record is a prompt (`prompt_of`) and a reply in the field `reply`."""
+
+    def parse(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
+        turns = prompt_of(value, path, line)
+        return (*turns, Turn("assistant", _nonempty(_string(value, reply, path, line), reply, path, line)))
+
+    return parse
 
 
-def _parse_alpaca(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
+def _reply_optional(prompt_of: PromptParser, reply: str) -> Callable[[dict, Path, int], Prompt]:
+    """The same format read as a prompt: the reply, if the record has one, is its reference."""
+
+    def prompt(value: dict, path: Path, line: int) -> Prompt:
+        turns = prompt_of(value, path, line)
+        reference = _string(value, reply, path, line, required=False)
+        return turns, reference if reference.strip() else None
+
+    return prompt
+
+
+def _pandallm_prompt(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
+    return (Turn("user", _string(value, "input", path, line)),)
+
+
+def _alpaca_prompt(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
     instruction = _string(value, "instruction", path, line)
-    extra = _string(value, "input", path, line, required=False)
-    output = _nonempty(_string(value, "output", path, line), "output", path, line)
-    return _single_turn(_join(instruction, extra), output)
+    return (Turn("user", _join(instruction, _string(value, "input", path, line, required=False))),)
 
 
-def _parse_dolly(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
+def _dolly_prompt(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
     instruction = _string(value, "instruction", path, line)
-    context = _string(value, "context", path, line, required=False)
-    response = _nonempty(_string(value, "response", path, line), "response", path, line)
-    return _single_turn(_join(instruction, context), response)
+    return (Turn("user", _join(instruction, _string(value, "context", path, line, required=False))),)
 
 
 # Belle's multiturn_chat_0.8M keeps the whole dialogue in `instruction`: "Human: ...\nAssistant: ...\nHuman: ...
@@ -115,9 +145,8 @@ def _ends_with_assistant(text: str) -> bool:
     return text.rstrip().endswith("Assistant:")
 
 
-def _parse_belle(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
+def _belle_prompt(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
     instruction = _string(value, "instruction", path, line)
-    output = _nonempty(_string(value, "output", path, line), "output", path, line)
     if not (instruction.lstrip().startswith("Human:") and _ends_with_assistant(instruction)):
         raise DataFormatError(
             path, line, "instruction", "expected a Belle dialogue 'Human: ... Assistant:' that ends with 'Assistant:'"
@@ -127,7 +156,7 @@ def _parse_belle(value: dict, path: Path, line: int) -> tuple[Turn, ...]:
         Turn("user" if speaker == "Human" else "assistant", text.strip())
         for speaker, text in zip(pieces[1::2], pieces[2::2], strict=True)
     ]
-    return (*turns[:-1], Turn("assistant", output))  # the last speaker is the empty "Assistant:"
+    return tuple(turns[:-1])  # the last speaker is the empty "Assistant:", whose reply is `output`
 
 
 def _conversation_list(value: dict, field: str, path: Path, line: int) -> list:
@@ -139,7 +168,7 @@ def _conversation_list(value: dict, field: str, path: Path, line: int) -> list:
     return turns
 
 
-def _turns(value: dict, field: str, role_key: str, text_key: str, path: Path, line: int) -> tuple[Turn, ...]:
+def _all_turns(value: dict, field: str, role_key: str, text_key: str, path: Path, line: int) -> list[Turn]:
     turns: list[Turn] = []
     system = value.get("system")  # ShareGPT dumps sometimes keep the system prompt beside the turns
     if isinstance(system, str) and system.strip():
@@ -159,11 +188,46 @@ def _turns(value: dict, field: str, role_key: str, text_key: str, path: Path, li
         if role == "system" and turns:
             raise DataFormatError(path, line, f"{where}.{role_key}", "a system turn may only come first")
         turns.append(Turn(role, text))
+    return turns
+
+
+def _turns(value: dict, field: str, role_key: str, text_key: str, path: Path, line: int) -> tuple[Turn, ...]:
+    turns = _all_turns(value, field, role_key, text_key, path, line)
     # Turns after the last reply would only be masked: they teach nothing, so they are left out.
     last_reply = max((i for i, t in enumerate(turns) if t.role == "assistant" and t.content.strip()), default=None)
     if last_reply is None:
         raise DataFormatError(path, line, field, "has no non-empty assistant turn to train on")
     return tuple(turns[: last_reply + 1])
+
+
+def _turns_prompt(value: dict, field: str, role_key: str, text_key: str, path: Path, line: int) -> Prompt:
+    """A conversation as a prompt: one that ends with a reply is the turns before it, with the reply as reference;
+    one that ends with a user turn (or an empty reply) is a prompt as it is, with no reference."""
+    turns = _all_turns(value, field, role_key, text_key, path, line)
+    reference = None
+    if turns[-1].role == "assistant":
+        reference = turns.pop().content or None
+    if not any(turn.role == "user" for turn in turns):
+        raise DataFormatError(path, line, field, "has no user turn to reply to")
+    return tuple(turns), reference
+
+
+def _turn_list(role_key: str, text_key: str, *fields: str) -> dict:
+    """The matching and parsing of a turn-list format: the first of `fields` that a record has holds
+    `[{role_key: ..., text_key: ...}, ...]`."""
+
+    def matches(value: dict) -> bool:
+        return any(_has_turns(field, role_key, text_key)(value) for field in fields)
+
+    def field(value: dict) -> str:
+        return next((f for f in fields if f in value), fields[0])
+
+    return {
+        "matches": matches,
+        "parse": lambda v, p, n: _turns(v, field(v), role_key, text_key, p, n),
+        "prompt_matches": matches,
+        "prompt": lambda v, p, n: _turns_prompt(v, field(v), role_key, text_key, p, n),
+    }
 
 
 def _has_turns(field: str, role_key: str, text_key: str) -> Callable[[dict], bool]:
@@ -178,13 +242,89 @@ def _has(*fields: str) -> Callable[[dict], bool]:
     return lambda value: all(value.get(field) is not None for field in fields)
 
 
+# Fields of instruction and chat layouts, of the formats above and of layouts pandallm does not read (yet). A record
+# holding one is a conversation, or one turn of one, whatever else it holds: read as a document, its prompt would be
+# trained unmasked (and an OpenAssistant message without the messages it answers). Weaker fields (`prompt`, `chosen`)
+# count only together with their partner, as below: `prompt` alone is metadata in some corpora (Cosmopedia).
+CHAT_FIELDS = frozenset(
+    {"instruction", "input", "output", "target", "response", "conversations", "messages"}
+    | {"role", "message_id", "parent_id", "message_tree_id", "replies"}
+)
+# Layouts pandallm does not read, by the fields that give them away: what a record of each is, and what to do.
+UNSUPPORTED_LAYOUTS = (
+    (
+        ("message_id", "parent_id"),
+        "an OpenAssistant message row (oasst1 / oasst2 'messages'): one turn of a message tree",
+        "rebuild each conversation from its parent_id chain into an openai-format record, "
+        '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} '
+        "(role 'prompter' is 'user')",
+    ),
+    (
+        ("message_tree_id",),
+        "an OpenAssistant message tree",
+        'flatten each path of the tree into an openai-format record, {"messages": [...]}',
+    ),
+    (
+        ("chosen", "rejected"),
+        "a preference pair (DPO or reward-model data)",
+        "pandallm trains on demonstrations: keep the prompt and the chosen reply as an instruction record",
+    ),
+    (
+        ("prompt", "completion"),
+        "a prompt / completion pair",
+        "rename the fields to input / target (the pandallm format)",
+    ),
+)
+
+
+def _chat_fields(value: dict) -> list[str]:
+    paired = {field for fields, _, _ in UNSUPPORTED_LAYOUTS if all(f in value for f in fields) for field in fields}
+    return sorted(CHAT_FIELDS.intersection(value) | paired)
+
+
+def unsupported_layout(value: dict) -> str | None:
+    """Why a record with fields of an instruction or chat layout that no format reads is neither a conversation nor
+    a document; None if it has no such fields."""
+    found = _chat_fields(value)
+    if not found:
+        return None
+    role = f", role {value['role']!r}" if isinstance(value.get("role"), (str, int)) else ""
+    for fields, what, advice in UNSUPPORTED_LAYOUTS:
+        if all(field in value for field in fields):
+            return (
+                f"this record looks like {what} (fields {found}{role}). It is not plain text, and pandallm does not "
+                f"read this layout: {advice}"
+            )
+    return (
+        f"this record has fields of an instruction or chat layout ({found}{role}) that no pandallm format reads. It "
+        f"is not read as plain text: convert it to one of {describe(formats_of('instruction'))}, or, if it is a "
+        "document, remove those fields"
+    )
+
+
+def _document(value: dict, path: Path, line: int) -> None:
+    """Refuse a record with chat fields as a document, also where a format was named rather than detected."""
+    chat = next((fmt for fmt in formats_of("instruction") if fmt.matches(value)), None)
+    if chat is not None:
+        raise DataFormatError(path, line, None, f"a {chat.name} record {list(chat.fields)}: not plain text")
+    problem = unsupported_layout(value)
+    if problem is not None:
+        raise DataFormatError(path, line, None, problem)
+
+
+def _is_document(*fields: str) -> Callable[[dict], bool]:
+    return lambda value: all(value.get(field) is not None for field in fields) and not _chat_fields(value)
+
+
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
+    _document(value, path, line)
     title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
     content = _nonempty(_string(value, "content", path, line), "content", path, line)
     return f"{title}\n{content}" if title else content
 
 
 def _parse_text(value: dict, path: Path, line: int) -> str:
+    _document(value, path, line)
     return _nonempty(_string(value, "text", path, line), "text", path, line)
 
 
@@ -193,53 +333,63 @@ def _parse_text(value: dict, path: Path, line: int) -> str:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("pandallm", "instruction", ("input", "target"), _has("input", "target"), _parse_pandallm),
+        Format(
+            "pandallm",
+            "instruction",
+            ("input", "target"),
+            _has("input", "target"),
+            _with_reply(_pandallm_prompt, "target"),
+            lambda v: _has("input")(v) and "instruction" not in v,  # Alpaca's records have an `input` too
+            _reply_optional(_pandallm_prompt, "target"),
+        ),
         Format(
             "sharegpt",
             "instruction",
             ("conversations[].from", "conversations[].value"),
-            _has_turns("conversations", "from", "value"),
-            lambda v, p, n: _turns(v, "conversations", "from", "value", p, n),
+            **_turn_list("from", "value", "conversations"),
         ),
+        # OpenAI's chat fine-tuning layout; some exports keep the same turns under `conversations`.
         Format(
             "openai",
             "instruction",
             ("messages[].role", "messages[].content"),
-            lambda v: _has_turns("messages", "role", "content")(v) or _has_turns("conversations", "role", "content")(v),
-            lambda v, p, n: _turns(
-                v,
-                "conversations" if "messages" not in v and "conversations" in v else "messages",
-                "role",
-                "content",
-                p,
-                n,
-            ),
+            **_turn_list("role", "content", "messages", "conversations"),
         ),
         Format(
             "dolly",
             "instruction",
             ("instruction", "context", "response"),
             _has("instruction", "response"),
-            _parse_dolly,
+            _with_reply(_dolly_prompt, "response"),
+            lambda v: _has("instruction")(v) and "context" in v,
+            _reply_optional(_dolly_prompt, "response"),
         ),
         Format(
             "belle",
             "instruction",
             ("instruction: 'Human: ... Assistant:'", "output"),
             lambda v: _has("instruction", "output")(v) and _is_belle_transcript(v),
-            _parse_belle,
+            _with_reply(_belle_prompt, "output"),
+            _is_belle_transcript,
+            _reply_optional(_belle_prompt, "output"),
         ),
         Format(
-            "alpaca", "instruction", ("instruction", "input", "output"), _has("instruction", "output"), _parse_alpaca
+            "alpaca",
+            "instruction",
+            ("instruction", "input", "output"),
+            _has("instruction", "output"),
+            _with_reply(_alpaca_prompt, "output"),
+            _has("instruction"),
+            _reply_optional(_alpaca_prompt, "output"),
         ),
         Format(
             "pretraining",
             "pretraining",
             ("title", "content"),
-            lambda v: "title" in v and _has("content")(v),  # a null title is a document without one
+            lambda v: "title" in v and _is_document("content")(v),  # a null title is a document without one
             _parse_title_content,
         ),
-        Format("text", "pretraining", ("text",), _has("text"), _parse_text),
+        Format("text", "pretraining", ("text",), _is_document("text"), _parse_text),
     )
 }
 FormatName = Literal["auto", "pandallm", "sharegpt", "openai", "dolly", "belle", "alpaca", "pretraining", "text"]
@@ -266,6 +416,9 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
             raise DataFormatError(
                 path, line, None, f"a {other.kind} record ({other.name}) where {kind} records are expected"
             )
+        unsupported = unsupported_layout(value)
+        if unsupported is not None:
+            raise DataFormatError(path, line, None, unsupported)
         found = sorted(value)
     else:
         found = type(value).__name__
@@ -277,14 +430,49 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
     )
 
 
+def detect_prompt(value: object, path: Path, line: int) -> Format:
+    """The format of a record to predict from: the instruction format `detect` finds, or for a record without its
+    reply, the format whose prompt fields it has (`{"input"}` is a pandallm prompt, `{"instruction", "input"}` an
+    Alpaca one)."""
+    if isinstance(value, dict):
+        candidates = formats_of("instruction")
+        whole = next((fmt for fmt in candidates if fmt.matches(value)), None)
+        found = whole or next((fmt for fmt in candidates if fmt.is_prompt(value)), None)
+        if found is not None:
+            return found
+    try:
+        detect(value, path, line, "instruction")  # raises, saying what the record is instead
+    except DataFormatError as error:
+        if not error.problem.startswith("cannot tell"):
+            raise
+        problem = f"{error.problem} (to predict from, the reply may be left out)"
+        raise DataFormatError(path, line, None, problem) from None
+    raise AssertionError("unreachable: detect found an instruction format that no matcher matched")
+
+
 def parse(fmt: Format, value: object, path: Path, line: int) -> tuple[Turn, ...] | str:
     """Validate one decoded value as `fmt` and normalize it."""
+    return _parsed(fmt, value, path, line, fmt.parse)
+
+
+def parse_prompt(fmt: Format, value: object, path: Path, line: int) -> Prompt:
+    """Validate one decoded value as a prompt of the instruction format `fmt`: its turns before the reply, and the
+    reply it holds, if any."""
+    assert fmt.prompt is not None, f"{fmt.name} records are not prompts"
+    turns, reference = _parsed(fmt, value, path, line, fmt.prompt)
+    # Generating from nothing is never what a prompt file meant (an export that lost the prompt's column).
+    if not any(turn.content.strip() for turn in turns if turn.role == "user"):
+        raise DataFormatError(path, line, None, f"the prompt of this {fmt.name} record is empty: nothing to reply to")
+    return turns, reference
+
+
+def _parsed(fmt: Format, value: object, path: Path, line: int, parser: Callable[[dict, Path, int], T]) -> T:
     if not isinstance(value, dict):
         raise DataFormatError(
             path, line, None, f"expected an object with fields {list(fmt.fields)}, got {type(value).__name__}"
         )
     try:
-        return fmt.parse(value, path, line)
+        return parser(value, path, line)
     except DataFormatError as error:
         if error.problem != "missing":
             raise

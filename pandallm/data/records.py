@@ -12,16 +12,20 @@ each record starts so that errors (ours and the decoder's) point at a line a use
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, parse
+from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
 from pandallm.errors import DataFormatError, DatasetError
+
+log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
 TEXT_SUFFIX = ".txt"
@@ -48,6 +52,26 @@ class Record:
         return [turn.content for turn in self.turns] if self.turns else [self.text]
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """One record to predict from (`data.predict_files`): the turns before its reply, and the reply it holds (its
+    reference), with where it came from and its format, which decides its template as in training."""
+
+    path: str
+    line: int
+    format: str
+    turns: tuple[Turn, ...]
+    reference: str | None = None
+
+    @property
+    def shown(self) -> dict[str, Any]:
+        """The prompt as `predictions.jsonl` shows it: a pandallm record's `input` as given, other records' turns as
+        `{"role", "content"}` messages."""
+        if self.format == "pandallm":
+            return {"input": self.turns[0].content}
+        return {"prompt": [{"role": turn.role, "content": turn.content} for turn in self.turns]}
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     return path.is_dir() and (
@@ -69,23 +93,74 @@ def is_hidden(path: Path, root: Path) -> bool:
 def find_data_files(directory: str | Path, option: str, text: bool = False) -> list[Path]:
     """The sources under `directory` (recursively), in a stable order: `.json` / `.jsonl` files, saved datasets
     (directories, not searched further: a `DatasetDict`'s split directories are not sources of their own), and
-    with `text` also `.txt` files. Hidden files and directories (a name starting with '.') are left out."""
+    with `text` also `.txt` files. Hidden files and directories (a name starting with '.') are left out.
+
+    Symbolic links are followed, to files and to directories (`Path.rglob` follows neither on Python 3.11); a
+    directory reached a second time (a link back to a parent, or two links to one directory) is read once. A
+    source that cannot be read (a broken link, no permission) is an error naming each one: data a user put in
+    the directory is meant to be trained on, and leaving it out would go unnoticed.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{option} '{directory}' is not a directory (set `data.{option}: null` to train without it)")
     if is_saved_dataset(directory):
         return [directory]
     suffixes = (*DATA_SUFFIXES, TEXT_SUFFIX) if text else DATA_SUFFIXES
-    visible = [p for p in directory.rglob("*") if not is_hidden(p, directory)]
-    found = [p for p in visible if is_saved_dataset(p)]
-    datasets = sorted(p for p in found if not any(d in p.parents for d in found))
-    files = sorted(
-        p for p in visible if p.is_file() and suffix(p) in suffixes and not any(d in p.parents for d in datasets)
-    )
-    if not files and not datasets:
+    found, unreadable = _walk(directory, suffixes)
+    if unreadable:
+        raise DatasetError(
+            f"{option} '{directory}': cannot read {len(unreadable)} source(s): {'; '.join(unreadable[:10])}"
+            f"{'; ...' if len(unreadable) > 10 else ''}. Fix or remove them (or move them into a hidden directory)"
+        )
+    if not found:
         kinds = ".json, .jsonl or .txt files" if text else ".json or .jsonl files"
         raise DatasetError(f"{option} '{directory}' holds no {kinds} or saved datasets")
-    return sorted([*files, *datasets])
+    return sorted(found)
+
+
+def _walk(root: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[str]]:
+    """The sources under `root`, following links, and what could not be read, each as `path (why)`."""
+    found: list[Path] = []
+    unreadable: list[str] = []
+    # Directories by the file they are (device, inode), not by name: a link to a parent would otherwise loop.
+    seen = {_identity(root)}
+    pending = [root]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError as e:
+            unreadable.append(f"{current} ({e.strerror or e})")
+            continue
+        for path in entries:
+            if path.name.startswith("."):
+                continue
+            if path.is_dir():  # follows a link
+                if is_saved_dataset(path):
+                    found.append(path)
+                    continue
+                identity = _identity(path)
+                if identity in seen:
+                    log.info("pandallm data: %s leads to a directory read already (%s)", path, path.resolve())
+                    continue
+                seen.add(identity)
+                pending.append(path)
+            elif suffix(path) not in suffixes and path.suffix:
+                continue  # not a source, readable or not
+            elif path.is_symlink() and not path.exists():
+                # Without a suffix, it may have led to a directory of sources.
+                unreadable.append(f"{path} (a broken link to {os.readlink(path)})")
+            elif path.is_file() and suffix(path) in suffixes:
+                if os.access(path, os.R_OK):
+                    found.append(path)
+                else:
+                    unreadable.append(f"{path} (no permission to read)")
+    return found, unreadable
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
@@ -263,30 +338,40 @@ def lazy_text_records(
         raise DatasetError(f"{path}: holds no text")
 
 
-def _values(path: Path, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
+def iter_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
+    """`(line, record)` of a `.json` / `.jsonl` file or a saved dataset."""
     if is_saved_dataset(path):
         return iter_dataset_rows(path)
     return iter_json_values(path, skipped)
+
+
+def _of_another_format(
+    error: DataFormatError, fmt: Format, value: object, path: Path, line: int, first_line: int | None, prompt: bool
+) -> DataFormatError:
+    """A record of another format in a file whose first record fixed the format: say so, rather than name a field
+    that the record was never meant to have."""
+    if first_line is None or not isinstance(value, dict):
+        return error
+    other = next(
+        (f for f in FORMATS.values() if f is not fmt and (f.matches(value) or (prompt and f.is_prompt(value)))),
+        None,
+    )
+    if other is None:
+        return error
+    return DataFormatError(
+        path,
+        line,
+        None,
+        f"a {other.name} record {list(other.fields)} in a file of {fmt.name} records (detected from line "
+        f"{first_line}); a file holds one format",
+    )
 
 
 def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: int | None) -> Record:
     try:
         parsed = parse(fmt, value, path, line)
     except DataFormatError as error:
-        # A record of another format in a file whose first record fixed the format: say so, rather than name a field
-        # that the record was never meant to have.
-        other = next(
-            (f for f in FORMATS.values() if f is not fmt and isinstance(value, dict) and f.matches(value)), None
-        )
-        if first_line is None or other is None:
-            raise
-        raise DataFormatError(
-            path,
-            line,
-            None,
-            f"a {other.name} record {list(other.fields)} in a file of {fmt.name} records (detected from line "
-            f"{first_line}); a file holds one format",
-        ) from error
+        raise _of_another_format(error, fmt, value, path, line, first_line, prompt=False) from error
     if isinstance(parsed, str):
         return Record(str(path), line, fmt.name, text=parsed)
     return Record(str(path), line, fmt.name, turns=parsed)
@@ -340,7 +425,7 @@ def read_records(
     fmt, first_line = fixed, None
     records: list[Record] = []
     skipped_before = len(skipped) if skipped is not None else 0
-    for line, value in _values(path, skipped):
+    for line, value in iter_values(path, skipped):
         try:
             if fmt is None:
                 fmt, first_line = detect(value, path, line, kind), line
@@ -363,3 +448,27 @@ def _read_text(
     if kind == "instruction":
         raise DatasetError(f"{path}: a .txt file holds pretraining text; put it under data.pretraining_data_dir")
     return [load() for load in lazy_text_records(path, split, skipped)]
+
+
+def read_prompts(path: str | Path) -> list[PromptRecord]:
+    """The records of one `data.predict_files` source, as prompts: the format of each is detected as in training
+    (from the file's first record; every later one must be of the same format), except that the reply may be left
+    out. Strict: the first malformed record raises, naming its file, line and field."""
+    path = Path(path)
+    if suffix(path) == TEXT_SUFFIX:
+        raise DatasetError(f"{path}: predict files hold instruction or chat records (.json, .jsonl, saved datasets)")
+    if not path.exists():
+        raise DatasetError(f"data.predict_files: '{path}': no such file or saved dataset")
+    fmt, first_line = None, None
+    prompts: list[PromptRecord] = []
+    for line, value in iter_values(path):
+        if fmt is None:
+            fmt, first_line = detect_prompt(value, path, line), line
+        try:
+            turns, reference = parse_prompt(fmt, value, path, line)
+        except DataFormatError as error:
+            raise _of_another_format(error, fmt, value, path, line, first_line, prompt=True) from error
+        prompts.append(PromptRecord(str(path), line, fmt.name, turns, reference))
+    if fmt is None:
+        raise DatasetError(f"{path}: holds no records")
+    return prompts

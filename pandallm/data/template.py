@@ -25,12 +25,13 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.formats import Turn
-from pandallm.data.records import Record
+from pandallm.data.records import PromptRecord, Record
 from pandallm.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,18 @@ class Rendered:
 
 class TemplateError(ValueError):
     """A conversation that a template cannot render (the caller adds the file and line)."""
+
+
+# The data settings that decide how a conversation becomes ids: `validate`, `test` and `predict` from a checkpoint
+# take them from what the checkpoint records (`trained_rendering`), so that a model is prompted as it was trained.
+RENDERING_SETTINGS = ("template", "template_dir", "max_seq_length")
+
+
+def trained_rendering(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The rendering settings a pandallm checkpoint records (its `pandallm` record, `pandallm.checkpoint.compat`),
+    as `data.*` parser defaults, under which a `--config` or `--data.*` option given still wins."""
+    recorded = (checkpoint.get("pandallm") or {}).get("data") or {}
+    return {f"data.{key}": recorded[key] for key in RENDERING_SETTINGS if key in recorded}
 
 
 def tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -124,7 +137,8 @@ def _checked(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) -> Chat
 
 
 def template_for(chosen: ChatTemplate | None, record_format: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
-    """The template of one record: `chosen`, or with `auto` (None) the rule in this module's docstring."""
+    """The template of one record: `chosen`, or with `auto` (None) the rule in this module's docstring. Training
+    rows and predict prompts both take theirs from here, so that a model is prompted as its records were rendered."""
     if chosen is not None:
         return chosen
     own = tokenizer_template(tokenizer)
@@ -134,12 +148,17 @@ def template_for(chosen: ChatTemplate | None, record_format: str, tokenizer: Pre
 
 
 def render(
-    template: ChatTemplate, turns: tuple[Turn, ...], tokenizer: PreTrainedTokenizerBase
+    template: ChatTemplate,
+    turns: tuple[Turn, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    generation_prompt: bool = False,
 ) -> list[tuple[str, bool]]:
     """The conversation as text segments `(text, trained)`, in order; their concatenation is the whole text.
 
     The plain layout returns one segment per turn (tokenized one by one, EOS added after each trained one, by
-    `pandallm.data.tokenize`); a Jinja template returns the spans between assistant replies.
+    `pandallm.data.tokenize`); a Jinja template returns the spans between assistant replies. With
+    `generation_prompt` (the turns before a reply, to predict it), a Jinja template's text ends with its generation
+    prompt; the plain layout has none (a reply follows the prompt directly).
     """
     if template.source is None:
         return [(turn.content, turn.role == "assistant") for turn in turns]
@@ -156,7 +175,7 @@ def render(
         except jinja2.TemplateError as e:
             raise TemplateError(f"template '{template.name}': {e}") from e
 
-    whole = text(len(messages))
+    whole = text(len(messages), generation_prompt)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of `whole` already in `segments`
     for i, turn in enumerate(turns):
@@ -190,13 +209,17 @@ def _warn_unmarked_turns(path: str) -> None:
     )
 
 
-def render_record(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> Rendered:
-    """One conversation record, rendered by its template (`template_for`); errors name the file and line."""
+def render_record(
+    record: Record | PromptRecord, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase
+) -> Rendered:
+    """One conversation record, rendered by its template (`template_for`); errors name the file and line. A
+    `PromptRecord` (the turns before a reply) is rendered as a training row's beginning, with the template's
+    generation prompt."""
     template = template_for(chosen, record.format, tokenizer)
     if chosen is None and template is PLAIN and len(record.turns) > 2:
         _warn_unmarked_turns(record.path)
     try:
-        segments = render(template, record.turns, tokenizer)
+        segments = render(template, record.turns, tokenizer, generation_prompt=isinstance(record, PromptRecord))
     except TemplateError as e:
         raise DataFormatError(record.path, record.line, None, str(e)) from e
     return Rendered([text for text, _ in segments], [trained for _, trained in segments], template.source is not None)

@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.encode import conversation_row, document_ids, pack_documents
 from pandallm.data.packing import pack_rows, plan_packs
-from pandallm.data.records import Record
-from pandallm.data.template import Rendered
+from pandallm.data.records import PromptRecord, Record
+from pandallm.data.template import ChatTemplate, Rendered, render_record
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,24 @@ def encode_segments(rendered: list[Rendered], tokenizer: PreTrainedTokenizerBase
             template_head, segments[0] = [bos_id], (segments[0][0][1:], segments[0][1])
         out.append((template_head, segments, num_merged))
     return out
+
+
+def prompt_rows(
+    prompts: list[PromptRecord], chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+) -> list[dict]:
+    """`pandallm predict`'s rows: each prompt's ids exactly as a training row of its record begins, up to its reply
+    (the same template decision, `render_record`, and the same tokenization, `encode_segments`), with what
+    `predictions.jsonl` shows of it and its reference reply. A prompt longer than `max_seq_length` is cut from the
+    left, after its BOS, as training cuts an over-long prompt."""
+    rendered = [render_record(prompt, chosen, tokenizer) for prompt in prompts]
+    rows = []
+    for index, (prompt, (head, segments, _)) in enumerate(
+        zip(prompts, encode_segments(rendered, tokenizer), strict=True)
+    ):
+        ids = [token for piece, _ in segments for token in piece]
+        ids = ids[max(len(ids) - (max_seq_length - len(head)), 0) :]
+        rows.append({"input_ids": head + ids, "index": index, "prompt": prompt.shown, "reference": prompt.reference})
+    return rows
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

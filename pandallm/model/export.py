@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
@@ -11,6 +13,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pandallm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # What `save_pretrained` of a model, a peft adapter and a tokenizer writes: a directory holding only these is an
 # earlier export, which a new one may replace. Anything else in it (checkpoints, logs, a user's notes) is not ours.
@@ -52,6 +56,34 @@ def check_export_target(directory: str | Path) -> None:
         )
 
 
+def inference_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer` as the export saves it: `tokenizer(text)` encodes as pandallm's training rows begin, with BOS
+    (when the tokenizer has one) and no EOS.
+
+    pandallm writes the special tokens of its rows itself and tokenizes text without them (`data.tokenize`), so the
+    tokenizer it trains with may add none: the demo tokenizer's does not, nor do transformers' LLaMA tokenizers
+    built from `tokenizer.model`. Saved as it is, a user of the export who calls `tokenizer(prompt)` and
+    `generate` would prompt without the BOS that every training row starts with. A copy is changed, not
+    `tokenizer`: pandallm's own tokenizer, and its digest in checkpoints and caches, stay as they are. Chat
+    templates are unaffected: `apply_chat_template` adds no special token, as pandallm does not for templated rows.
+    """
+    bos_id = tokenizer.bos_token_id
+    probe = tokenizer("a")["input_ids"]
+    if bos_id is None or (probe[:1] == [bos_id] and probe[-1:] != [tokenizer.eos_token_id]):
+        return tokenizer
+    exported = copy.deepcopy(tokenizer)
+    # transformers' tokenizers-backed classes rebuild their post-processor (written to tokenizer.json) from these.
+    exported.add_bos_token = True
+    exported.add_eos_token = False
+    if exported("a")["input_ids"][:1] != [bos_id]:
+        log.warning(
+            "pandallm: the exported %s does not add BOS by itself; prepend it (id %d) to prompts, as training did",
+            type(tokenizer).__name__,
+            bos_id,
+        )
+    return exported
+
+
 def save_hf(
     model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, **kwargs: Any
 ) -> Path:
@@ -60,7 +92,8 @@ def save_hf(
     model's `save_pretrained`.
 
     The export is written under a temporary name and renamed last, so a kill mid-write leaves the previous
-    export intact rather than a directory of half-written shards.
+    export intact rather than a directory of half-written shards. The tokenizer is saved as `inference_tokenizer`
+    gives it: `tokenizer(prompt)` in plain transformers starts with BOS, as every training row does.
     """
     directory = Path(directory)
     check_export_target(directory)
@@ -68,7 +101,7 @@ def save_hf(
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **kwargs)
-    tokenizer.save_pretrained(tmp)
+    inference_tokenizer(tokenizer).save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)

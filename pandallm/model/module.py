@@ -499,7 +499,13 @@ class PandaLLM(L.LightningModule):
             eos_token_id=self.tokenizer.eos_token_id,
         )
         outputs = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
-        return [{"input": text, "output": out} for text, out in zip(batch["input"], outputs, strict=True)]
+        # `{"input" | "prompt", "output", "reference"}`: the prompt as its record gave it (`PromptRecord.shown`), the
+        # completion, and the record's own reply to compare it with, if it has one.
+        predictions = []
+        for prompt, output, reference in zip(batch["prompt"], outputs, batch["reference"], strict=True):
+            reply = {} if reference is None else {"reference": reference}
+            predictions.append({**prompt, "output": output, **reply})
+        return predictions
 
     # ---- optimization ----------------------------------------------------------------------------------------
 

@@ -252,3 +252,56 @@ def test_null_fields_count_as_missing(tmp_path: Path) -> None:
     kind, (read,) = read_records(write_jsonl(tmp_path / "a.jsonl", [record]))
     assert (kind, read.format) == ("instruction", "alpaca")
     assert [turn.content for turn in read.turns] == ["Hi", "Hello"]
+
+
+OASST_ROW = {
+    "message_id": "6ab24d72",
+    "parent_id": None,
+    "user_id": "c3fe8c76",
+    "text": "Can you write a short introduction about the relevance of the term monopsony?",
+    "role": "prompter",
+    "lang": "en",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt"), [(None, "auto"), ("pretraining", "auto"), ("instruction", "auto"), (None, "text")]
+)
+def test_an_openassistant_message_row_is_never_read_as_text(tmp_path: Path, kind, fmt) -> None:
+    # It has `text`, but it is one turn of a conversation tree: as a document, its prompt would be trained unmasked.
+    path = write_jsonl(tmp_path / "oasst.jsonl", [OASST_ROW])
+    with pytest.raises(DataFormatError) as error:
+        read_records(path, kind, format=fmt)
+    assert str(error.value) == (
+        f"{path}:1: this record looks like an OpenAssistant message row (oasst1 / oasst2 'messages'): one turn of a "
+        "message tree (fields ['message_id', 'parent_id', 'role'], role 'prompter'). It is not plain text, and "
+        "pandallm does not read this layout: rebuild each conversation from its parent_id chain into an "
+        'openai-format record, {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": '
+        "...}]} (role 'prompter' is 'user')"
+    )
+
+
+def test_data_check_refuses_chat_fields_beside_text_and_keeps_metadata(tmp_path: Path, capsys) -> None:
+    from pandallm.tools.data import check
+
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [OASST_ROW, {"text": "Q: hi", "output": "A: hello"}, {"text": "Hi.", "role": "user"}],
+    )
+    errors = check([str(path)])
+    assert [(e.line, str(e).split(": ", 1)[1][:38]) for e in errors] == [
+        (1, "this record looks like an OpenAssistan"),
+        (2, "this record has fields of an instructi"),
+        (3, "this record has fields of an instructi"),
+    ]
+    assert "(['output'])" in str(errors[1]) and "(['role'], role 'user')" in str(errors[2])
+    # Corpora keep metadata beside the text (Cosmopedia its generation `prompt`): still documents.
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "A story.", "prompt": "Write a story", "url": "u"}])
+    assert check([str(corpus)]) == []
+    assert read_records(corpus)[1][0].text == "A story."
+
+
+def test_an_instruction_record_read_as_text_by_name_says_what_it_is(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Q", "input": "", "output": "A", "text": "Q A"}])
+    with pytest.raises(DataFormatError, match=r"d.jsonl:1: a alpaca record \['instruction', 'input', 'output'\]: not"):
+        read_records(path, format="text")

@@ -117,3 +117,31 @@ def test_missing_and_empty_directories(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="holds no .json or .jsonl files"):
         find_data_files(tmp_path / "empty", "instruction_tuning_data_dir")
+
+
+def test_linked_directories_are_followed_once_and_cycles_end(tmp_path: Path) -> None:
+    record = [{"input": "a", "target": "b"}]
+    write_jsonl(tmp_path / "elsewhere" / "shared.jsonl", record)
+    write_jsonl(tmp_path / "it" / "own.jsonl", record)
+    (tmp_path / "it" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "it" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # read once
+    (tmp_path / "elsewhere" / "up").symlink_to(tmp_path / "it", target_is_directory=True)  # a cycle
+    (tmp_path / "it" / "file.jsonl").symlink_to(tmp_path / "elsewhere" / "shared.jsonl")
+    found = find_data_files(tmp_path / "it", "instruction_tuning_data_dir")
+    # The second link to `elsewhere` ("linked" sorts after "again") is not searched again.
+    assert found == [tmp_path / "it" / name for name in ("again/shared.jsonl", "file.jsonl", "own.jsonl")]
+
+
+def test_sources_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "it" / "own.jsonl", [{"input": "a", "target": "b"}])
+    (tmp_path / "it" / "gone.jsonl").symlink_to(tmp_path / "moved" / "gone.jsonl")
+    (tmp_path / "it" / "corpus").symlink_to(tmp_path / "unmounted")  # no suffix: it may have been a directory
+    (tmp_path / "it" / "notes.md").symlink_to(tmp_path / "nowhere.md")  # not a source: no matter
+    with pytest.raises(DatasetError) as caught:
+        find_data_files(tmp_path / "it", "instruction_tuning_data_dir")
+    assert str(caught.value) == (
+        f"instruction_tuning_data_dir '{tmp_path / 'it'}': cannot read 2 source(s): "
+        f"{tmp_path / 'it' / 'corpus'} (a broken link to {tmp_path / 'unmounted'}); "
+        f"{tmp_path / 'it' / 'gone.jsonl'} (a broken link to {tmp_path / 'moved' / 'gone.jsonl'}). "
+        "Fix or remove them (or move them into a hidden directory)"
+    )
