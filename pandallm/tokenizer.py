@@ -22,7 +22,7 @@ ORDINARY_TEXT = "The quick brown fox jumps over the lazy dog."
 def _gguf_tokenizer(path: str, mtime_ns: int) -> PreTrainedTokenizerBase:
     # Converting a GGUF vocabulary takes seconds, and the model and the data module both read it: convert once.
     # `mtime_ns` is part of the key, so a replaced file is read again.
-    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, trust_remote_code=False)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -56,8 +56,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     elif name_or_path.startswith((".", "/")) or path.exists():
         raise ModelError(f"tokenizer '{name_or_path}': no such directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+        # Never the code a tokenizer directory or hub repository ships (`auto_map`): transformers would otherwise ask
+        # on the terminal whether to run it, and a "y" would run it.
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
         raise ModelError(f"tokenizer '{name_or_path}' could not be loaded: {e}") from e
     check_usable(tokenizer, name_or_path)
     if path.is_dir() and (path / "config.json").is_file():  # a model directory: its tokenizer must fit its model

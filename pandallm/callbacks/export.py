@@ -88,13 +88,16 @@ class HFExport(L.Callback):
                 "`pandallm export --ckpt_path <checkpoint> --output <dir>`"
             )
             return
+        # The Jinja template the run trained with, for `apply_chat_template` on the export (None: the tokenizer's).
+        template = getattr(getattr(trainer, "datamodule", None), "chat_template", None)
+        source = template.source if template is not None else None
         if shards_parameters(strategy):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
             weights = consolidated_weights(strategy) if is_zero3(strategy) else gather_full_state_dict(strategy.model)
             if trainer.is_global_zero:
-                save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory)
+                save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory, source)
         elif trainer.is_global_zero:
-            pl_module.export_hf(directory, self.adapter_save_type)
+            pl_module.export_hf(directory, self.adapter_save_type, source)
         if trainer.is_global_zero:
             log.info("pandallm: exported the model in Hugging Face format to %s", directory)
         strategy.barrier("hf_export")

@@ -108,7 +108,7 @@ def _checkpoint_config(name_or_path: str) -> LlamaConfig:
     path = Path(name_or_path)
     if is_gguf(name_or_path):
         directory, file = gguf_location(name_or_path)
-        config = AutoConfig.from_pretrained(directory, gguf_file=file)
+        config = AutoConfig.from_pretrained(directory, gguf_file=file, trust_remote_code=False)
     else:
         if (name_or_path.startswith((".", "/")) or path.exists()) and not (path / "config.json").is_file():
             raise ModelError(
@@ -116,8 +116,9 @@ def _checkpoint_config(name_or_path: str) -> LlamaConfig:
                 "(*.gguf) nor a Hugging Face checkpoint directory (no config.json)"
             )
         try:
-            config = AutoConfig.from_pretrained(name_or_path)
-        except OSError as e:
+            # Never a checkpoint's own code (`auto_map`): see `pandallm.tokenizer.load_tokenizer`.
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+        except (OSError, ValueError) as e:
             raise ModelError(f"model.model_name_or_path '{name_or_path}' could not be loaded: {e}") from e
     if config.model_type != "llama":
         raise ModelError(

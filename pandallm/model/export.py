@@ -12,6 +12,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pandallm.data.template import tokenizer_template
 from pandallm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,12 @@ def check_export_target(directory: str | Path) -> None:
         )
 
 
-def inference_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def inference_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
     """`tokenizer` as the export saves it: `tokenizer(text)` encodes as pandallm's training rows begin, with BOS
-    (when the tokenizer has one) and no EOS.
+    (when the tokenizer has one) and no EOS; and `apply_chat_template` renders with `chat_template`, the Jinja
+    template the run trained with (`data.template`), when it is not the tokenizer's own.
 
     pandallm writes the special tokens of its rows itself and tokenizes text without them (`data.tokenize`), so the
     tokenizer it trains with may add none: the demo tokenizer's does not, nor do transformers' LLaMA tokenizers
@@ -69,9 +73,15 @@ def inference_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     """
     bos_id = tokenizer.bos_token_id
     probe = tokenizer("a")["input_ids"]
-    if bos_id is None or (probe[:1] == [bos_id] and probe[-1:] != [tokenizer.eos_token_id]):
+    adds_bos = bos_id is None or (probe[:1] == [bos_id] and probe[-1:] != [tokenizer.eos_token_id])
+    other_template = chat_template is not None and chat_template != tokenizer_template(tokenizer)
+    if adds_bos and not other_template:
         return tokenizer
     exported = copy.deepcopy(tokenizer)
+    if other_template:
+        exported.chat_template = chat_template
+    if adds_bos:
+        return exported
     # transformers' tokenizers-backed classes rebuild their post-processor (written to tokenizer.json) from these.
     exported.add_bos_token = True
     exported.add_eos_token = False
@@ -85,7 +95,11 @@ def inference_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
 
 
 def save_hf(
-    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, **kwargs: Any
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | Path,
+    chat_template: str | None = None,
+    **kwargs: Any,
 ) -> Path:
     """`save_pretrained` of model (safetensors; a PeftModel saves its adapters) and tokenizer into `directory`,
     replacing it (an earlier export, never anything else: `check_export_target`) as one step; `kwargs` go to the
@@ -93,7 +107,8 @@ def save_hf(
 
     The export is written under a temporary name and renamed last, so a kill mid-write leaves the previous
     export intact rather than a directory of half-written shards. The tokenizer is saved as `inference_tokenizer`
-    gives it: `tokenizer(prompt)` in plain transformers starts with BOS, as every training row does.
+    gives it: `tokenizer(prompt)` in plain transformers starts with BOS, as every training row does, and its chat
+    template is `chat_template` (the one the run trained with) when given.
     """
     directory = Path(directory)
     check_export_target(directory)
@@ -101,7 +116,7 @@ def save_hf(
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, **kwargs)
-    inference_tokenizer(tokenizer).save_pretrained(tmp)
+    inference_tokenizer(tokenizer, chat_template).save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)

@@ -51,7 +51,7 @@ from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
-from pandallm.tokenizer import load_tokenizer
+from pandallm.tokenizer import check_fits, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,10 @@ class PandaLLM(L.LightningModule):
             return
         h = self.hparams
         vocab_size = len(self.tokenizer)
+        if not is_preset(h.model_name_or_path):  # a preset is sized by the tokenizer
+            # Before any weight is read: another model's tokenizer (32000 pieces for a 128256-row Llama 3) would
+            # train on ids that mean other pieces.
+            check_fits(self.tokenizer, self.tokenizer_name, self.config.vocab_size, f"model '{h.model_name_or_path}'")
         self._zero3_config = zero.tell_transformers_zero3(self._trainer.strategy if self._trainer else None)
         model = load_model(
             h.model_name_or_path,
@@ -552,17 +556,23 @@ class PandaLLM(L.LightningModule):
 
     # ---- export ----------------------------------------------------------------------------------------------
 
-    def export_hf(self, directory: str | Path, adapter_save_type: AdapterSaveType = "adapter_only") -> Path:
-        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm.
+    def export_hf(
+        self,
+        directory: str | Path,
+        adapter_save_type: AdapterSaveType = "adapter_only",
+        chat_template: str | None = None,
+    ) -> Path:
+        """Save the model and tokenizer in Hugging Face format (safetensors), loadable without pandallm; the
+        tokenizer with `chat_template`, the Jinja template the run trained with, when given.
 
         A LoRA run saves either its adapters (`adapter_only`: a PEFT adapter directory, which
         `PeftModel.from_pretrained(base, directory)` loads) or the adapters merged into a copy of the base
         (`merge`: a plain transformers checkpoint; a quantized base is dequantized for it).
         """
         if not self.is_adapter_run:
-            return save_hf(self.model, self.tokenizer, directory)
+            return save_hf(self.model, self.tokenizer, directory, chat_template)
         if adapter_save_type == "merge":
-            return save_hf(merged_copy(self.model), self.tokenizer, directory)
+            return save_hf(merged_copy(self.model), self.tokenizer, directory, chat_template)
         if adapter_save_type != "adapter_only":
             raise ModelError(f"adapter_save_type must be 'adapter_only' or 'merge', got '{adapter_save_type}'")
         # Embedding rows that grew with the tokenizer are part of the trained model: saved with the adapters (and
@@ -570,4 +580,4 @@ class PandaLLM(L.LightningModule):
         # `modules_to_save`, the adapters hold them already; peft's `save_embedding_layers` would add two more copies
         # of each (the frozen original and the base's), tripling the largest tensors of the export.
         grown = self._added_tokens > 0 and not trains_both_embeddings(self.model)
-        return save_hf(self.model, self.tokenizer, directory, save_embedding_layers=grown)
+        return save_hf(self.model, self.tokenizer, directory, chat_template, save_embedding_layers=grown)

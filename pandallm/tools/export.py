@@ -38,7 +38,8 @@ from pandallm.checkpoint.sharded import (
     read_metadata,
     read_sharded_weights,
 )
-from pandallm.errors import ModelError
+from pandallm.data.template import resolve_template
+from pandallm.errors import ConfigError, ModelError
 from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.module import PandaLLM
 
@@ -106,11 +107,26 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def export_full_weights(checkpoint: dict[str, Any], arguments: dict[str, Any], output: str) -> Path:
+def export_full_weights(
+    checkpoint: dict[str, Any], arguments: dict[str, Any], output: str, data: dict[str, Any]
+) -> Path:
     """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
     module = PandaLLM(**arguments)
-    return save_hf(plain_model(module.config, hf_weights(checkpoint["state_dict"])), module.tokenizer, output)
+    weights = hf_weights(checkpoint["state_dict"])
+    return save_hf(plain_model(module.config, weights), module.tokenizer, output, trained_template(data, module))
+
+
+def trained_template(data: dict[str, Any], module: PandaLLM) -> str | None:
+    """The Jinja template the run trained with (`data.template` of the config given, else of the checkpoint's
+    record), for the export's tokenizer; None: the tokenizer's own. A template file that is not on this machine
+    any more is warned about, not fatal: the weights are still worth exporting."""
+    try:
+        template = resolve_template(data.get("template", "auto"), module.tokenizer, data.get("template_dir"))
+    except ConfigError as error:
+        log.warning("pandallm export: the export's tokenizer keeps its own chat template: %s", error)
+        return None
+    return template.source if template is not None else None
 
 
 def export(args: list[str]) -> Path:
@@ -129,8 +145,10 @@ def export(args: list[str]) -> Path:
     arguments = module_arguments(PandaLLM, cfg.model.as_dict())
     if cfg.tokenizer is not None:
         arguments["tokenizer"] = cfg.tokenizer
+    # The rendering settings: the checkpoint's record, under those of a --config given.
+    data = {**((checkpoint or {}).get("pandallm") or {}).get("data", {}), **(cfg.data or {})}
     if checkpoint is not None and not arguments["use_lora"] and arguments == {**recorded, **_tokenizer(cfg)}:
-        directory = export_full_weights(checkpoint, arguments, cfg.output)
+        directory = export_full_weights(checkpoint, arguments, cfg.output, data)
         log.info("pandallm: exported to %s", directory)
         return directory
     model = PandaLLM(**arguments)
@@ -144,7 +162,7 @@ def export(args: list[str]) -> Path:
         model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
     model.eval()
     save_type = cfg.adapter_save_type or cfg.export.adapter_save_type
-    directory = model.export_hf(cfg.output, save_type)
+    directory = model.export_hf(cfg.output, save_type, trained_template(data, model))
     log.info("pandallm: exported to %s", directory)
     return directory
 

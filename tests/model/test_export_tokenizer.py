@@ -17,11 +17,12 @@ CHATML = (Path(__file__).parents[2] / "pandallm" / "data" / "chat_templates" / "
 PROMPT = "What is the capital of France?"
 
 
-def prompt_of_training_row(tmp_path: Path, tokenizer: str, record: dict) -> list[int]:
+def prompt_of_training_row(tmp_path: Path, tokenizer: str, record: dict, template: str = "auto") -> list[int]:
     """The masked start of the row training builds from `record`: its prompt, as the model saw it."""
     write_jsonl(tmp_path / "it" / "a.jsonl", [record])
     dm = PandaDataModule(
         tokenizer=tokenizer,
+        template=template,
         instruction_tuning_data_dir=str(tmp_path / "it"),
         pretraining_data_dir=None,
         cache_dir=str(tmp_path / "cache"),
@@ -70,3 +71,21 @@ def test_a_sentencepiece_model_file_exports_with_bos_too(tmp_path: Path) -> None
     exported = AutoTokenizer.from_pretrained(export(tmp_path, str(TOKENIZER_DIR / "tokenizer.model")))
     assert exported(PROMPT).input_ids[:1] == [1]
     assert exported(PROMPT).input_ids[-1] != 2  # no EOS after a prompt
+
+
+def test_the_export_carries_the_template_the_run_trained_with(tmp_path: Path) -> None:
+    """The demo tokenizer has no chat template; a run trained with `data.template: chatml` exports one, so that
+    `apply_chat_template` on `hf/` prompts as training did, from `fit` and from `pandallm export` alike."""
+    from pandallm.cli import cli
+    from pandallm.tools.export import export as export_command
+    from tests.conftest import tiny_fit_args
+
+    fit = cli(["fit", *tiny_fit_args(tmp_path, "--data.template=chatml"), "--trainer.max_steps=1"])
+    record = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Paris."}]}
+    trained = prompt_of_training_row(tmp_path / "rows", str(TOKENIZER_DIR), record, "chatml")
+    checkpoint = next((Path(fit.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    exported = export_command([f"--ckpt_path={checkpoint}", f"--output={tmp_path / 'exported'}"])
+    for directory in (Path(fit.trainer.log_dir) / "hf", exported):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        assert tokenizer.chat_template == CHATML
+        assert tokenizer.apply_chat_template(record["messages"][:1], add_generation_prompt=True)["input_ids"] == trained
