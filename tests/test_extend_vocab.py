@@ -149,7 +149,7 @@ def test_a_missing_corpus_is_named(tmp_path) -> None:
     with pytest.raises(DatasetError, match=r"--inputs '.*nowhere\.txt': no such file or directory"):
         extend_vocab(inputs=[str(tmp_path / "nowhere.txt")], output=str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="holds no .txt, .json or .jsonl files"):
+    with pytest.raises(DatasetError, match="holds no .json, .jsonl or .txt files"):
         extend_vocab(inputs=[str(tmp_path / "empty")], output=str(tmp_path / "out"))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import auto_cli
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
-from pandallm.data.records import is_hidden, suffix
+from pandallm.data.records import find_data_files, suffix
 from pandallm.errors import ConfigError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.sentencepiece_merge import (
@@ -42,8 +42,8 @@ def _corpus_files(name: str, option: str) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{option} '{name}': no such file or directory")
-    suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
-    files = sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in suffixes and not is_hidden(p, path))
+    # The walk training uses: links followed, unreadable sources named. Saved datasets are not corpus files.
+    files = [p for p in find_data_files(path, option, text=True) if p.is_file()]
     if not files:
         raise DatasetError(f"{option} '{name}': the directory holds no .txt, .json or .jsonl files")
     return files
