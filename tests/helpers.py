@@ -22,14 +22,18 @@ class KillAtStep(L.Callback):
 
 class SignalAtStep(L.Callback):
     """Sends `signum` to this process (all ranks, or only `rank`: each rank signals itself) after optimizer step
-    `step`."""
+    `step`; with `group`, to its whole process group, data-loader workers included, as SLURM signals every process
+    of a job step."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int | None = None):
-        self.step, self.signum, self.rank = step, signum, rank
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int | None = None, group: bool = False):
+        self.step, self.signum, self.rank, self.group = step, signum, rank, group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), self.signum)
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 class KillDuringCheckpointWrite(L.Callback):

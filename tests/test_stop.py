@@ -7,10 +7,12 @@ the test signals it from outside once the marker is there, as a scheduler would.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import pandallm.data.datamodule as datamodule_module
 from pandallm.callbacks.graceful_stop import EXIT_CODE_STOPPED
-from tests.conftest import REPO, tiny_fit_args
+from pandallm.data import PandaDataModule
+from pandallm.data.collate import collate_rows
+from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, tiny_fit_args, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +120,52 @@ def test_a_second_signal_ends_a_run_whose_stop_waits_for_a_step_that_never_comes
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in workers if alive(pid)]
+
+
+HELD = threading.Lock()
+
+
+def collate_under_the_lock(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    with HELD:
+        return collate_rows(rows, pad_id)
+
+
+def test_loader_workers_do_not_inherit_the_locks_other_threads_of_the_training_process_hold(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A forked worker starts with every lock as it was in the training process at the fork: one that another thread
+    (gloo's, tqdm's, a queue feeder) held then is held forever in the worker, which never delivers a batch."""
+    write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS * 2)
+    monkeypatch.setattr(datamodule_module, "collate_rows", collate_under_the_lock)
+    data = PandaDataModule(
+        tokenizer=str(TOKENIZER_DIR),
+        instruction_tuning_data_dir=str(tmp_path / "it"),
+        pretraining_data_dir=None,
+        max_seq_length=32,
+        per_device_train_batch_size=2,
+        num_workers=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    data.prepare_data()
+    data.setup("fit")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with HELD:
+            holding.set()
+            release.wait()
+
+    threading.Thread(target=hold, daemon=True).start()
+    holding.wait()
+    loader = data.train_dataloader()
+    batches: list = []
+    fetch = threading.Thread(target=lambda: batches.append(next(iter(loader))), daemon=True)
+    try:
+        fetch.start()  # the workers start while the lock is held
+        fetch.join(timeout=120)
+        assert batches, "the data-loader worker delivered no batch"
+        assert batches[0]["input_ids"].shape[0] == 2
+    finally:
+        release.set()
+        for child in multiprocessing.active_children():
+            child.kill()
