@@ -22,6 +22,7 @@ from pandallm.checkpoint.sharded import model_defaults
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
+from pandallm.writable import check_run_directories
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
@@ -106,6 +107,8 @@ class PandaCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         STOP.check()
+        # Before data preparation and the first step, not at the first save after hours of training.
+        check_run_directories(self.trainer, self.config.get("subcommand"), getattr(self.datamodule, "cache_dir", None))
         # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None):

@@ -1,9 +1,11 @@
-"""Runs that go wrong: non-finite steps, resuming with other settings or another model, unsafe checkpoints."""
+"""Runs that go wrong: non-finite steps, resuming with other settings or another model, unsafe checkpoints,
+directories that cannot be written."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +222,48 @@ def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path, chec
     with pytest.raises(ConfigError, match="the run writes there"):  # empty now, but the run's own directory
         run = cli(args(tmp_path, "--export.enabled=true", *fresh), run=False)
         run.trainer.fit(run.model, run.datamodule)
+
+
+@pytest.mark.parametrize(
+    ("option", "given", "named"),
+    [
+        (
+            "checkpoints",
+            ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath={}"],
+            "trainer.callbacks (ModelCheckpoint dirpath)",
+        ),
+        ("logs", ["--trainer.logger.save_dir={}"], "trainer.logger (CSVLogger save_dir/name)"),
+        ("export", ["--export.enabled=true", "--export.dirpath={}"], "export.dirpath"),
+        ("cache", ["--data.cache_dir={}"], "data.cache_dir"),
+    ],
+)
+def test_a_directory_the_run_cannot_write_is_refused_before_it_starts(
+    tmp_path: Path, option: str, given: list[str], named: str
+) -> None:
+    # Under a regular file: no directory can be created there, whoever runs (chmod does not stop root).
+    (tmp_path / "a_file").write_text("")
+    directory = tmp_path / "a_file" / option
+    # The logger's directory is `save_dir/name`.
+    refused = rf"{re.escape(named)} '{directory}(/r)?': cannot be created, '.*a_file' is a file; give a directory"
+    with pytest.raises(ConfigError, match=refused):
+        cli(args(tmp_path, *[a.format(directory) for a in given]), run=False)  # not after training, at the first save
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A read-only file system (a tmpfs mounted `ro`), where the machine allows mounting one."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_checkpoint_directory_on_a_read_only_file_system_is_refused_before_the_run_starts(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    checkpoints = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={read_only_dir / 'ckpt'}"]
+    with pytest.raises(ConfigError, match=f"dirpath.* '{read_only_dir / 'ckpt'}': cannot be written .*Read-only"):
+        cli(args(tmp_path, *checkpoints), run=False)
