@@ -1,18 +1,24 @@
-"""Where a run writes: every directory checked before the run starts.
+"""Where a run writes: every directory checked before the run starts, and a write that fails for lack of space
+named with its file and the space it needed.
 
 A checkpoint directory that could not be written used to be found out at the first save, after the training it was
-to keep.
+to keep. A full disk said `[Errno 28] No space left on device` without naming a file, or, from the tokenized-data
+cache, `DatasetGenerationError` with the cause sixty lines up.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import lightning as L
 
-from pandallm.errors import ConfigError
+from pandallm.errors import ConfigError, StorageError
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -72,3 +78,38 @@ def run_directories(trainer: L.Trainer, stage: str | None, cache_dir: str | None
 def check_run_directories(trainer: L.Trainer, stage: str | None, cache_dir: str | None) -> None:
     for option, directory in run_directories(trainer, stage, cache_dir).items():
         check_writable(directory, option)
+
+
+def full_disk(error: BaseException) -> OSError | None:
+    """The out-of-space `OSError` that caused `error`, if one did (libraries wrap it in their own errors)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def size(num_bytes: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    index = 0
+    while num_bytes >= 1024 and index < len(units) - 1:
+        num_bytes, index = num_bytes / 1024, index + 1
+    return f"{int(num_bytes)} bytes" if index == 0 else f"{num_bytes:.1f} {units[index]}"
+
+
+def free_space(path: str | Path) -> str:
+    try:
+        return f"{size(shutil.disk_usage(_nearest_existing(Path(path))).free)} free there"
+    except OSError:
+        return "free space unknown"
+
+
+def write_error(what: str, path: str | Path, error: OSError, needed: str | None = None) -> StorageError:
+    """A `StorageError` naming the file or directory that could not be written; with a full disk, the space: what
+    the write `needed` (as far as it is known) and what is free."""
+    if error.errno in FULL:
+        space = f"{needed}, {free_space(path)}" if needed else free_space(path)
+        return StorageError(f"{what} '{path}': no space left on the device ({space})")
+    return StorageError(f"{what} '{path}': cannot be written: {error.strerror or error}")
