@@ -4,9 +4,10 @@ By the time a loader starts its workers, the training process runs threads: gloo
 other loaders' queue feeders. `os.fork()` copies the calling thread and every lock as it was; a child that inherits
 a lock another thread held deadlocks before it runs a line of the worker (seen under DDP with `num_workers: 2`:
 `PyOS_AfterFork_Child -> _PyEval_ReInitThreads -> PyThread_acquire_lock`). The fork server is a fresh interpreter
-(fork + exec), single-threaded, that forks the workers. It imports the data modules once, so that a worker starts
-as a fork of an interpreter that has them instead of importing them itself (`spawn`: about 4 s more per worker on
-two cores). Workers then receive their dataset and collate function pickled; the loaders keep them (persistent).
+(fork + exec), single-threaded, that forks the workers. It imports what the workers need once, so that a worker
+starts as a fork of an interpreter that has it instead of importing it itself (`spawn`: several seconds more per
+worker on two cores). Workers then receive their dataset and collate function pickled; the loaders keep them
+(persistent).
 
 Workers ignore the stop signals. SLURM signals every process of a job step, workers included, and SIGUSR1 (its
 warning) or SIGTERM would kill them, failing the run in the loader instead of letting the training process save and
@@ -20,8 +21,9 @@ import multiprocessing
 import signal
 from multiprocessing.context import BaseContext
 
-# What a worker needs to unpickle its dataset and collate function (torch, datasets, tokenizers come with it).
-PRELOAD = ["pandallm.data.datamodule"]
+# What a worker needs to unpickle its dataset (Arrow tables, or a `DocumentStream`, which tokenizes) and its
+# collate and init functions; not the data module, which imports Lightning.
+PRELOAD = ["datasets", "pandallm.data.collate", "pandallm.data.streaming", "pandallm.data.workers"]
 
 
 def worker_context() -> BaseContext:
