@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from pandallm import sweep
 from pandallm.callbacks.export import HFExport
-from pandallm.callbacks.graceful_stop import GracefulStop
+from pandallm.callbacks.graceful_stop import STOP, GracefulStop, StoppedBySignal
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
@@ -22,6 +23,7 @@ from pandallm.data.datamodule import PandaDataModule
 from pandallm.data.template import trained_rendering
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
+from pandallm.writable import check_run_directories
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
@@ -107,6 +109,9 @@ class PandaCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        STOP.check()
+        # Before data preparation and the first step, not at the first save after hours of training.
+        check_run_directories(self.trainer, self.config.get("subcommand"), getattr(self.datamodule, "cache_dir", None))
         # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "dirpath", None):
@@ -142,9 +147,25 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
 
 
 def main(args: list[str] | None = None) -> None:
+    # First thing: a stop signal from here to the exit ends with status 143 (`StopSignals`), in whatever phase.
+    fresh = STOP.install([signal.SIGTERM, signal.SIGUSR1], [signal.SIGUSR1])
+    try:
+        _run_command(args)
+        STOP.check()  # a signal after the last hook that could act on it
+    except StoppedBySignal:
+        STOP.requeue_if_asked()
+        STOP.stop_launched_ranks()
+        raise
+    finally:
+        if fresh and args is not None:  # called from Python: the caller's handlers come back
+            STOP.restore()
+
+
+def _run_command(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in TOOLS:
         module_name, function = TOOLS[argv[0]].split(":")
+        STOP.enter(f"pandallm {argv[0]}", "stopping now")
         try:
             getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
         except PandaError as error:

@@ -37,3 +37,7 @@ class ModelError(PandaError):
 
 class ConfigError(PandaError):
     """A configuration file or option cannot be used: a malformed sweep file, an index out of range."""
+
+
+class StorageError(PandaError):
+    """A file or directory cannot be written: no space left, a read-only file system. The message names it."""

@@ -21,16 +21,18 @@ class KillAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Sends `signum` to this process (all ranks: each rank signals itself) after optimizer step `step`; with
-    `twice`, sends it again right away, as an impatient scheduler would."""
+    """Sends `signum` to this process (all ranks, or only `rank`: each rank signals itself) after optimizer step
+    `step`; with `group`, to its whole process group, data-loader workers included, as SLURM signals every process
+    of a job step."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM), twice: bool = False, rank: int | None = None):
-        self.step, self.signum, self.twice, self.rank = step, signum, twice, rank
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int | None = None, group: bool = False):
+        self.step, self.signum, self.rank, self.group = step, signum, rank, group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), self.signum)
-            if self.twice:
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
                 os.kill(os.getpid(), self.signum)
 
 
@@ -119,3 +121,46 @@ class SlowSteps(L.Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class HoldIn(L.Callback):
+    """Holds the run in `phase` after writing `marker` (JSON: this process's pid and its child processes'), for a test
+    to signal it there from outside: "sanity_check" (its first batch), "export" (inside the Hugging Face export), or
+    "training" (before the batch of optimizer step `step`). The hold ends when a stop signal has been received, or
+    with `stuck`, never (a data loader that never delivers): at `seconds` at the latest."""
+
+    def __init__(self, phase: str, marker: str, step: int = 1, stuck: bool = False, seconds: float = 300.0) -> None:
+        self.phase, self.marker, self.step, self.stuck, self.seconds = phase, marker, step, stuck, seconds
+
+    def _hold(self) -> None:
+        import json
+        import multiprocessing
+        import time
+
+        from pandallm.callbacks.graceful_stop import STOP
+
+        children = [child.pid for child in multiprocessing.active_children()]
+        with open(self.marker + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "children": children}, f)
+        os.replace(self.marker + ".tmp", self.marker)
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline and (self.stuck or STOP.received is None):
+            time.sleep(0.05)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.phase == "export":
+            export = pl_module.export_hf
+
+            def held_export(*args, **kwargs):
+                self._hold()
+                return export(*args, **kwargs)
+
+            pl_module.export_hf = held_export
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "sanity_check" and trainer.sanity_checking and batch_idx == 0:
+            self._hold()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.phase == "training" and trainer.global_step == self.step:
+            self._hold()

@@ -1,20 +1,27 @@
-"""Runs that go wrong: non-finite steps, resuming with other settings or another model, unsafe checkpoints."""
+"""Runs that go wrong: non-finite steps, resuming with other settings or another model, unsafe checkpoints,
+directories that cannot be written, a full disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets.arrow_writer import ArrowWriter
 
+import pandallm.checkpoint.atomic as atomic
+from pandallm.checkpoint.atomic import AtomicCheckpointIO
 from pandallm.cli import cli
-from pandallm.errors import ConfigError, ModelError
+from pandallm.data import PandaDataModule
+from pandallm.errors import ConfigError, ModelError, StorageError
 from pandallm.tools.export import export
-from tests.conftest import INSTRUCTIONS, REPO, TOKENIZER_DIR, metric_column, write_jsonl
+from tests.conftest import DOCUMENTS, INSTRUCTIONS, REPO, TOKENIZER_DIR, metric_column, write_jsonl
 from tests.helpers import NaNForwardAtStep, NaNGradientAtStep
 
 pytestmark = pytest.mark.integration
@@ -220,3 +227,99 @@ def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path, chec
     with pytest.raises(ConfigError, match="the run writes there"):  # empty now, but the run's own directory
         run = cli(args(tmp_path, "--export.enabled=true", *fresh), run=False)
         run.trainer.fit(run.model, run.datamodule)
+
+
+@pytest.mark.parametrize(
+    ("option", "given", "named"),
+    [
+        (
+            "checkpoints",
+            ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath={}"],
+            "trainer.callbacks (ModelCheckpoint dirpath)",
+        ),
+        ("logs", ["--trainer.logger.save_dir={}"], "trainer.logger (CSVLogger save_dir/name)"),
+        ("export", ["--export.enabled=true", "--export.dirpath={}"], "export.dirpath"),
+        ("cache", ["--data.cache_dir={}"], "data.cache_dir"),
+    ],
+)
+def test_a_directory_the_run_cannot_write_is_refused_before_it_starts(
+    tmp_path: Path, option: str, given: list[str], named: str
+) -> None:
+    # Under a regular file: no directory can be created there, whoever runs (chmod does not stop root).
+    (tmp_path / "a_file").write_text("")
+    directory = tmp_path / "a_file" / option
+    # The logger's directory is `save_dir/name`.
+    refused = rf"{re.escape(named)} '{directory}(/r)?': cannot be created, '.*a_file' is a file; give a directory"
+    with pytest.raises(ConfigError, match=refused):
+        cli(args(tmp_path, *[a.format(directory) for a in given]), run=False)  # not after training, at the first save
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A read-only file system (a tmpfs mounted `ro`), where the machine allows mounting one."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_checkpoint_directory_on_a_read_only_file_system_is_refused_before_the_run_starts(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    checkpoints = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={read_only_dir / 'ckpt'}"]
+    with pytest.raises(ConfigError, match=f"dirpath.* '{read_only_dir / 'ckpt'}': cannot be written .*Read-only"):
+        cli(args(tmp_path, *checkpoints), run=False)
+
+
+def test_a_full_disk_names_the_checkpoint_and_its_size_and_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def disk_fills(file, data) -> None:
+        file.write(bytes(data[:100]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "_write_bytes", disk_fills)
+    with pytest.raises(
+        StorageError, match=rf"checkpoint '{path}': no space left on the device \(\d+\.\d KiB to write, "
+    ):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "weights": torch.zeros(1000)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file is gone
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_a_full_disk_while_caching_the_tokenized_data_names_the_cache_and_keeps_earlier_entries(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write_jsonl(tmp_path / "pt" / "a.jsonl", DOCUMENTS * 3)
+    cache = tmp_path / "cache"
+    settings = {
+        "tokenizer": str(TOKENIZER_DIR),
+        "instruction_tuning_data_dir": None,
+        "pretraining_data_dir": str(tmp_path / "pt"),
+        "num_workers": 0,
+        "cache_dir": str(cache),
+    }
+    earlier = PandaDataModule(**settings, max_seq_length=32)
+    earlier.setup("fit")
+    [entry] = cache.iterdir()
+    write_table = ArrowWriter.write_table
+
+    def disk_fills(writer: ArrowWriter, *args, **kwargs) -> None:
+        write_table(writer, *args, **kwargs)
+        if writer._path:  # a file, not the in-memory buffer of a `map`
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ArrowWriter, "write_table", disk_fills)
+    # `datasets` wraps the OSError in `DatasetGenerationError: An error occurred while generating the dataset`.
+    with pytest.raises(StorageError, match=rf"data.cache_dir '{cache}': no space left on the device \(.* free there\)"):
+        PandaDataModule(**settings, max_seq_length=48).setup("fit")  # another key: a new entry to write
+    assert list(cache.iterdir()) == [entry]  # no half-written entry; the earlier one is kept
+    monkeypatch.undo()
+    again = PandaDataModule(**settings, max_seq_length=32)
+    again.setup("fit")  # and still loads
+    assert again.datasets["train"]["input_ids"] == earlier.datasets["train"]["input_ids"]
+    assert list(cache.iterdir()) == [entry]

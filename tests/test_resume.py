@@ -51,7 +51,17 @@ def fit(root: Path, name: str, data: dict[str, str], *extra: str, expect_code: i
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, start_new_session=True, timeout=600)
+    process = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        # The whole session: the ranks Lightning started and their data-loader workers, not the first process only.
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after 600 s:\n{stderr[-3000:]}")
+    done = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
     assert done.returncode == expect_code, done.stderr[-3000:]
     return done
 
@@ -133,12 +143,17 @@ def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path
     data = instruction_data(tmp_path)
     extra = ["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else []
     fit(tmp_path, "straight", data, *extra)
-    # Two signals in a row (SIGUSR1 to rank 1 only, under DDP): one save, every rank stops after the same step.
+    # SIGUSR1 to rank 1 only, under DDP: one save, every rank stops after the same step. SIGTERM to the whole process
+    # group otherwise, its two data-loader workers included, as SLURM signals a job step: they must not die of it.
+    # (A second signal would stop at once, without saving: tests/test_stop.py.)
     signal_args = [
         "--trainer.callbacks+=tests.helpers.SignalAtStep",
         "--trainer.callbacks.step=3",
-        "--trainer.callbacks.twice=true",
-        *([f"--trainer.callbacks.signum={int(signal.SIGUSR1)}", "--trainer.callbacks.rank=1"] if ddp else []),
+        *(
+            [f"--trainer.callbacks.signum={int(signal.SIGUSR1)}", "--trainer.callbacks.rank=1"]
+            if ddp
+            else ["--trainer.callbacks.group=true"]
+        ),
     ]
     stopped = fit(tmp_path, "resumed", data, *extra, *signal_args, expect_code=143)
     assert stopped.stderr.count("pandallm: stopping on") == 1

@@ -1,15 +1,22 @@
-"""Stopping on SIGTERM / SIGUSR1 with one complete checkpoint, at a batch boundary, on every rank at once; under
-SLURM, requeueing the job after SLURM's warning signal."""
+"""Stopping on SIGTERM / SIGUSR1 in any phase of a run, never with status 0: with one complete checkpoint at an
+optimizer-step boundary during training, at once while there is nothing to save; under SLURM, requeueing the job
+after its warning signal.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from pandallm import slurm
 
@@ -17,22 +24,164 @@ log = logging.getLogger(__name__)
 
 # 128 + SIGTERM, the status a process killed by SIGTERM reports: the run did not finish.
 EXIT_CODE_STOPPED = 143
+NOTHING_TRAINED = "stopping now; nothing was trained since the run started, so there is nothing to save"
+SECOND = "a second signal stops at once, without saving"
+AT_THE_NEXT_STEP = f"saving last.ckpt after the current optimizer step, then stopping; {SECOND}"
+AFTER_THE_VALIDATION = f"saving last.ckpt after the optimizer step that follows it, then stopping; {SECOND}"
+AFTER_THE_EXPORT = f"stopping when the export is complete, with last.ckpt holding the last step; {SECOND}"
 
 
 class StoppedBySignal(SystemExit):
-    """Raised after the stop checkpoint is saved; exits with `EXIT_CODE_STOPPED`."""
+    """Raised where a stop signal ends the run; exits with `EXIT_CODE_STOPPED`."""
 
     def __init__(self) -> None:
         super().__init__(EXIT_CODE_STOPPED)
 
 
-class GracefulStop(L.Callback):
-    """On a stop signal: finish the current optimizer step, save `last.ckpt` once, and exit.
+def _say(message: str) -> None:
+    # Straight to the file descriptor: the handler runs between two bytecodes of the main thread, which may be in the
+    # middle of writing to `sys.stderr` (a second write into a buffered stream from there raises).
+    with contextlib.suppress(OSError):  # stderr closed: stopping matters more than saying so
+        os.write(2, f"{message}\n".encode())
 
-    The handler only sets a flag. Saving inside a signal handler can deadlock (a collective or a lock taken by the
-    interrupted code; Lightning #21406), so the save happens at the next optimizer-step boundary, where gradient
-    accumulation is complete and the loop state is consistent. Ranks agree with one all-reduce per step, so a
-    signal that reaches one rank stops all of them at the same step. Further signals while stopping do nothing.
+
+def _rank_zero_by_environment() -> bool:
+    """Before the trainer knows the ranks: what srun, torchrun and Lightning's launcher set for the other ranks."""
+    return all(os.environ.get(name, "0") == "0" for name in ("SLURM_PROCID", "RANK", "LOCAL_RANK"))
+
+
+class StopSignals:
+    """The stop signals this process received, and its handler for them; one per process, `STOP`.
+
+    `pandallm.cli.main` installs it first thing, so that no phase of a run is left to Python's default (which
+    kills without a word) or to Lightning's handler (which raises a `SystemExit` without a code, status 0, at
+    its next check, and saves nothing). What a signal does depends on the phase the run is in (`enter`):
+
+    - while there is nothing to save (start-up, data preparation, the sanity check; validate, test, predict), the
+      handler raises `StoppedBySignal` where the main thread is, as Ctrl-C raises KeyboardInterrupt;
+    - from the start of training on, the handler only records the signal, and `GracefulStop` acts on it where the
+      state is consistent: the next optimizer-step boundary, the end of training, the end of the export. Saving
+      inside the handler could deadlock (a collective or a lock held by the interrupted code; Lightning #21406).
+
+    A second signal ends the process at once, with the data-loader workers and the ranks it started (a stuck data
+    loader never reaches the step boundary the first one waits for), unless the stop checkpoint is being written:
+    then the process ends as soon as it is complete.
+    """
+
+    def __init__(self) -> None:
+        self.signals: tuple[int, ...] = ()
+        self.requeue_signals: tuple[int, ...] = ()
+        self._previous: dict[int, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.received: int | None = None
+        self.phase = "start-up"
+        self.consequence = NOTHING_TRAINED
+        self.at_once = True  # False: the handler only records the signal
+        self.saving = False  # the stop checkpoint is being written
+        self.requeued = False
+        self.is_global_zero: bool | None = None  # None until a trainer says
+        self.rank_label = ""  # " (rank N)" in messages, once a trainer says there are several
+        self.launcher: Any = None  # Lightning's launcher, whose `procs` are the ranks this process started
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a stop signal"
+
+    def install(self, signals: Iterable[int], requeue_signals: Iterable[int] = ()) -> bool:
+        """Handle `signals` from now on (and only those of the ones handled so far). True if nothing was installed
+        before, the state is then fresh: the caller restores the previous handlers when it is done."""
+        fresh = not self.installed
+        if fresh:
+            self._reset()
+        self.signals, self.requeue_signals = tuple(signals), tuple(requeue_signals)
+        for signum in [s for s in self._previous if s not in self.signals]:
+            signal.signal(signum, self._previous.pop(signum))
+        for signum in self.signals:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+        return fresh
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+        self._reset()
+
+    def enter(self, phase: str, consequence: str = NOTHING_TRAINED, at_once: bool = True) -> None:
+        """From now on a stop signal lands in `phase`, and `consequence` says what follows: it stops the run at once,
+        or without `at_once`, it is recorded for `GracefulStop` to act on."""
+        self.phase, self.consequence, self.at_once = phase, consequence, at_once
+
+    def check(self) -> None:
+        """Stop now if a signal asked to while the run could stop at once (the raise in the handler can be lost:
+        Python prints and drops an exception raised inside a `__del__` or a callback from C)."""
+        if self.received is not None and self.at_once:
+            raise StoppedBySignal()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            _say(f"pandallm: {name} received during {self.phase}{self.rank_label}: {self.consequence}")
+            if self.at_once:
+                raise StoppedBySignal()
+            return
+        if self.saving:
+            _say(f"pandallm: {name} received again while the stop checkpoint is written: stopping once it is complete")
+            return
+        _say(f"pandallm: {name} received again during {self.phase}{self.rank_label}: stopping at once, without saving")
+        self._end_now()
+
+    def _end_now(self) -> None:
+        for child in multiprocessing.active_children():  # data-loader workers, perhaps the part that is stuck
+            child.kill()
+        for rank in getattr(self.launcher, "procs", []):
+            rank.kill()
+        os._exit(EXIT_CODE_STOPPED)
+
+    def stop_launched_ranks(self) -> None:
+        """Pass the stop on to the ranks this process started (Lightning's launcher, without srun or torchrun):
+        a signal to the main process alone would leave them running, waiting for it in a collective."""
+        for rank in getattr(self.launcher, "procs", []):
+            if rank.poll() is None:
+                rank.send_signal(signal.SIGTERM)
+
+    def requeue_if_asked(self) -> None:
+        """Requeue the SLURM job if a requeue signal stopped it and nothing has requeued it yet (before training
+        starts, there is nothing to save first)."""
+        is_global_zero = self.is_global_zero if self.is_global_zero is not None else _rank_zero_by_environment()
+        if self.received in self.requeue_signals and not self.requeued and is_global_zero and slurm.in_job():
+            self.requeued = True
+            slurm.requeue(slurm.requeue_id())
+
+
+STOP = StopSignals()
+
+
+class _KeepHandlers(_SignalConnector):
+    """Lightning's signal connector, minus its handlers. It would put its SIGTERM handler over pandallm's as every
+    `fit` / `validate` / ... starts: one that raises `SystemExit` without a code (status 0) at its next check,
+    saves nothing, and broadcasts a tensor from inside the handler."""
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+
+
+class GracefulStop(L.Callback):
+    """On a stop signal during training: finish the current optimizer step, save `last.ckpt` once, and exit 143.
+
+    The save happens at the next optimizer-step boundary, where gradient accumulation is complete and the loop state
+    is consistent. Ranks agree with one all-reduce per step, so a signal that reaches one rank stops all of them at
+    the same step. A signal during a validation inside training is acted upon at the step after it. Before training
+    (start-up, data preparation, the sanity check) there is nothing to save: the run stops at once. After the last
+    step (the final validation, the export), the run stops when that phase ends, with `last.ckpt` holding the last
+    step (saved then if the checkpoint callback has not). The handler and its phases: `StopSignals`.
 
     Under SLURM, a requeue signal (SIGUSR1, what `#SBATCH --signal=USR1@90` sends before the time limit) also
     requeues the job once the checkpoint is saved: global rank 0 runs `scontrol requeue` with the job's id
@@ -49,72 +198,133 @@ class GracefulStop(L.Callback):
         """
         self.signals = [getattr(signal, name) for name in (signals or ["SIGTERM", "SIGUSR1"])]
         self.requeue_signals = [getattr(signal, name) for name in (requeue_signals or ["SIGUSR1"])]
-        self.received: int | None = None
-        self._early: dict[int, Any] = {}
-        self._previous: dict[int, Any] = {}
+        self._installed_here = False
         self._step = -1
         self._saved = False
         self._requeue = False
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signum
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        slurm.disable_lightning_requeue(trainer)
-        # Lightning leaves signals other than SIGTERM alone once its SLURM requeue is off, so they are caught from
-        # here on: a warning signal during the sanity check stops the run after its first step instead of killing
-        # it. SIGTERM is taken over in `on_train_start`, after Lightning has installed its own handler.
-        early = [signum for signum in self.signals if signum != signal.SIGTERM]
-        self._early = {signum: signal.signal(signum, self._handler) for signum in early}
+        # Before `fit` / `validate` / ... registers Lightning's handlers, which `_KeepHandlers` does not.
+        trainer._signal_connector = _KeepHandlers(trainer)
+        # `pandallm.cli.main` installed the handler at process start; a Python caller of `trainer.fit` did not.
+        self._installed_here = STOP.install(self.signals, self.requeue_signals)
+        STOP.is_global_zero = trainer.is_global_zero
+        STOP.rank_label = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        STOP.launcher = trainer.strategy.launcher
+        self._step, self._saved, self._requeue = -1, False, False
+        if stage == "fit":
+            slurm.disable_lightning_requeue(trainer)
+            STOP.enter("start-up")
+        else:
+            STOP.enter(f"`{stage}`", f"stopping now; `{stage}` has nothing to save")
+        STOP.check()
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        STOP.enter("the sanity check")
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        STOP.check()
+        STOP.enter("start-up")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Installed here, after Lightning's own handlers, which save nothing and broadcast inside the handler.
-        self._previous = {
-            signum: signal.signal(signum, self._handler) for signum in self.signals if signum not in self._early
-        }
+        STOP.check()
+        STOP.enter("training", AT_THE_NEXT_STEP, at_once=False)
         self._step = trainer.global_step
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handlers()
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            STOP.enter("a validation", AFTER_THE_VALIDATION, at_once=False)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # After Lightning's teardown, which puts back the handlers it found, `self._early` among them.
-        self._restore_handlers()
-        for signum, handler in self._early.items():
-            signal.signal(signum, handler)
-        self._early = {}
-
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            STOP.enter("training", AT_THE_NEXT_STEP, at_once=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._saved or trainer.global_step == self._step:  # mid gradient accumulation: not a place to stop
             return
         self._step = trainer.global_step
-        # [stop requested, requeue requested], summed over ranks: the signal may have reached any of them.
-        flags = [self.received is not None, self.received in self.requeue_signals]
-        requested = torch.tensor(flags, dtype=torch.float32, device=pl_module.device)
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce(requested, reduce_op="sum")
-        stop, requeue = requested.tolist()
+        stop, requeue = self._requested(trainer)
         if not stop:
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        self._save(trainer, path)
         if trainer.is_global_zero:
-            name = signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
-            log.warning("pandallm: stopping on %s after step %d; saved %s", name, trainer.global_step, path)
+            log.warning("pandallm: stopping on %s after step %d; saved %s", self._name(), trainer.global_step, path)
         # The exit waits for the next hook: Lightning logs this step's metrics after `on_train_batch_end`.
         self._saved = True
-        self._requeue = bool(requeue) and slurm.in_job()
+        self._requeue = requeue
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        self._exit_if_saved(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._exit_if_saved(trainer)  # before epoch-end validation and checkpointing: the stop checkpoint is saved
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A signal during the final validation, or after the last step's boundary.
+        self._stop_after_training(trainer, "at the end of training")
+        STOP.enter("the end of fit (the export)", AFTER_THE_EXPORT, at_once=False)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After every `on_fit_end` hook, the export among them (it is complete: an interrupted one is never renamed
+        # into place), and before `main` returns.
+        if stage == "fit":
+            self._stop_after_training(trainer, "at the end of fit, after the export")
+        if self._installed_here:
+            STOP.restore()
+        else:
+            STOP.enter("the end of the run", "stopping now; the run is complete")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._installed_here:
+            STOP.restore()
+
+    def _requested(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(stop, requeue), agreed by every rank: the signal may have reached any of them."""
+        flags = [STOP.received is not None, STOP.received in self.requeue_signals]
+        # The root device, not the module's: after training, the strategy has moved the module to the CPU.
+        requested = torch.tensor(flags, dtype=torch.float32, device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce(requested, reduce_op="sum")
+        stop, requeue = requested.tolist()
+        return bool(stop), bool(requeue) and slurm.in_job()
+
+    def _name(self) -> str:
+        return STOP.name if STOP.received is not None else "a signal to another rank"
+
+    def _save(self, trainer: L.Trainer, path: Path) -> None:
+        STOP.saving = True  # a second signal waits for this checkpoint instead of losing it
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            STOP.saving = False
+
+    def _stop_after_training(self, trainer: L.Trainer, when: str) -> None:
+        stop, requeue = self._requested(trainer)
+        if not stop:
+            return
+        path = self.checkpoint_path(trainer)
+        saved = self._holds_last_step(trainer, path)
+        if not saved:
+            self._save(trainer, path)
+        if trainer.is_global_zero:
+            what = "it holds" if saved else "saved"
+            log.warning(
+                "pandallm: stopping on %s %s (step %d); %s %s", self._name(), when, trainer.global_step, what, path
+            )
+        self._saved, self._requeue = True, requeue
+        self._exit_if_saved(trainer)
+
+    @staticmethod
+    def _holds_last_step(trainer: L.Trainer, path: Path) -> bool:
+        """Whether a checkpoint callback wrote `path` at this step already (ModelCheckpoint's `save_last`)."""
+        return any(
+            getattr(callback, "last_model_path", None)
+            and Path(callback.last_model_path) == path
+            and getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+            and path.exists()
+            for callback in trainer.checkpoint_callbacks
+        )
 
     def _exit_if_saved(self, trainer: L.Trainer) -> None:
         if not self._saved:
@@ -124,14 +334,9 @@ class GracefulStop(L.Callback):
             # the job at once, so the logs are written first.
             for logger in trainer.loggers:
                 logger.save()
+            STOP.requeued = True
             slurm.requeue(slurm.requeue_id())
         raise StoppedBySignal()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
-        self._exit_if_saved(trainer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._exit_if_saved(trainer)  # before epoch-end validation and checkpointing: the stop checkpoint is saved
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:

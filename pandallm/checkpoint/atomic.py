@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 
 from pandallm.checkpoint.load import LOAD_ERRORS, WeightsOnlyLoad, load_error
 from pandallm.errors import ModelError
+from pandallm.writable import full_disk, size, write_error
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # object stores: their uploads are atomic already
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 _write_bytes(f, buffer.getbuffer())
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(f.fileno())  # a full disk can show here, not before
             os.replace(tmp, path)
             _fsync_directory(path.parent)
+        except OSError as e:
+            # The OSError names no file (a write) or the temporary one; the previous checkpoint at `path` is untouched.
+            raise write_error("checkpoint", path, e, f"{size(buffer.getbuffer().nbytes)} to write") from e
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -145,7 +149,15 @@ class AtomicDirectorySave:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         if self.strategy.global_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.save(checkpoint, tmp, storage_options)
+        try:
+            self.save(checkpoint, tmp, storage_options)
+        except Exception as e:  # torch.distributed.checkpoint wraps the OSError of the rank whose write failed
+            full = full_disk(e)
+            if full is None:
+                raise
+            # The half-written directory is removed by `recover_swaps` when the run starts again; the previous
+            # checkpoint at `path` is untouched.
+            raise write_error("sharded checkpoint", path, full) from e
         # The strategy's save returns on rank 0 after its collective write finished on every rank and rank 0 wrote
         # the metadata: the directory is complete.
         if self.strategy.global_rank == 0:

@@ -17,6 +17,8 @@ from pathlib import Path
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from pandallm.writable import full_disk, size, write_error
+
 # Bump when the encoding rules change, so that caches built by an older pandallm are not reused.
 FORMAT_VERSION = 2
 
@@ -60,6 +62,10 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
 
+def _bytes_under(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
 def load_or_build(cache_dir: str | Path, key: str, build: Callable[[Path], DatasetDict]) -> DatasetDict:
     """Load the entry `key`, building it with `build(scratch_dir)` first if it is not there."""
     cache_dir = Path(cache_dir)
@@ -76,6 +82,14 @@ def load_or_build(cache_dir: str | Path, key: str, build: Callable[[Path], Datas
         except OSError:
             if not (entry / "dataset_dict.json").is_file():  # not a concurrent writer that got there first
                 raise
+    except Exception as e:
+        # `datasets` reports a full disk as `DatasetGenerationError: An error occurred while generating the dataset`.
+        full = full_disk(e)
+        if full is None:
+            raise
+        written = _bytes_under(tmp) + _bytes_under(scratch)
+        needed = f"the tokenized data needs more than the {size(written)} written" if written else None
+        raise write_error("data.cache_dir", cache_dir, full, needed) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

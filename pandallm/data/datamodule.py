@@ -39,6 +39,7 @@ from pandallm.data.tokenize import (
     tokenize_documents,
     tokenize_instructions,
 )
+from pandallm.data.workers import ignore_stop_signals, worker_context
 from pandallm.distributed import gather_from_ranks
 from pandallm.errors import DataFormatError, DatasetError
 from pandallm.tokenizer import load_tokenizer
@@ -499,7 +500,10 @@ class PandaDataModule(L.LightningDataModule):
         return {
             "num_workers": workers,
             "prefetch_factor": self.prefetch_factor if workers > 0 else None,
-            "persistent_workers": workers > 0,
+            "persistent_workers": workers > 0,  # started once: a worker's start costs more than a fork's
+            # Not forked from this process, which runs threads by now: `pandallm.data.workers`.
+            "multiprocessing_context": worker_context() if workers > 0 else None,
+            "worker_init_fn": ignore_stop_signals,
             # A loader draws its workers' seed when it creates an iterator: from the global RNG unless it has a
             # generator. A resumed run creates its iterators at other moments than the uninterrupted run (before
             # the restored RNG state, or once more), and every draw would shift its dropout masks.
