@@ -159,7 +159,10 @@ def test_resuming_after_max_steps_says_the_rest_of_the_epoch_is_skipped(tmp_path
 
 def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path: Path, checkpoint: Path) -> None:
     run = cli(args(tmp_path, "--model.config_overrides={num_hidden_layers: 3, hidden_size: 32}"), run=False)
-    with pytest.raises(ValueError, match=r"cannot load .*done.ckpt'?:\n  model shape: hidden_size: 64 -> 32") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"cannot load .*done.ckpt'?:\n  model shape: head_dim: 16 -> 8\n  model shape: hidden_size: 64 -> 32",
+    ) as error:
         run.trainer.fit(run.model, run.datamodule, ckpt_path=checkpoint)
     assert "with the changed settings:\n    model.config_overrides:" in str(error.value)
 
