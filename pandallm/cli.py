@@ -80,7 +80,9 @@ class PandaCLI(LightningCLI):
         recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not recorded:
             return False  # not a pandallm checkpoint: refused with that message when it loads
-        self._parser(subcommand).set_defaults({**model_defaults(PandaLLM, recorded), **trained_rendering(checkpoint)})
+        self._parser(subcommand).set_defaults(
+            {**model_defaults(PandaLLM.recorded_arguments(recorded)), **trained_rendering(checkpoint)}
+        )
         return True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:

@@ -89,7 +89,7 @@ def module_arguments(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in hyper_parameters.items() if k in accepted and k != "self"}
 
 
-def model_defaults(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded settings of `cls` as the `model.*` defaults of a parser, under which a `--config`
-    and `--model.*` options given still win."""
-    return {f"model.{name}": value for name, value in module_arguments(cls, hyper_parameters).items()}
+def model_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings (`PandaLLM.recorded_arguments`) as the `model.*` defaults of a parser, under
+    which a `--config` and `--model.*` options given still win."""
+    return {f"model.{name}": value for name, value in arguments.items()}

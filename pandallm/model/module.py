@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from peft import PeftModel
@@ -19,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.checkpoint import compat
+from pandallm.checkpoint.sharded import module_arguments
 from pandallm.data.cache import tokenizer_digest
 from pandallm.data.position import epoch_cut_short
 from pandallm.errors import ConfigError, ModelError
@@ -36,7 +38,6 @@ from pandallm.model.build import (
 from pandallm.model.compile import compile_decoder_layers
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
-from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.model.parallel import apply_fsdp2, fsdp_norm, fsdp_replicas
 from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
@@ -48,6 +49,8 @@ from pandallm.model.peft import (
 )
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
+from pandallm.objectives import SFT, Objective, Terms
+from pandallm.objectives.base import objective_class
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
@@ -56,6 +59,8 @@ from pandallm.tokenizer import check_fits, load_tokenizer
 log = logging.getLogger(__name__)
 
 AdapterSaveType = Literal["adapter_only", "merge"]
+# Settings only (no state), so one instance can be every module's default; jsonargparse prints it as a class_path.
+DEFAULT_OBJECTIVE = lazy_instance(SFT)
 
 
 class PandaLLM(L.LightningModule):
@@ -91,6 +96,7 @@ class PandaLLM(L.LightningModule):
         poly_power: float = 1.0,
         max_new_tokens: int = 128,
         nonfinite: Literal["error", "skip"] = "error",
+        objective: Objective = lazy_instance(SFT),  # noqa: B008 (jsonargparse reads it, as it does for `delta_replaces`)
     ) -> None:
         """
         Args:
@@ -135,9 +141,14 @@ class PandaLLM(L.LightningModule):
             max_new_tokens: Tokens `pandallm predict` generates per prompt.
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
+            objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
+                default), `DPO`, `SimPO`, `ORPO`, `KTO` or `RewardModel`, with their options under `init_args`.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # The objective is recorded as its settings (plain values), not as an object: checkpoints load weights-only.
+        self.save_hyperparameters(ignore=["objective"])
+        self.hparams["objective"] = objective.settings()
+        self.objective = objective
         if tokenizer is None and is_preset(model_name_or_path):
             raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
         if is_gguf(model_name_or_path):
@@ -170,11 +181,22 @@ class PandaLLM(L.LightningModule):
         self._added_tokens = 0
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
-        self._window_sums: torch.Tensor | int = 0  # [loss sum, target tokens] of the accumulation window so far
+        self._window_sums: torch.Tensor | int = 0  # `_sums` of the accumulation window so far
         self.step_loss: torch.Tensor | None = None  # of the last optimizer step: over its window and every rank
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
+
+    @staticmethod
+    def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's hyper-parameters that `__init__` takes, its objective checked to be one of pandallm's
+        (its class path is otherwise imported by whoever instantiates it)."""
+        arguments = module_arguments(PandaLLM, hyper_parameters)
+        if isinstance(arguments.get("objective"), dict):
+            settings = arguments["objective"]
+            cls = objective_class(settings.get("class_path", ""), "the checkpoint's model.objective")
+            arguments["objective"] = {**settings, "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+        return arguments
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -255,14 +277,17 @@ class PandaLLM(L.LightningModule):
         # with a cache, transformers would not look for those boundaries.
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_lm_loss_sum(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+    def _sums(self, terms: Terms) -> torch.Tensor:
+        """[loss sum, units, *metric sums] in fp64, in `metric_names` order: what windows and evaluations add up."""
+        metrics = [terms.metrics[name].detach().double() for name in self.objective.metric_names]
+        return torch.stack([terms.loss_sum.detach().double(), terms.count.double(), *metrics])
 
     @property
-    def _token_weighted(self) -> bool:
-        """Whether the gradients are rescaled to the token mean of the window once it is complete.
+    def _unit_weighted(self) -> bool:
+        """Whether the gradients are rescaled to the mean over the units (target tokens, pairs: the objective's) of
+        the window once it is complete.
 
-        Not needed when one micro-batch on one process is the whole window: its own token mean is the update's, and
+        Not needed when one micro-batch on one process is the whole window: its own mean is the update's, and
         returning it spares a pass over every gradient per step. Not possible under DeepSpeed, which keeps
         gradients in its own partitioned buffers, out of reach of `_normalize_gradients`.
         """
@@ -272,45 +297,48 @@ class PandaLLM(L.LightningModule):
         return not zero.is_deepspeed(trainer.strategy)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, count = self._loss_sum(batch)
-        loss = loss_sum / count.clamp(min=1)
+        terms = self.objective.terms(self, batch, "train")
+        loss = terms.loss_sum / terms.count.clamp(min=1)
         self._last_loss = loss.detach()
-        # The window's summed loss and target tokens: the logged `train/loss` is their ratio over every micro-batch
+        # The window's summed loss, units and metrics: the logged `train/loss` is their ratio over every micro-batch
         # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
-        self._window_sums = self._window_sums + torch.stack([loss_sum.detach().double(), count.double()])
+        self._window_sums = self._window_sums + self._sums(terms)
         if logs_this_step(self.trainer):
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
-        if not self._token_weighted:
+        if not self._unit_weighted:
             return loss
-        # The update must follow the mean over every target token of the accumulated batch of all ranks, not the
-        # mean of per-micro-batch means, which over-weights the tokens of short micro-batches (transformers
-        # #34191). That token count is known only once the window is complete, so the summed loss is
+        # The update must follow the mean over every unit (target token, pair) of the accumulated batch of all
+        # ranks, not the mean of per-micro-batch means, which over-weights the tokens of short micro-batches
+        # (transformers #34191). That count is known only once the window is complete, so the summed loss is
         # back-propagated here and the gradients are divided by it in `_normalize_gradients`.
-        return loss_sum
+        return terms.loss_sum
 
     def _window_totals(self) -> torch.Tensor:
-        """The accumulation window's [loss sum, target tokens], summed over ranks (one all-reduce of two numbers
-        per optimizer step), in fp64; the window starts again empty."""
+        """The accumulation window's [loss sum, units, *metric sums], summed over ranks (one all-reduce of a few
+        numbers per optimizer step), in fp64; the window starts again empty."""
         sums = torch.as_tensor(self._window_sums, dtype=torch.float64, device=self.device)
-        self._window_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._window_sums = 0
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return sums
 
-    def _normalize_gradients(self, tokens: torch.Tensor) -> None:
+    def _normalize_gradients(self, units: torch.Tensor) -> None:
         # Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP / FSDP average over ranks.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / units.clamp(min=1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # One fused multiply per device and dtype (what torch's own optimizers use), not one kernel per parameter.
         torch._foreach_mul_(grads, scale.item())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        loss_sum, tokens = self._window_totals()
+        loss_sum, units, *metrics = self._window_totals()
         # The loss of this update: comparable across batch sizes, accumulation and ranks, and with the HF Trainer's.
-        self.step_loss = (loss_sum / tokens.clamp(min=1)).float()
+        self.step_loss = (loss_sum / units.clamp(min=1)).float()
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
-        if self._token_weighted:
-            self._normalize_gradients(tokens)
+        if metrics and logs_this_step(self.trainer):
+            for name, total in zip(self.objective.metric_names, metrics, strict=True):
+                self.log(f"train/{name}", (total / units.clamp(min=1)).float(), on_step=True)
+        if self._unit_weighted:
+            self._normalize_gradients(units)
         if self.trainer.precision == "16-mixed":
             return  # fp16's GradScaler skips overflowing steps itself, by design
         if zero.is_deepspeed(self.trainer.strategy):
@@ -466,24 +494,26 @@ class PandaLLM(L.LightningModule):
             )
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._eval_sums = torch.zeros(2 + len(self.objective.metric_names), dtype=torch.float64, device=self.device)
 
     on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, count = self._loss_sum(batch)
-        self._eval_sums += torch.stack([loss_sum.detach().double(), count.double()])
+        self._eval_sums += self._sums(self.objective.terms(self, batch, "val"))
 
-    test_step = validation_step
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_sums += self._sums(self.objective.terms(self, batch, "test"))
 
     def _log_eval(self, stage: str) -> None:
-        # Token-weighted over the whole set and all ranks, so that the perplexity is exp of the true mean loss.
-        loss_sum, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
-        if count == 0:
+        # Unit-weighted over the whole set and all ranks (SFT: tokens, so the perplexity is exp of the true mean).
+        loss_sum, units, *totals = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        if units == 0:
             return
-        loss = loss_sum / count
+        loss = loss_sum / units
+        metrics = {name: total / units for name, total in zip(self.objective.metric_names, totals, strict=True)}
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)))
+        for name, value in {**metrics, **self.objective.evaluation_logs(loss, metrics)}.items():
+            self.log(f"{stage}/{name}", value)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

@@ -42,6 +42,7 @@ from pandallm.data.template import resolve_template
 from pandallm.errors import ConfigError, ModelError
 from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.module import PandaLLM
+from pandallm.objectives.base import objective_from
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,17 @@ def export(args: list[str]) -> Path:
     recorded: dict[str, Any] = {}
     if checkpoint is not None:
         # The run's own settings are the defaults; a --config and --model.* options given here change them.
-        recorded = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
-        parser.set_defaults(model_defaults(PandaLLM, checkpoint["hyper_parameters"]))
+        recorded = PandaLLM.recorded_arguments(checkpoint["hyper_parameters"])
+        parser.set_defaults(model_defaults(recorded))
         cfg = parser.parse_args(args)
     arguments = module_arguments(PandaLLM, cfg.model.as_dict())
     if cfg.tokenizer is not None:
         arguments["tokenizer"] = cfg.tokenizer
     # The rendering settings: the checkpoint's record, under those of a --config given.
     data = {**((checkpoint or {}).get("pandallm") or {}).get("data", {}), **(cfg.data or {})}
-    if checkpoint is not None and not arguments["use_lora"] and arguments == {**recorded, **_tokenizer(cfg)}:
+    same_as_recorded = arguments == {**recorded, **_tokenizer(cfg)}
+    arguments["objective"] = objective_from(arguments["objective"])
+    if checkpoint is not None and not arguments["use_lora"] and same_as_recorded:
         directory = export_full_weights(checkpoint, arguments, cfg.output, data)
         log.info("pandallm: exported to %s", directory)
         return directory
