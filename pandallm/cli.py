@@ -23,6 +23,7 @@ from pandallm.data.datamodule import PandaDataModule
 from pandallm.data.template import trained_rendering
 from pandallm.errors import PandaError
 from pandallm.model.module import PandaLLM
+from pandallm.objectives.base import objective_class
 from pandallm.writable import check_run_directories
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
@@ -41,11 +42,17 @@ def resolve_tokenizer(model_name_or_path: str, tokenizer: str | None) -> str:
     return tokenizer or model_name_or_path
 
 
+def objective_rows(objective: Namespace) -> str:
+    return objective_class(objective.class_path, "model.objective").rows
+
+
 class PandaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             ("model.model_name_or_path", "model.tokenizer"), "data.tokenizer", compute_fn=resolve_tokenizer
         )
+        # The rows the data module builds are the ones the objective trains on.
+        parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_argument(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import lightning as L
 import numpy as np
@@ -19,6 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
+from pandallm.data.formats import RowKind
+from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, render_pair, tokenize_pairs
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
@@ -27,7 +30,6 @@ from pandallm.data.sources import Files, evaluation_files, ordered_ratios, train
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
 from pandallm.data.template import (
     ChatTemplate,
-    Rendered,
     render_record,
     resolve_template,
     tokenizer_template,
@@ -47,6 +49,9 @@ from pandallm.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# The record kind each objective's rows are built from (`data.rows`); `sequences` take these two:
+ROW_KINDS: dict[str, RecordKind] = {"pairs": "preference", "unpaired": "unpaired"}
+SEQUENCE_KINDS = ("instruction", "pretraining")
 InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
 PretrainingFormat = Literal["auto", "pretraining", "text"]
 
@@ -55,6 +60,7 @@ class PandaDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str | None = None,
+        rows: RowKind = "sequences",
         instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
@@ -87,6 +93,8 @@ class PandaDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
+            rows: Linked from `model.objective`: what every training and validation record must be and becomes:
+                `sequences` (instruction records and documents), `pairs` (preference pairs) or `unpaired` (KTO).
             instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
                 `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
             pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
@@ -146,6 +154,7 @@ class PandaDataModule(L.LightningDataModule):
                 f"data.max_seq_length must be at least 3 (BOS, a prompt token and a target token), got {max_seq_length}"
             )
         self.tokenizer_name = tokenizer
+        self.rows = rows
         self.data_dirs: dict[RecordKind, str | None] = {
             "instruction": instruction_tuning_data_dir,
             "pretraining": pretraining_data_dir,
@@ -247,7 +256,7 @@ class PandaDataModule(L.LightningDataModule):
             self._has_training_data = needs_training_data
             self.__dict__.pop("training_order", None)  # a cached_property of the rows loaded before
             sizes = {split: len(ds) for split, ds in self.datasets.items()}
-            tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
+            tokens = self._tokens(self.datasets["train"])
             log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
         if stage == "fit" and self.streaming:
             if self.trainer is not None and self.trainer.max_steps < 0:
@@ -266,6 +275,10 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError("no validation data: set data.val_files or data.val_fraction")
         if stage == "test" and len(self.datasets["test"]) == 0:
             raise DatasetError("no test data: set data.test_files")
+
+    @property
+    def _collate(self) -> Callable:
+        return collate_pairs if self.rows == "pairs" else collate_rows
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -352,30 +365,53 @@ class PandaDataModule(L.LightningDataModule):
         )
         stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+        features = PAIR_FEATURES if self.rows == "pairs" else ROW_FEATURES
+        empty = Dataset.from_dict({name: [] for name in features}, features=features)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_names = list(train)
         self.train_source_sizes = tuple(len(part) for part in train_parts)
         datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
             datasets[split] = stored.get(group_split(split, 0), empty)
+        if self.rows == "pairs":
+            # Each pair's row number, by which reference log-probabilities computed before training are looked up.
+            for split, rows in datasets.items():
+                datasets[split] = rows.add_column("index", list(range(len(rows))))
         return datasets
+
+    def _tokens(self, rows: Dataset) -> int:
+        return pair_tokens(rows) if self.rows == "pairs" else sum(len(ids) for ids in rows["input_ids"])
+
+    def _expected_kind(self, kind: RecordKind | None) -> RecordKind | None:
+        """The kind every record of a source must be: the objective's, or where it trains on sequences, the kind its
+        option names (None: instruction or pretraining, detected)."""
+        return ROW_KINDS.get(self.rows, kind)
 
     def _build(self, sources: dict[str, list[Files]], scratch: Path) -> DatasetDict:
         records: dict[str, list[dict[RecordKind, list]]] = {
-            split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
+            split: [{kind: [] for kind in get_args(RecordKind)} for _ in groups] for split, groups in sources.items()
         }
         skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
         for split, groups in sources.items():
             for group, files in zip(records[split], groups, strict=True):
                 for kind, path in files:
-                    fmt = self.formats[kind] if kind is not None else "auto"
-                    found_kind, found = read_records(path, kind, skipped, fmt, self.txt_split)
+                    fmt = self.formats.get(kind, "auto") if self.rows == "sequences" else "auto"
+                    found_kind, found = read_records(path, self._expected_kind(kind), skipped, fmt, self.txt_split)
+                    if found and found_kind not in SEQUENCE_KINDS and self.rows == "sequences":
+                        raise DataFormatError(
+                            Path(found[0].path),
+                            found[0].line,
+                            None,
+                            f"a {found_kind} record ({found[0].format}) where the objective (model.objective: SFT) "
+                            "trains on instruction records and documents; preference pairs train with DPO, SimPO, "
+                            "ORPO or RewardModel, judged completions with KTO",
+                        )
                     group[found_kind] += found
-        # From here on, instruction records are their renderings (the text each template gives them).
+        # From here on, instruction records and pairs are their renderings (the text each template gives them).
         for groups in records.values():
             for group in groups:
                 group["instruction"] = self._render(group["instruction"], skipped)
+                group["preference"] = self._render(group["preference"], skipped, render_pair)
         if skipped:
             num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
             self._report_skipped(skipped, num_valid)
@@ -413,6 +449,26 @@ class PandaDataModule(L.LightningDataModule):
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
+        if by_kind["preference"]:
+            drop = self.overlong_records == "drop"
+            rows, num_overlong = tokenize_pairs(
+                by_kind["preference"],
+                self.tokenizer,
+                self.max_seq_length,
+                self.preprocessing_num_workers,
+                drop,
+                name,
+            )
+            if num_overlong:
+                log.warning(
+                    "%s: %d of %d preference pairs are longer than max_seq_length=%d; %s",
+                    name,
+                    num_overlong,
+                    len(by_kind["preference"]),
+                    self.max_seq_length,
+                    "they were dropped" if drop else "their prompts were truncated from the left",
+                )
+            parts.append(rows)
         if by_kind["pretraining"]:
             parts.append(
                 tokenize_documents(
@@ -425,9 +481,12 @@ class PandaDataModule(L.LightningDataModule):
             )
         return concatenate_datasets(parts) if parts else None
 
-    def _render(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[Rendered]:
-        """Each conversation as template text. A conversation its template cannot render (roles that do not
-        alternate where the template needs it) is a malformed record: it raises, or with `skipped` is left out."""
+    def _render(
+        self, records: list[Record], skipped: list[DataFormatError] | None, renderer: Callable = render_record
+    ) -> list:
+        """Each conversation (with `render_pair`, each pair) as template text. A conversation its template cannot
+        render (roles that do not alternate where the template needs it) is a malformed record: it raises, or with
+        `skipped` is left out."""
         rendered = []
         # A Jinja template's text is tokenized whole, its own markers as special tokens: a "</s>" that a record's
         # text holds would be read as one too (an EOS inside a reply). Counted and reported; the plain layout
@@ -436,13 +495,16 @@ class PandaDataModule(L.LightningDataModule):
         marked: list[Record] = []
         for record in records:
             try:
-                rendered.append(render_record(record, self.chat_template, self.tokenizer))
+                rendered.append(renderer(record, self.chat_template, self.tokenizer))
             except DataFormatError as error:
                 if skipped is None:
                     raise
                 skipped.append(error)
                 continue
-            if rendered[-1].templated and any(t in turn.content for turn in record.turns for t in specials):
+            templated = (
+                any(r.templated for r in rendered[-1]) if isinstance(rendered[-1], list) else rendered[-1].templated
+            )
+            if templated and any(t in text for text in record.texts for t in specials):
                 marked.append(record)
         if marked:
             log.warning(
@@ -487,11 +549,12 @@ class PandaDataModule(L.LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, rows, batch_size: int, collate) -> DataLoader:
-        """An evaluation loader: every row exactly once over all ranks, in order."""
+    def _loader(self, rows, batch_size: int, collate, pad: bool = False) -> DataLoader:
+        """An evaluation loader: every row exactly once over all ranks, in order; with `pad`, every rank gets as many
+        rows (a few twice), so that all ranks run the same number of batches."""
         rank, world_size = self._rank_and_world()
         if world_size > 1:
-            rows = Subset(rows, rank_positions(np.arange(len(rows)), rank, world_size, pad=False).tolist())
+            rows = Subset(rows, rank_positions(np.arange(len(rows)), rank, world_size, pad=pad).tolist())
         collate_fn = partial(collate, pad_id=self.pad_id)
         return DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, **self._workers())
 
@@ -524,7 +587,7 @@ class PandaDataModule(L.LightningDataModule):
             self.datasets["train"],
             batch_size=self.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(collate_rows, pad_id=self.pad_id),
+            collate_fn=partial(self._collate, pad_id=self.pad_id),
             **self._workers(),
         )
 
@@ -623,13 +686,18 @@ class PandaDataModule(L.LightningDataModule):
         self._stream_positions = {int(c): tuple(p) for c, p in state_dict["stream_positions"].items()}
         self._stream_batches = int(state_dict["stream_batches"])
 
+    def scoring_loader(self, split: str) -> DataLoader:
+        """Every row of `split`, in order, shared by the ranks in equal parts: what a reference model scores before
+        training (`pandallm.objectives.reference`), with every rank in each batch's collectives."""
+        return self._loader(self.datasets[split], self.eval_batch_size, self._collate, pad=True)
+
     def val_dataloader(self) -> DataLoader | list:
         if len(self.datasets["validation"]) == 0:
             return []  # Lightning then skips validation
-        return self._loader(self.datasets["validation"], self.eval_batch_size, collate_rows)
+        return self._loader(self.datasets["validation"], self.eval_batch_size, self._collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], self.eval_batch_size, collate_rows)
+        return self._loader(self.datasets["test"], self.eval_batch_size, self._collate)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)

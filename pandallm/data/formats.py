@@ -21,7 +21,13 @@ from typing import Literal, TypeVar
 from pandallm.errors import DataFormatError
 
 T = TypeVar("T")
-RecordKind = Literal["instruction", "pretraining"]
+# What a record trains: an instruction / chat conversation, a pretraining document, a preference pair (DPO and
+# the reward model), or one continuation judged desirable or not (KTO).
+RecordKind = Literal["instruction", "pretraining", "preference", "unpaired"]
+# The rows an objective trains on, which the data module builds from records (`data.rows`, linked from
+# `model.objective`): `sequences` from instruction records and documents (`input_ids`, `labels`, `position_ids`),
+# `pairs` from preference pairs (two sequences each), `unpaired` from judged continuations (KTO).
+RowKind = Literal["sequences", "pairs", "unpaired"]
 Role = Literal["system", "user", "assistant"]
 
 # Names a `from` (ShareGPT) or `role` (OpenAI) value may take, by the role it means. ShareGPT dumps use
@@ -266,8 +272,8 @@ UNSUPPORTED_LAYOUTS = (
     ),
     (
         ("chosen", "rejected"),
-        "a preference pair (DPO or reward-model data)",
-        "pandallm trains on demonstrations: keep the prompt and the chosen reply as an instruction record",
+        "a preference pair, in no layout pandallm reads",
+        "give the prompt, chosen and rejected as strings or message lists (README, 'Preference tuning')",
     ),
     (
         ("prompt", "completion"),
@@ -316,6 +322,19 @@ def _is_document(*fields: str) -> Callable[[dict], bool]:
     return lambda value: all(value.get(field) is not None for field in fields) and not _chat_fields(value)
 
 
+def _preference_formats() -> tuple[Format, ...]:
+    from pandallm.data import preference_formats as p
+
+    return (
+        Format(
+            "preference_chat", "preference", ("chosen[]", "rejected[]", "prompt?"), p.is_chat_pair, p.parse_chat_pair
+        ),
+        Format("hh_rlhf", "preference", ("chosen: 'Human: ...'", "rejected"), p.is_hh_pair, p.parse_hh_pair),
+        Format("preference", "preference", ("prompt", "chosen", "rejected"), p.is_text_pair, p.parse_text_pair),
+        Format("kto", "unpaired", ("prompt", "completion", "label"), p.is_judged, p.parse_judged),
+    )
+
+
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
     _document(value, path, line)
     title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
@@ -333,6 +352,9 @@ def _parse_text(value: dict, path: Path, line: int) -> str:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
+        # Preference layouts first: their fields are their own. Defined in `preference_formats`, which imports this
+        # module's field readers (imported here, once those exist).
+        *_preference_formats(),
         Format(
             "pandallm",
             "instruction",
@@ -392,7 +414,21 @@ FORMATS: dict[str, Format] = {
         Format("text", "pretraining", ("text",), _is_document("text"), _parse_text),
     )
 }
-FormatName = Literal["auto", "pandallm", "sharegpt", "openai", "dolly", "belle", "alpaca", "pretraining", "text"]
+FormatName = Literal[
+    "auto",
+    "preference",
+    "preference_chat",
+    "hh_rlhf",
+    "kto",
+    "pandallm",
+    "sharegpt",
+    "openai",
+    "dolly",
+    "belle",
+    "alpaca",
+    "pretraining",
+    "text",
+]
 
 
 def formats_of(kind: RecordKind | None) -> list[Format]:

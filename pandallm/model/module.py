@@ -51,6 +51,7 @@ from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.objectives import SFT, Objective, Terms
 from pandallm.objectives.base import objective_class
+from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
@@ -186,6 +187,7 @@ class PandaLLM(L.LightningModule):
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
+        self._reference = ReferenceScores()
 
     @staticmethod
     def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -217,24 +219,13 @@ class PandaLLM(L.LightningModule):
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
             return
         h = self.hparams
-        vocab_size = len(self.tokenizer)
         if not is_preset(h.model_name_or_path):  # a preset is sized by the tokenizer
             # Before any weight is read: another model's tokenizer (32000 pieces for a 128256-row Llama 3) would
             # train on ids that mean other pieces.
             check_fits(self.tokenizer, self.tokenizer_name, self.config.vocab_size, f"model '{h.model_name_or_path}'")
         self._zero3_config = zero.tell_transformers_zero3(self._trainer.strategy if self._trainer else None)
-        model = load_model(
-            h.model_name_or_path,
-            vocab_size,
-            h.config_overrides,
-            h.attn_implementation,
-            quant_bits=h.bit_training if h.use_quant else None,
-            delta_from=h.delta_from,
-            delta_replaces=tuple(h.delta_replaces),
-            device=self._quantization_device(),
-        )
-        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
-        added = self._added_tokens = grow_embeddings(model, vocab_size)
+        model = self.build_starting_model(quant_bits=h.bit_training if h.use_quant else None)
+        added = self._added_tokens
         if h.use_quant:
             model = prepare_quantized(model, h.gradient_checkpointing)
         elif h.gradient_checkpointing:
@@ -258,6 +249,29 @@ class PandaLLM(L.LightningModule):
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
 
+    def build_starting_model(self, quant_bits: QuantBits | None = None) -> LlamaForCausalLM:
+        """The model training starts from (a preset's random init, a checkpoint, base + delta, optionally
+        quantized), with its embeddings grown to the tokenizer; also the reference of preference objectives."""
+        h = self.hparams
+        vocab_size = len(self.tokenizer)
+        model = load_model(
+            h.model_name_or_path,
+            vocab_size,
+            h.config_overrides,
+            h.attn_implementation,
+            quant_bits=quant_bits,
+            delta_from=h.delta_from,
+            delta_replaces=tuple(h.delta_replaces),
+            device=self._quantization_device() if quant_bits else None,
+        )
+        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
+        self._added_tokens = grow_embeddings(model, vocab_size)
+        return model
+
+    @property
+    def is_preset_run(self) -> bool:
+        return is_preset(self.hparams.model_name_or_path)
+
     def _quantization_device(self) -> torch.device | None:
         """The GPU to quantize the base on (bitsandbytes quantizes while loading); None: the CPU."""
         trainer = self._trainer
@@ -276,6 +290,44 @@ class PandaLLM(L.LightningModule):
         # and keeps attention inside each document, on sdpa, eager and flash-attention alike. `use_cache=False`:
         # with a cache, transformers would not look for those boundaries.
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    # ---- the reference model of preference objectives (pandallm.objectives.reference) -----------------------------
+
+    def reference_logps(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """The reference model's summed log-probabilities of a batch's sequences (pairs: 2B)."""
+        if getattr(self.objective, "reference", "precompute") == "live":
+            return self._reference.score(self, batch)
+        return self._reference.lookup(stage, batch["index"])
+
+    def _prepare_reference(self, split: str) -> None:
+        """Before the first batch of `split`: the reference at hand (`live`), or its scores of the split's pairs."""
+        if not self.objective.uses_reference:
+            return
+        if getattr(self.objective, "reference", "precompute") == "live":
+            self._reference.starting_model(self)
+            return
+        rows = self.trainer.datamodule.datasets[split]
+        if self._reference.has(split, len(rows)):
+            return  # scored before, or restored from the checkpoint
+        # The policy is still the reference before the first step of a new run; afterwards (validation or testing
+        # from a checkpoint, or data changed on resume) the starting model is loaded to score new pairs.
+        if self.trainer.global_step > 0 or self.trainer.state.fn != "fit":
+            if split in self._reference.scores and self.global_rank == 0:
+                log.warning(
+                    "pandallm: the %s pairs changed since the checkpoint; scoring them with the reference again", split
+                )
+            self._reference.starting_model(self)
+        self._reference.precompute(self, split)
+
+    def on_train_start(self) -> None:
+        self._prepare_reference("train")
+        self._apply_resumed_settings()
+
+    def on_validation_start(self) -> None:
+        self._prepare_reference("validation")
+
+    def on_test_start(self) -> None:
+        self._prepare_reference("test")
 
     def _sums(self, terms: Terms) -> torch.Tensor:
         """[loss sum, units, *metric sums] in fp64, in `metric_names` order: what windows and evaluations add up."""
@@ -421,6 +473,8 @@ class PandaLLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
+        if self._reference.scores:
+            checkpoint["pandallm"]["reference_scores"] = self._reference.state_dict()
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
 
@@ -435,6 +489,7 @@ class PandaLLM(L.LightningModule):
             shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
         changed = compat.check(where, checkpoint, self._run_record(), shapes)
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
+        self._reference.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
         # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
@@ -463,7 +518,7 @@ class PandaLLM(L.LightningModule):
                 cut[0],
             )
 
-    def on_train_start(self) -> None:
+    def _apply_resumed_settings(self) -> None:
         # Here Lightning has restored a resumed run's optimizer and scheduler over the ones built from the config.
         [config] = self.trainer.lr_scheduler_configs
         optimizer = self.trainer.optimizers[0]

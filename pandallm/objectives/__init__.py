@@ -1,10 +1,11 @@
 """Training objectives: one unit each (its rows, loss and metrics) on the machinery `PandaLLM` shares.
 
 Where a new objective goes: a subclass of `pandallm.objectives.base.Objective` in a file of its own here, exported
-below; `model.objective: {class_path: pandallm.objectives.NAME}` selects it.
+below; `model.objective: {class_path: pandallm.objectives.NAME}` (or `--model.objective NAME`) selects it.
 """
 
-from pandallm.objectives.base import Objective, RowKind, Terms
+from pandallm.objectives.base import Objective, Terms
+from pandallm.objectives.preference import DPO, ORPO, SimPO
 from pandallm.objectives.sft import SFT
 
-__all__ = ["SFT", "Objective", "RowKind", "Terms"]
+__all__ = ["DPO", "ORPO", "SFT", "Objective", "SimPO", "Terms"]

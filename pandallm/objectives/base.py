@@ -23,16 +23,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from pandallm.data.formats import RowKind
 from pandallm.errors import ModelError
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
 
-# The rows an objective trains on, which the data module builds (`data.rows` is linked from the objective):
-# `sequences`: instruction rows and pretraining blocks (`input_ids`, `labels`, `position_ids`);
-# `pairs`: a prompt with a chosen and a rejected completion (two sequences each);
-# `unpaired`: a prompt with one completion and a desirable / undesirable label (KTO).
-RowKind = Literal["sequences", "pairs", "unpaired"]
 Stage = Literal["train", "val", "test"]
 
 

@@ -1,0 +1,140 @@
+"""Preference pairs as training rows: each side is the row instruction tuning would build from `prompt + side`,
+with only the side's own replies trained, so a pair trains exactly the tokens the model produces after the prompt.
+
+A pair row holds `chosen_input_ids` / `chosen_labels` and `rejected_input_ids` / `rejected_labels`; a batch of B
+pairs is one batch of 2B sequences, the B chosen then the B rejected (`collate_pairs`), scored in one forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from datasets import Dataset, Features, Value
+from datasets import Sequence as Column
+from transformers import PreTrainedTokenizerBase
+
+from pandallm.data.collate import collate_rows
+from pandallm.data.encode import conversation_row
+from pandallm.data.records import Record
+from pandallm.data.template import ChatTemplate, Rendered, TemplateError, render, template_for
+from pandallm.data.tokenize import _procs, encode_segments
+from pandallm.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+SIDES = ("chosen", "rejected")
+PAIR_FEATURES = Features(
+    {f"{side}_{column}": Column(Value("int32")) for side in SIDES for column in ("input_ids", "labels")}
+)
+
+
+def render_pair(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> list[Rendered]:
+    """`prompt + chosen` and `prompt + rejected`, rendered by the record's template (`template_for`, as training
+    rows and predict prompts), each with only its continuation's replies trained: an assistant turn of a multi-turn
+    prompt is context, as a user turn is."""
+    template = template_for(chosen, record.format, tokenizer)
+    rendered = []
+    for side in (record.chosen, record.rejected):
+        try:
+            segments = render(template, (*record.turns, *side), tokenizer)
+        except TemplateError as e:
+            raise DataFormatError(record.path, record.line, None, str(e)) from e
+        # The continuation's replies are the last trained segments (a reply's text is never empty: it is checked).
+        own = sum(1 for turn in side if turn.role == "assistant" and turn.content.strip())
+        trained_at = [i for i, (_, trained) in enumerate(segments) if trained]
+        context = set(trained_at[: len(trained_at) - own])
+        rendered.append(
+            Rendered(
+                [text for text, _ in segments],
+                [trained and i not in context for i, (_, trained) in enumerate(segments)],
+                template.source is not None,
+            )
+        )
+    return rendered
+
+
+def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> dict:
+    out: dict[str, list] = {name: [] for name in [*PAIR_FEATURES, "truncated", "trains", "same"]}
+    fields = ("texts", "trained", "templated")
+    sides = {side: [Rendered(*r) for r in zip(*(batch[f"{side}_{k}"] for k in fields), strict=True)] for side in SIDES}
+    encoded = {side: encode_segments(rendered, tokenizer) for side, rendered in sides.items()}
+    for chosen, rejected in zip(encoded["chosen"], encoded["rejected"], strict=True):
+        truncated, trains = False, True
+        rows = {}
+        for side, (head, segments, _) in zip(SIDES, (chosen, rejected), strict=True):
+            row, cut = conversation_row(head, segments, max_seq_length)
+            truncated |= cut
+            trains &= any(label != -100 for label in row.labels)
+            out[f"{side}_input_ids"].append(row.input_ids)
+            out[f"{side}_labels"].append(row.labels)
+            rows[side] = row
+        out["truncated"].append(truncated)
+        out["trains"].append(trains)
+        out["same"].append(rows["chosen"].input_ids == rows["rejected"].input_ids)
+    return out
+
+
+def tokenize_pairs(
+    rendered: list[list[Rendered]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    num_proc: int,
+    drop_overlong: bool,
+    name: str,
+) -> tuple[Dataset, int]:
+    """Pair rows, and how many pairs did not fit `max_seq_length`. Each side follows instruction tuning's policy
+    (`conversation_row`: the prompt is cut from the left first, so that the continuation and its end token stay
+    whole); with `drop_overlong` such pairs are left out. Pairs whose two sides are the same tokens (nothing to
+    prefer) or that have no trained token are left out, counted and named in a warning."""
+    columns = {
+        f"{side}_{key}": [getattr(pair[i], attribute) for pair in rendered]
+        for i, side in enumerate(SIDES)
+        for key, attribute in (("texts", "texts"), ("trained", "trained"), ("templated", "templated"))
+    }
+    rows = Dataset.from_dict(columns).map(
+        _encode_pairs,
+        batched=True,
+        num_proc=_procs(num_proc, len(rendered)),
+        remove_columns=list(columns),
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
+        features=Features(
+            {**PAIR_FEATURES, "truncated": Value("bool"), "trains": Value("bool"), "same": Value("bool")}
+        ),
+        desc="Tokenizing preference pairs",
+    )
+    num_overlong = sum(rows["truncated"])
+    if drop_overlong and num_overlong:
+        rows = rows.filter(lambda truncated: not truncated, input_columns="truncated")
+    num_same = sum(rows["same"])
+    if num_same:
+        log.warning(
+            "%s: %d preference pairs have the same chosen and rejected tokens; they were left out", name, num_same
+        )
+    num_untrained = rows.num_rows - sum(rows["trains"])
+    if num_untrained:
+        log.warning(
+            "%s: %d preference pairs have a side with no trained token; they were left out", name, num_untrained
+        )
+    if num_same or num_untrained:
+        rows = rows.filter(lambda same, trains: trains and not same, input_columns=["same", "trains"])
+    return rows.remove_columns(["truncated", "trains", "same"]), num_overlong
+
+
+def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs as one batch of 2B sequences, right-padded: the B chosen, then the B rejected; `index` is each pair's
+    row in its dataset (where precomputed reference log-probabilities are looked up)."""
+    sequences = [
+        {"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]} for side in SIDES for row in rows
+    ]
+    for sequence in sequences:
+        sequence["position_ids"] = list(range(len(sequence["input_ids"])))
+    batch = collate_rows(sequences, pad_id)
+    if "index" in rows[0]:
+        batch["index"] = torch.as_tensor([row["index"] for row in rows])
+    return batch
+
+
+def pair_tokens(rows: Dataset) -> int:
+    return sum(len(ids) for side in SIDES for ids in rows[f"{side}_input_ids"])
