@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.formats import RowKind
+from pandallm.data.formats import OBJECTIVE_HINTS, RowKind
 from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, render_pair, tokenize_pairs
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
@@ -402,9 +402,8 @@ class PandaDataModule(L.LightningDataModule):
                             Path(found[0].path),
                             found[0].line,
                             None,
-                            f"a {found_kind} record ({found[0].format}) where the objective (model.objective: SFT) "
-                            "trains on instruction records and documents; preference pairs train with DPO, SimPO, "
-                            "ORPO or RewardModel, judged completions with KTO",
+                            f"a {found_kind} record ({found[0].format}) where instruction or pretraining records are "
+                            f"expected ({OBJECTIVE_HINTS[found_kind]})",
                         )
                     group[found_kind] += found
         # From here on, instruction records and pairs are their renderings (the text each template gives them).

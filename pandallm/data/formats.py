@@ -449,8 +449,9 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
                 return fmt
         other = next((f for f in formats_of(None) if f not in candidates and f.matches(value)), None)
         if other is not None:
+            found = f"{_article(other.kind)} {other.kind} record ({other.name})"
             raise DataFormatError(
-                path, line, None, f"a {other.kind} record ({other.name}) where {kind} records are expected"
+                path, line, None, f"{found} where {kind} records are expected{_hint(other.kind, kind)}"
             )
         unsupported = unsupported_layout(value)
         if unsupported is not None:
@@ -464,6 +465,25 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
         None,
         f"cannot tell the record kind: found fields {found}; expected the fields of {describe(candidates)}",
     )
+
+
+# What trains on which records, for errors where a record is not of the kind expected.
+OBJECTIVE_HINTS: dict[str, str] = {
+    "instruction": "instruction and pretraining records train with model.objective SFT (the default)",
+    "pretraining": "instruction and pretraining records train with model.objective SFT (the default)",
+    "preference": "preference pairs train with model.objective DPO, SimPO, ORPO or RewardModel",
+    "unpaired": "judged completions (label true / false) train with model.objective KTO",
+}
+
+
+def _hint(found: RecordKind, expected: RecordKind | None) -> str:
+    """Which objective trains on the record found, where it matters (a pair among conversations, or the reverse)."""
+    other_rows = {"preference", "unpaired"}
+    return f" ({OBJECTIVE_HINTS[found]})" if found in other_rows or expected in other_rows else ""
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def detect_prompt(value: object, path: Path, line: int) -> Format:

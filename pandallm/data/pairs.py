@@ -16,7 +16,7 @@ from datasets import Sequence as Column
 from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.collate import collate_rows
-from pandallm.data.encode import conversation_row
+from pandallm.data.encode import IGNORE_INDEX, Row
 from pandallm.data.records import Record
 from pandallm.data.template import ChatTemplate, Rendered, TemplateError, render, template_for
 from pandallm.data.tokenize import _procs, encode_segments
@@ -55,24 +55,55 @@ def render_pair(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrain
     return rendered
 
 
+def pair_rows(
+    head: list[int], sides: list[list[tuple[list[int], bool]]], max_seq_length: int
+) -> tuple[list[Row], bool]:
+    """The rows of a pair's two sides (`head`, then each side's segments), and whether they were cut to fit.
+
+    Both sides keep the same context: where the longer side does not fit, the prompt (everything before a side's
+    first trained segment) is cut from the left by the same number of tokens on both sides, so that the longer
+    continuation stays whole; where even that continuation does not fit, the prompt keeps at most half of the row
+    and each continuation is cut on the right. (Instruction rows cut each row alone: `conversation_row`.)
+    """
+    room = max_seq_length - len(head)
+    if room < 2:
+        raise ValueError(f"max_seq_length={max_seq_length} leaves no room for a prompt and a completion")
+    split = []
+    for segments in sides:
+        first = next((i for i, (ids, trained) in enumerate(segments) if trained and ids), len(segments))
+        split.append(([t for ids, _ in segments[:first] for t in ids], segments[first:]))
+    longest = max(sum(len(ids) for ids, _ in rest) for _, rest in split)
+    prompt_length = max(len(prompt) for prompt, _ in split)
+    truncated = prompt_length + longest > room
+    keep_prompt = prompt_length
+    if truncated:
+        keep_prompt = room - longest if longest < room else min(prompt_length, room // 2)
+    rows = []
+    for prompt, rest in split:
+        prompt = prompt[max(len(prompt) - keep_prompt, 0) :]
+        input_ids, labels = [*head, *prompt], [IGNORE_INDEX] * (len(head) + len(prompt))
+        for ids, trained in rest:
+            ids = ids[: max_seq_length - len(input_ids)]
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        rows.append(Row(input_ids, labels, list(range(len(input_ids)))))
+    return rows, truncated
+
+
 def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> dict:
     out: dict[str, list] = {name: [] for name in [*PAIR_FEATURES, "truncated", "trains", "same"]}
     fields = ("texts", "trained", "templated")
     sides = {side: [Rendered(*r) for r in zip(*(batch[f"{side}_{k}"] for k in fields), strict=True)] for side in SIDES}
     encoded = {side: encode_segments(rendered, tokenizer) for side, rendered in sides.items()}
     for chosen, rejected in zip(encoded["chosen"], encoded["rejected"], strict=True):
-        truncated, trains = False, True
-        rows = {}
-        for side, (head, segments, _) in zip(SIDES, (chosen, rejected), strict=True):
-            row, cut = conversation_row(head, segments, max_seq_length)
-            truncated |= cut
-            trains &= any(label != -100 for label in row.labels)
+        # The heads (a BOS) are the same: the same prompt, rendered by the same template.
+        rows, truncated = pair_rows(chosen[0], [chosen[1], rejected[1]], max_seq_length)
+        for side, row in zip(SIDES, rows, strict=True):
             out[f"{side}_input_ids"].append(row.input_ids)
             out[f"{side}_labels"].append(row.labels)
-            rows[side] = row
         out["truncated"].append(truncated)
-        out["trains"].append(trains)
-        out["same"].append(rows["chosen"].input_ids == rows["rejected"].input_ids)
+        out["trains"].append(all(any(label != IGNORE_INDEX for label in row.labels) for row in rows))
+        out["same"].append(rows[0].input_ids == rows[1].input_ids)
     return out
 
 
@@ -84,9 +115,8 @@ def tokenize_pairs(
     drop_overlong: bool,
     name: str,
 ) -> tuple[Dataset, int]:
-    """Pair rows, and how many pairs did not fit `max_seq_length`. Each side follows instruction tuning's policy
-    (`conversation_row`: the prompt is cut from the left first, so that the continuation and its end token stay
-    whole); with `drop_overlong` such pairs are left out. Pairs whose two sides are the same tokens (nothing to
+    """Pair rows, and how many pairs did not fit `max_seq_length` (cut as `pair_rows` says; with `drop_overlong`
+    left out instead). Pairs whose two sides are the same tokens (nothing to
     prefer) or that have no trained token are left out, counted and named in a warning."""
     columns = {
         f"{side}_{key}": [getattr(pair[i], attribute) for pair in rendered]

@@ -184,6 +184,7 @@ class PandaLLM(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._window_sums: torch.Tensor | int = 0  # `_sums` of the accumulation window so far
         self.step_loss: torch.Tensor | None = None  # of the last optimizer step: over its window and every rank
+        self.step_metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last optimizer step, likewise
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
@@ -386,9 +387,14 @@ class PandaLLM(L.LightningModule):
         # The loss of this update: comparable across batch sizes, accumulation and ranks, and with the HF Trainer's.
         self.step_loss = (loss_sum / units.clamp(min=1)).float()
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
-        if metrics and logs_this_step(self.trainer):
-            for name, total in zip(self.objective.metric_names, metrics, strict=True):
-                self.log(f"train/{name}", (total / units.clamp(min=1)).float(), on_step=True)
+        # The objective's metrics of this update, as tensors (no device sync until read).
+        self.step_metrics = {
+            name: (total / units.clamp(min=1)).float()
+            for name, total in zip(self.objective.metric_names, metrics, strict=True)
+        }
+        if logs_this_step(self.trainer):
+            for name, value in self.step_metrics.items():
+                self.log(f"train/{name}", value, on_step=True)
         if self._unit_weighted:
             self._normalize_gradients(units)
         if self.trainer.precision == "16-mixed":
