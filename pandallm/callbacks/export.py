@@ -95,7 +95,8 @@ class HFExport(L.Callback):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
             weights = consolidated_weights(strategy) if is_zero3(strategy) else gather_full_state_dict(strategy.model)
             if trainer.is_global_zero:
-                save_hf(plain_model(pl_module.config, hf_weights(weights)), pl_module.tokenizer, directory, source)
+                model = plain_model(pl_module.config, hf_weights(weights), pl_module.objective.head)
+                save_hf(model, pl_module.tokenizer, directory, source)
         elif trainer.is_global_zero:
             pl_module.export_hf(directory, self.adapter_save_type, source)
         if trainer.is_global_zero:

@@ -44,7 +44,7 @@ from pandallm.data.tokenize import (
 from pandallm.data.workers import ignore_stop_signals, worker_context
 from pandallm.distributed import gather_from_ranks
 from pandallm.errors import DataFormatError, DatasetError
-from pandallm.tokenizer import load_tokenizer
+from pandallm.tokenizer import load_tokenizer, padding_id
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,7 @@ class PandaDataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        # Any id works: padded positions are masked from the loss by `labels`, not by this id.
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return padding_id(self.tokenizer)
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before `setup`: malformed data fails here, before any training.

@@ -169,6 +169,7 @@ class PandaLLM(L.LightningModule):
                 target_modules=tuple(lora_target_modules),
                 modules_to_save=tuple(modules_to_save or ()),
                 use_dora=use_dora,
+                task_type="SEQ_CLS" if objective.head == "score" else "CAUSAL_LM",
             )
             if use_lora
             else None
@@ -211,10 +212,15 @@ class PandaLLM(L.LightningModule):
         if self.model is not None:
             return self.model.config
         h = self.hparams
-        return model_config(h.model_name_or_path, len(self.tokenizer), h.config_overrides)
+        return model_config(h.model_name_or_path, len(self.tokenizer), self._config_overrides)
+
+    @property
+    def _config_overrides(self) -> dict[str, Any]:
+        """`model.config_overrides`, and what the objective needs of the config (a reward model's one label)."""
+        return {**(self.hparams.config_overrides or {}), **self.objective.config_updates(self.tokenizer)}
 
     def num_parameters(self) -> int:
-        return num_parameters(self.config)
+        return num_parameters(self.config, self.objective.head)
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
@@ -258,12 +264,13 @@ class PandaLLM(L.LightningModule):
         model = load_model(
             h.model_name_or_path,
             vocab_size,
-            h.config_overrides,
+            self._config_overrides,
             h.attn_implementation,
             quant_bits=quant_bits,
             delta_from=h.delta_from,
             delta_replaces=tuple(h.delta_replaces),
             device=self._quantization_device() if quant_bits else None,
+            head=self.objective.head,
         )
         # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
         self._added_tokens = grow_embeddings(model, vocab_size)

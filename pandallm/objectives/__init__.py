@@ -6,6 +6,7 @@ below; `model.objective: {class_path: pandallm.objectives.NAME}` (or `--model.ob
 
 from pandallm.objectives.base import Objective, Terms
 from pandallm.objectives.preference import DPO, ORPO, SimPO
+from pandallm.objectives.reward import RewardModel
 from pandallm.objectives.sft import SFT
 
-__all__ = ["DPO", "ORPO", "SFT", "Objective", "SimPO", "Terms"]
+__all__ = ["DPO", "ORPO", "SFT", "Objective", "RewardModel", "SimPO", "Terms"]

@@ -56,6 +56,13 @@ class Objective:
     def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
         raise NotImplementedError
 
+    # What the model ends in (`pandallm.model.build.MODEL_CLASSES`): the language-model head, or a score (reward).
+    head: ClassVar[str] = "causal_lm"
+
+    def config_updates(self, tokenizer: Any) -> dict[str, Any]:
+        """`LlamaConfig` fields the objective needs (applied after `model.config_overrides`)."""
+        return {}
+
     def evaluation_logs(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
         """What validation and testing log besides `loss` and the metrics (perplexity, for SFT)."""
         return {}

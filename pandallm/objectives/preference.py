@@ -44,18 +44,20 @@ class PairObjective(Objective):
         return sequence_logps(module(batch["input_ids"], batch["position_ids"]), batch["labels"])
 
     @staticmethod
-    def reward_terms(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Tensor) -> Terms:
+    def reward_terms(
+        loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Tensor | None = None
+    ) -> Terms:
         """Per-pair losses and rewards (B,), and the policy's log-probabilities shown (2B,), as sums over pairs."""
-        logps_chosen, logps_rejected = logps.detach().chunk(2)
         chosen, rejected = chosen.detach(), rejected.detach()
         metrics = {
             "rewards/chosen": chosen.sum(),
             "rewards/rejected": rejected.sum(),
             "rewards/accuracies": (chosen > rejected).float().sum(),
             "rewards/margins": (chosen - rejected).sum(),
-            "logps/chosen": logps_chosen.sum(),
-            "logps/rejected": logps_rejected.sum(),
         }
+        if logps is not None:
+            logps_chosen, logps_rejected = logps.detach().chunk(2)
+            metrics.update({"logps/chosen": logps_chosen.sum(), "logps/rejected": logps_rejected.sum()})
         return Terms(loss.sum(), torch.tensor(loss.numel(), device=loss.device), metrics)
 
 

@@ -115,7 +115,8 @@ def export_full_weights(
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
     module = PandaLLM(**arguments)
     weights = hf_weights(checkpoint["state_dict"])
-    return save_hf(plain_model(module.config, weights), module.tokenizer, output, trained_template(data, module))
+    model = plain_model(module.config, weights, module.objective.head)
+    return save_hf(model, module.tokenizer, output, trained_template(data, module))
 
 
 def trained_template(data: dict[str, Any], module: PandaLLM) -> str | None:
