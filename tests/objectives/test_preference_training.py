@@ -94,13 +94,14 @@ def test_a_toy_preference_is_learned(tmp_path: Path) -> None:
 
 
 def fit_args(root: Path, *extra: str) -> list[str]:
+    logger = [] if any(arg.startswith("--trainer.logger") for arg in extra) else ["--trainer.logger=false"]
     return [
         "fit",
+        *logger,
         "--trainer.accelerator=cpu",
         "--trainer.max_steps=1",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",
-        "--trainer.logger=false",
         "--export.enabled=false",
         "--model.model_name_or_path=llama-tiny",
         f"--model.tokenizer={TOKENIZER_DIR}",
@@ -138,3 +139,30 @@ def test_malformed_pairs_name_file_line_and_field(tmp_path: Path, record: dict, 
     (tmp_path / "pairs" / "a.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(DataFormatError, match=rf"a\.jsonl:1: .*{expected}"):
         cli(fit_args(tmp_path, f"--data.instruction_tuning_data_dir={tmp_path / 'pairs'}", "--model.objective=DPO"))
+
+
+def test_lora_dpo_scores_the_reference_with_the_adapters_disabled_once_or_live_alike(tmp_path: Path) -> None:
+    data = preference_data(tmp_path)["instruction_tuning_data_dir"]
+
+    def losses(reference: str) -> list[float]:
+        run = cli(
+            fit_args(
+                tmp_path / reference,
+                f"--data.instruction_tuning_data_dir={data}",
+                "--trainer.max_steps=3",
+                f"--trainer.logger.save_dir={tmp_path / reference}",
+                "--trainer.log_every_n_steps=1",
+                "--model.use_lora=true",
+                "--model.lora_r=4",
+                "--model.lora_dropout=0.0",
+                "--data.per_device_train_batch_size=4",
+                "--model.objective=DPO",
+                f"--model.objective.reference={reference}",
+            )
+        )
+        return metric_column(Path(run.trainer.log_dir), "train/loss")
+
+    precomputed = losses("precompute")
+    # Fresh adapters add nothing: the policy is the reference at the first step.
+    assert precomputed[0] == pytest.approx(0.6931472, abs=1e-6) and precomputed[-1] != precomputed[0]
+    assert losses("live") == pytest.approx(precomputed, abs=1e-6)
