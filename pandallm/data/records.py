@@ -1,8 +1,9 @@
 """Reading and validating data sources, with the line of every record.
 
 A source is a `.json` array or `.jsonl` file of records in any format of `pandallm.data.formats`, a `.txt` file
-of pretraining text, or a directory written by `datasets.Dataset.save_to_disk` (its rows are records; the
-"line" of a row is its 1-based row number).
+of pretraining text (each of the three may be gzip- or zstd-compressed: `.jsonl.gz`, `.json.zst`, ...), a `.parquet`
+file, or a directory written by `datasets.Dataset.save_to_disk` (the "line" of a Parquet or dataset row is its
+1-based row number). How their bytes and rows are read is `pandallm.data.readers`'s.
 
 The reader is strict: the first malformed record stops the run before any tokenization, with an error naming
 the file, the line and the field. Python's `json` is used for the parsing itself; this module only tracks where
@@ -24,11 +25,19 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
 from pandallm.data.preference_formats import Judged, Pair
+from pandallm.data.readers import (
+    PARQUET_SUFFIX,
+    is_json_lines,
+    iter_lines,
+    iter_parquet_rows,
+    logical_suffix,
+    read_bytes,
+)
 from pandallm.errors import DataFormatError, DatasetError
 
 log = logging.getLogger(__name__)
 
-DATA_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = (".json", ".jsonl", PARQUET_SUFFIX)
 TEXT_SUFFIX = ".txt"
 TxtSplit = Literal["file", "paragraph"]
 
@@ -101,8 +110,9 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def suffix(path: Path) -> str:
-    """A source's suffix, in any case (`A.JSONL` is a `.jsonl` file)."""
-    return path.suffix.lower()
+    """A source's suffix, in any case (`A.JSONL` is a `.jsonl` file), through its compression (`a.jsonl.gz` is a
+    `.jsonl` file too)."""
+    return logical_suffix(path)
 
 
 def is_hidden(path: Path, root: Path) -> bool:
@@ -184,31 +194,34 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -> Iterator[tuple[int, object]]:
-    """Yield `(line, value)` for each record of a `.jsonl` file or each element of a `.json` array.
+    """Yield `(line, value)` for each record of a `.jsonl` file, each element of a `.json` array, or each row of a
+    `.parquet` file (compressed or not, see `pandallm.data.readers`).
 
     With `skipped`, a `.jsonl` line that is not valid JSON is appended to it instead of raising. A `.json` array
     with a syntax error always raises: nothing after the error can be read reliably.
     """
     if suffix(path) not in DATA_SUFFIXES:
         raise DatasetError(
-            f"{path}: unsupported source (expected a .json, .jsonl or .txt file, or a directory written by "
-            "Dataset.save_to_disk)"
+            f"{path}: unsupported source (expected a .json, .jsonl, .parquet or .txt file, optionally .gz or .zst "
+            "compressed, or a directory written by Dataset.save_to_disk)"
         )
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    text = _read_utf8(path)
-    if suffix(path) == ".jsonl":
-        yield from _iter_jsonl(path, text, skipped)
+    if suffix(path) == PARQUET_SUFFIX:
+        yield from iter_parquet_rows(path)
+    elif is_json_lines(path):
+        yield from _iter_jsonl(path, skipped)
     else:
-        yield from _iter_json_array(path, text)
+        yield from _iter_json_array(path, read_utf8(path))
 
 
-def _read_utf8(path: Path) -> str:
-    """The file's text; a byte-order mark (Windows editors write one) is not part of it."""
+def read_utf8(path: Path) -> str:
+    """The file's text, decompressed; a byte-order mark (Windows editors write one) is not part of it."""
+    data = read_bytes(path)
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise DataFormatError(path, line, None, "not valid UTF-8") from e
 
 
@@ -231,14 +244,14 @@ def _json_line(path: Path, line_number: int, line: str) -> object:
         raise DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})") from e
 
 
-def _iter_jsonl(path: Path, text: str, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
+def _iter_jsonl(path: Path, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
     # Lines end at '\n' only: JSON strings may hold U+2028, U+2029 or U+0085 unescaped (`json.dumps` with
     # `ensure_ascii=False` writes them so), which `str.splitlines` would also break at.
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+    for line_number, raw in iter_lines(path):
+        if not raw.strip():
             continue
         try:
-            value = _json_line(path, line_number, line)
+            value = _json_line(path, line_number, _decode_line(path, line_number, raw))
         except DataFormatError as error:
             if skipped is None:
                 raise
@@ -314,21 +327,20 @@ def iter_text_documents(path: Path, split: TxtSplit) -> Iterator[tuple[int, str]
     """A `.txt` file as documents, `(first line, text)`: the whole file, or each blank-line-separated paragraph.
     Paragraphs are read a line at a time, so that a corpus file larger than memory can be streamed."""
     if split == "file":
-        yield 1, _read_utf8(path).strip()
+        yield 1, read_utf8(path).strip()
         return
     block: list[str] = []
     start = 1
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            # `splitlines`: other line breaks (\r, \f, U+2028) inside a \n-line end a line too.
-            for line in _decode_line(path, number, raw).splitlines() or [""]:
-                if line.strip():
-                    if not block:
-                        start = number
-                    block.append(line)
-                elif block:
-                    yield start, "\n".join(block)
-                    block = []
+    for number, raw in iter_lines(path):
+        # `splitlines`: other line breaks (\r, \f, U+2028) inside a \n-line end a line too.
+        for line in _decode_line(path, number, raw).splitlines() or [""]:
+            if line.strip():
+                if not block:
+                    start = number
+                block.append(line)
+            elif block:
+                yield start, "\n".join(block)
+                block = []
     if block:
         yield start, "\n".join(block)
 
@@ -401,13 +413,13 @@ def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: in
     return Record(str(path), line, fmt.name, turns=parsed)
 
 
-def lazy_jsonl_records(
+def lazy_records(
     path: str | Path, kind: RecordKind | None = None, format: str = "auto"
 ) -> Iterator[Callable[[], Record]]:
-    """One loader per record of a `.jsonl` file, in order, reading the file a line at a time: a record is decoded,
-    parsed and validated (strictly) only when its loader is called. Streaming numbers every record of the corpus on
-    every worker but parses only its own share. The format is fixed by the file's first record, as `read_records`
-    fixes it."""
+    """One loader per record of a JSON Lines file (`.jsonl`, compressed or not) or a `.parquet` file, in order,
+    reading the file a line (a row group) at a time: a record is decoded, parsed and validated (strictly) only when
+    its loader is called. Streaming numbers every record of the corpus on every worker but parses only its own share.
+    The format is fixed by the file's first record, as `read_records` fixes it."""
     path = Path(path)
     fmt = None if format == "auto" else FORMATS[format]
     first_line = None
@@ -416,14 +428,24 @@ def lazy_jsonl_records(
         line = _decode_line(path, line_number, raw)
         return _as_record(fmt, _json_line(path, line_number, line), path, line_number, first_line)
 
-    with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    if suffix(path) == PARQUET_SUFFIX:
+        for row, value in iter_parquet_rows(path):
             if fmt is None:
-                value = _json_line(path, line_number, _line_text(raw, line_number, errors="replace"))
-                fmt, first_line = detect(value, path, line_number, kind), line_number
-            yield partial(load, line_number, raw)
+                fmt, first_line = detect(value, path, row, kind), row
+            yield partial(_as_record, fmt, value, path, row, first_line)
+        return
+    for line_number, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        if fmt is None:
+            value = _json_line(path, line_number, _line_text(raw, line_number, errors="replace"))
+            fmt, first_line = detect(value, path, line_number, kind), line_number
+        yield partial(load, line_number, raw)
+
+
+def is_lazy(path: Path) -> bool:
+    """Whether `lazy_records` reads the file a record at a time (other sources are read whole)."""
+    return suffix(path) == PARQUET_SUFFIX or (suffix(path) in DATA_SUFFIXES and is_json_lines(path))
 
 
 def read_records(

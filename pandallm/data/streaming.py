@@ -33,7 +33,8 @@ from pandallm.data.records import (
     TEXT_SUFFIX,
     Record,
     TxtSplit,
-    lazy_jsonl_records,
+    is_lazy,
+    lazy_records,
     lazy_text_records,
     read_records,
     ready,
@@ -149,9 +150,9 @@ class DocumentStream(IterableDataset):
 
     def _documents(self, consumer: int, first: int) -> Iterator[str]:
         """The texts of this consumer's documents from index `first` on, in corpus order. Every worker numbers every
-        document, but only its own are parsed (`.jsonl` files are read a line at a time, and a line is parsed only by
-        the worker that owns it; `.txt` paragraphs are read a line at a time too; `.json` arrays and saved datasets
-        are read whole, one file at a time) and tokenized."""
+        document, but only its own are parsed (JSON Lines files, compressed or not, are read a line at a time and a
+        line is parsed only by the worker that owns it; `.parquet` files a row group at a time; `.txt` paragraphs a
+        line at a time; `.json` arrays and saved datasets are read whole, one file at a time) and tokenized."""
         stride = self.layout.num_consumers
         index = 0
         for path in self.files:
@@ -161,8 +162,8 @@ class DocumentStream(IterableDataset):
                 index += 1
 
     def _records(self, path: Path) -> Iterator[Callable[[], Record]]:
-        if suffix(path) == ".jsonl":
-            return lazy_jsonl_records(path, "pretraining", self.format)
+        if is_lazy(path):
+            return lazy_records(path, "pretraining", self.format)
         if suffix(path) == TEXT_SUFFIX:
             return lazy_text_records(path, self.txt_split)
         _, records = read_records(path, "pretraining", None, self.format, self.txt_split)

@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import auto_cli
 from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
-from pandallm.data.records import find_data_files, suffix
+from pandallm.data.records import find_data_files, read_utf8, suffix
 from pandallm.errors import ConfigError, DatasetError
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.sentencepiece_merge import (
@@ -31,7 +31,7 @@ from pandallm.tools.sentencepiece_merge import (
 from pandallm.tools.train_tokenizer import corpus_lines
 
 TEXT_SUFFIXES = (".txt",)
-RECORD_SUFFIXES = (".json", ".jsonl")
+RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")  # and compressed: `suffix` sees through .gz / .zst
 # Files a previous export may have left in the output directory, which would shadow the new tokenizer.model.
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -60,13 +60,11 @@ def corpus_texts(inputs: list[str], option: str = "--inputs") -> list[str]:
             if suffix(file) in RECORD_SUFFIXES:
                 lines += corpus_lines([str(file)])
             elif suffix(file) in TEXT_SUFFIXES:
-                try:
-                    text = file.read_text(encoding="utf-8-sig")
-                except UnicodeDecodeError as e:
-                    raise DatasetError(f"{file}: not UTF-8 text ({e})") from e
-                lines += [line for line in text.splitlines() if line.strip()]
+                lines += [line for line in read_utf8(file).splitlines() if line.strip()]
             else:
-                raise DatasetError(f"{file}: unsupported file type '{file.suffix}' (expected .txt, .json or .jsonl)")
+                raise DatasetError(
+                    f"{file}: unsupported file type '{file.suffix}' (expected .txt, .json, .jsonl or .parquet)"
+                )
     if not lines:
         raise DatasetError(f"{option}: no text found in {inputs}")
     return lines

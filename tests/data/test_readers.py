@@ -1,0 +1,178 @@
+"""Data as it ships: gzip- and zstd-compressed JSON / JSON Lines / text, and Parquet, read a line or a row group at a
+time, with the same records, lines and errors as the plain files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from torch.utils.data import DataLoader
+
+from pandallm.data import PandaDataModule
+from pandallm.data.records import find_data_files, lazy_records, read_records
+from pandallm.errors import DataFormatError, DatasetError
+from tests.conftest import DOCUMENTS, INSTRUCTIONS, TOKENIZER_DIR, write_jsonl
+from tests.data.test_streaming import documents_read, stream
+
+CHATS = [
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+    {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+]
+
+
+def compress(data: bytes, kind: str) -> bytes:
+    return gzip.compress(data) if kind == ".gz" else zstandard.ZstdCompressor().compress(data)
+
+
+def jsonl_bytes(records: list) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def write_parquet(path: Path, records: list, row_group_size: int = 2) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
+    return path
+
+
+def summary(records) -> list:
+    return [(r.line, r.format, r.turns, r.text) for r in records]
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_compressed_files_give_the_records_and_lines_of_the_plain_ones(tmp_path: Path, kind: str) -> None:
+    plain = {
+        "a.jsonl": jsonl_bytes(INSTRUCTIONS),
+        "b.json": json.dumps(CHATS, indent=2).encode(),
+        "c.txt": b"First paragraph.\n\nSecond one,\non two lines.\n",
+    }
+    for name, data in plain.items():
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / f"{name}{kind}").write_bytes(compress(data, kind))
+        for split in ("file", "paragraph"):
+            expected = read_records(tmp_path / name, txt_split=split)
+            kind_found, records = read_records(tmp_path / f"{name}{kind}", txt_split=split)
+            assert (kind_found, summary(records)) == (expected[0], summary(expected[1]))
+    assert len(read_records(tmp_path / f"a.jsonl{kind}")[1]) == len(INSTRUCTIONS)
+
+
+def test_a_gzipped_json_file_of_one_record_per_line_is_json_lines(tmp_path: Path) -> None:
+    """C4's shards (`c4-train.00000-of-01024.json.gz`) hold one document per line under a .json name."""
+    documents = [{"text": "The first page.", "url": "u1"}, {"text": "The second page.", "url": "u2"}]
+    (tmp_path / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(jsonl_bytes(documents)))
+    kind, records = read_records(tmp_path / "c4-train.00000-of-01024.json.gz", "pretraining")
+    assert (kind, [(r.line, r.text) for r in records]) == (
+        "pretraining",
+        [(1, "The first page."), (2, "The second page.")],
+    )
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_an_error_inside_a_compressed_file_names_the_file_and_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"bad.jsonl{kind}"
+    path.write_bytes(compress(jsonl_bytes([*INSTRUCTIONS[:2], {"input": "a", "target": 3}]), kind))
+    with pytest.raises(DataFormatError, match=rf"bad.jsonl\{kind}:3: field 'target': expected a string, got int"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_a_truncated_compressed_file_is_an_error_not_a_shorter_corpus(tmp_path: Path, kind: str) -> None:
+    """Cut at a line boundary the records read are all valid: only the decompressor can tell the file is short."""
+    data = jsonl_bytes(INSTRUCTIONS * 200)
+    whole = compress(data, kind)
+    path = tmp_path / f"cut.jsonl{kind}"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataFormatError, match=rf"cut.jsonl\{kind}:\d+: cannot decompress .*damaged or truncated"):
+        read_records(path)
+    with pytest.raises(DataFormatError, match="damaged or truncated"):
+        list(lazy_records(path))
+    path.write_bytes(whole + whole)  # two frames / members, concatenated as `cat a.gz b.gz` writes them
+    assert len(read_records(path)[1]) == 2 * len(INSTRUCTIONS) * 200
+
+
+def test_parquet_rows_are_records_numbered_from_one_with_nested_turns(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "train-00000-of-00001.parquet", CHATS * 3)
+    kind, records = read_records(path)
+    assert kind == "instruction"
+    assert [r.line for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r.format for r in records] == ["sharegpt"] * 6
+    assert records[1].turns[1].content == "4"
+    bad = write_parquet(tmp_path / "bad.parquet", [*INSTRUCTIONS, {"input": "x", "target": None}])
+    with pytest.raises(DataFormatError, match=r"bad.parquet:5: field 'target': missing"):
+        read_records(bad)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(DatasetError, match=r"fake.parquet: not a readable Parquet file"):
+        read_records(tmp_path / "fake.parquet")
+
+
+def test_a_parquet_file_is_read_a_row_group_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    path = write_parquet(tmp_path / "docs.parquet", DOCUMENTS * 2, row_group_size=2)  # 3 row groups
+    groups_read = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: groups_read.append(i) or read_row_group(self, i, **kw)
+    )
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **kw: pytest.fail("the whole file was read"))
+    loaders = lazy_records(path, "pretraining")
+    first = next(loaders)()
+    assert (first.line, first.text) == (1, "Rivers\n" + DOCUMENTS[0]["content"])
+    assert groups_read == [0]
+    assert [load().line for load in loaders] == [2, 3, 4, 5, 6]
+    assert groups_read == [0, 1, 2]
+
+
+def test_the_walker_finds_compressed_and_parquet_sources(tmp_path: Path) -> None:
+    for name in ("a.jsonl.gz", "b.JSON.GZ", "c.jsonl.zst", "d.parquet", "e.txt.gz", "f.csv.gz", "g.gz"):
+        (tmp_path / name).write_bytes(b"")
+    found = [p.name for p in find_data_files(tmp_path, "pretraining_data_dir", text=True)]
+    assert found == ["a.jsonl.gz", "b.JSON.GZ", "c.jsonl.zst", "d.parquet", "e.txt.gz"]
+    assert "e.txt.gz" not in [p.name for p in find_data_files(tmp_path, "instruction_tuning_data_dir")]
+
+
+def test_a_streamed_corpus_of_compressed_and_parquet_files_reads_every_document_once(tmp_path: Path) -> None:
+    """The streaming test's corpus, as .jsonl.gz + .parquet + .txt.zst: the same documents reach the consumers."""
+    words = ["river", "tea", "mountain", "city"]
+    documents = [f"document {i}: " + " ".join(words[: 1 + i % 4] * (1 + i % 5)) for i in range(23)]
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    write_jsonl(plain / "a.jsonl", [{"title": "", "content": d} for d in documents[:10]])
+    write_jsonl(plain / "b.jsonl", [{"title": "", "content": d} for d in documents[10:15]])
+    (plain / "c.txt").write_text("\n\n".join(documents[15:]), encoding="utf-8")
+    packed.mkdir()
+    (packed / "a.jsonl.gz").write_bytes(gzip.compress((plain / "a.jsonl").read_bytes()))
+    write_parquet(packed / "b.parquet", [{"title": "", "content": d} for d in documents[10:15]])
+    (packed / "c.txt.zst").write_bytes(compress((plain / "c.txt").read_bytes(), ".zst"))
+
+    def read(corpus: Path) -> list:
+        return [
+            documents_read(DataLoader(stream(corpus, rank, 2, num_workers=0), batch_size=None)) for rank in range(2)
+        ]
+
+    assert read(packed) == read(plain)
+    assert sum(len(docs) for docs in read(packed)) == 23
+
+
+def test_a_data_module_trains_on_parquet_and_compressed_sources_as_on_plain_ones(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "packed" / "it" / "a.parquet", INSTRUCTIONS * 3)
+    (tmp_path / "packed" / "pt").mkdir()
+    (tmp_path / "packed" / "pt" / "d.jsonl.zst").write_bytes(compress(jsonl_bytes(DOCUMENTS), ".zst"))
+    write_jsonl(tmp_path / "plain" / "it" / "a.jsonl", INSTRUCTIONS * 3)
+    write_jsonl(tmp_path / "plain" / "pt" / "d.jsonl", DOCUMENTS)
+
+    def rows(root: Path) -> dict:
+        dm = PandaDataModule(
+            tokenizer=str(TOKENIZER_DIR),
+            instruction_tuning_data_dir=str(root / "it"),
+            pretraining_data_dir=str(root / "pt"),
+            max_seq_length=32,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache" / root.name),
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm.datasets["train"].to_dict()
+
+    assert rows(tmp_path / "packed") == rows(tmp_path / "plain")
