@@ -25,6 +25,7 @@ from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, rende
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
+from pandallm.data.seed_formats import OasstPaths
 from pandallm.data.sharding import rank_positions
 from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
@@ -52,7 +53,21 @@ T = TypeVar("T")
 # The record kind each objective's rows are built from (`data.rows`); `sequences` take these two:
 ROW_KINDS: dict[str, RecordKind] = {"pairs": "preference", "unpaired": "unpaired"}
 SEQUENCE_KINDS = ("instruction", "pretraining")
-InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
+InstructionFormat = Literal[
+    "auto",
+    "pandallm",
+    "alpaca",
+    "dolly",
+    "belle",
+    "sharegpt",
+    "openai",
+    "oasst",
+    "oasst_best",
+    "lima",
+    "flan",
+    "self_instruct",
+    "prompt_completion",
+]
 PretrainingFormat = Literal["auto", "pretraining", "text"]
 
 
@@ -74,6 +89,7 @@ class PandaDataModule(L.LightningDataModule):
         instruction_format: InstructionFormat = "auto",
         pretraining_format: PretrainingFormat = "auto",
         txt_split: TxtSplit = "file",
+        oasst_paths: OasstPaths = "all",
         template: str = "auto",
         template_dir: str | None = None,
         max_seq_length: int = 2048,
@@ -119,6 +135,8 @@ class PandaDataModule(L.LightningDataModule):
             pretraining_format: Format of every pretraining `.json` / `.jsonl` file: `auto`, `pretraining`
                 (`title`/`content`) or `text`.
             txt_split: A `.txt` file is one document (`file`) or one document per blank-line-separated paragraph.
+            oasst_paths: The conversations of an OpenAssistant message tree (format `oasst`): `all`, one per path
+                from the root to each leaf, or `best`, the one path that follows the best-ranked reply at each turn.
             template: How conversations become text: `auto` (PandaLLM `input/target` records keep
                 `[BOS] input target [EOS]`; other formats use the tokenizer's chat template if it has one), `none`
                 (that plain layout for all), `tokenizer`, a built-in (`alpaca`, `llama-2`, `chatml`), a name in
@@ -189,6 +207,7 @@ class PandaDataModule(L.LightningDataModule):
         self.predict_files = list(predict_files or [])
         self.formats: dict[RecordKind, str] = {"instruction": instruction_format, "pretraining": pretraining_format}
         self.txt_split = txt_split
+        self.oasst_paths = oasst_paths
         self.template = template
         self.template_dir = template_dir
         self.max_seq_length = max_seq_length
@@ -347,7 +366,7 @@ class PandaDataModule(L.LightningDataModule):
                     for split, groups in sources.items()
                 },
                 "tokenizer": tokenizer_digest(self.tokenizer),
-                "formats": [self.formats, self.txt_split],
+                "formats": [self.formats, self.txt_split, self.oasst_paths],
                 "template": [
                     # `auto` (None) and `none` (the plain layout, whose source is None too) lay records out differently
                     "auto" if self.chat_template is None else self.chat_template.name,
@@ -395,7 +414,9 @@ class PandaDataModule(L.LightningDataModule):
             for group, files in zip(records[split], groups, strict=True):
                 for kind, path in files:
                     fmt = self.formats.get(kind, "auto") if self.rows == "sequences" else "auto"
-                    found_kind, found = read_records(path, self._expected_kind(kind), skipped, fmt, self.txt_split)
+                    found_kind, found = read_records(
+                        path, self._expected_kind(kind), skipped, fmt, self.txt_split, self.oasst_paths
+                    )
                     if found and found_kind not in SEQUENCE_KINDS and self.rows == "sequences":
                         raise DataFormatError(
                             Path(found[0].path),

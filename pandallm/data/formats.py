@@ -261,24 +261,15 @@ UNSUPPORTED_LAYOUTS = (
     (
         ("message_id", "parent_id"),
         "an OpenAssistant message row (oasst1 / oasst2 'messages'): one turn of a message tree",
+        "read the trees file of the same release instead (2023-04-12_oasst_ready.trees.jsonl.gz: format oasst), or "
         "rebuild each conversation from its parent_id chain into an openai-format record, "
         '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} '
         "(role 'prompter' is 'user')",
     ),
     (
-        ("message_tree_id",),
-        "an OpenAssistant message tree",
-        'flatten each path of the tree into an openai-format record, {"messages": [...]}',
-    ),
-    (
         ("chosen", "rejected"),
         "a preference pair, in no layout pandallm reads",
         "give the prompt, chosen and rejected as strings or message lists (README, 'Preference tuning')",
-    ),
-    (
-        ("prompt", "completion"),
-        "a prompt / completion pair",
-        "rename the fields to input / target (the pandallm format)",
     ),
 )
 
@@ -335,6 +326,45 @@ def _preference_formats() -> tuple[Format, ...]:
     )
 
 
+OASST_FIELDS = ("message_tree_id", "prompt: {text, role, replies: [...]}")
+
+
+def _seed_formats() -> tuple[Format, ...]:
+    from pandallm.data import seed_formats as s
+
+    return (
+        Format("oasst", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("all")),
+        # Matches nothing, so never detected: chosen by `data.oasst_paths: best` for a tree file, or named as the format.
+        Format("oasst_best", "instruction", OASST_FIELDS, lambda _: False, s.oasst_paths("best")),
+        Format("lima", "instruction", ("conversations[str]",), s.is_lima, s.parse_lima, s.is_lima, s.lima_prompt),
+        Format(
+            "flan",
+            "instruction",
+            ("inputs", "targets"),
+            _has("inputs", "targets"),
+            _with_reply(s.flan_prompt_turns, "targets"),
+            _has("inputs"),
+            _reply_optional(s.flan_prompt_turns, "targets"),
+        ),
+        Format(
+            "self_instruct",
+            "instruction",
+            ("instruction", "instances[].input", "instances[].output"),
+            s.is_self_instruct,
+            s.parse_self_instruct,
+        ),
+        Format(
+            "prompt_completion",
+            "instruction",
+            ("prompt", "completion"),
+            s.is_prompt_completion,
+            s.parse_prompt_completion,
+            s.is_completion_prompt,
+            s.prompt_completion_prompt,
+        ),
+    )
+
+
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
     _document(value, path, line)
     title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
@@ -355,6 +385,8 @@ FORMATS: dict[str, Format] = {
         # Preference layouts first: their fields are their own. Defined in `preference_formats`, which imports this
         # module's field readers (imported here, once those exist).
         *_preference_formats(),
+        # The seed systems' instruction layouts (`seed_formats`): each by fields no format below has.
+        *_seed_formats(),
         Format(
             "pandallm",
             "instruction",
@@ -420,6 +452,12 @@ FormatName = Literal[
     "preference_chat",
     "hh_rlhf",
     "kto",
+    "oasst",
+    "oasst_best",
+    "lima",
+    "flan",
+    "self_instruct",
+    "prompt_completion",
     "pandallm",
     "sharegpt",
     "openai",

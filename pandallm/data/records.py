@@ -33,6 +33,7 @@ from pandallm.data.readers import (
     logical_suffix,
     read_bytes,
 )
+from pandallm.data.seed_formats import OasstPaths, Several
 from pandallm.errors import DataFormatError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -399,11 +400,23 @@ def _of_another_format(
     )
 
 
-def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: int | None) -> Record:
+def _as_records(fmt: Format, value: object, path: Path, line: int, first_line: int | None) -> list[Record]:
+    """The records of one value: one, or one per conversation of a record that holds several (`Several`)."""
     try:
         parsed = parse(fmt, value, path, line)
     except DataFormatError as error:
         raise _of_another_format(error, fmt, value, path, line, first_line, prompt=False) from error
+    if isinstance(parsed, Several):
+        return [Record(str(path), line, fmt.name, turns=turns) for turns in parsed]
+    return [_record(fmt, parsed, path, line)]
+
+
+def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: int | None) -> Record:
+    (record,) = _as_records(fmt, value, path, line, first_line)  # streamed documents: one per value
+    return record
+
+
+def _record(fmt: Format, parsed: object, path: Path, line: int) -> Record:
     if isinstance(parsed, str):
         return Record(str(path), line, fmt.name, text=parsed)
     if isinstance(parsed, Pair):
@@ -454,13 +467,14 @@ def read_records(
     skipped: list[DataFormatError] | None = None,
     format: str = "auto",
     txt_split: TxtSplit = "file",
+    oasst_paths: OasstPaths = "all",
 ) -> tuple[RecordKind, list[Record]]:
     """Read and validate every record of one source; return the kind of its records and the records.
 
     With `format="auto"` the format is detected from the first record's fields (among the formats of `kind`, if
     given), and every later record must be of the same format. Strict by default: the first malformed record
     raises. With `skipped`, malformed records are appended to it and left out (see `iter_json_values` for the one
-    exception).
+    exception). `oasst_paths` chooses the conversations of an OpenAssistant tree (`seed_formats.oasst_paths`).
     """
     path = Path(path)
     if suffix(path) == TEXT_SUFFIX and path.is_file():
@@ -475,7 +489,9 @@ def read_records(
         try:
             if fmt is None:
                 fmt, first_line = detect(value, path, line, kind), line
-            records.append(_as_record(fmt, value, path, line, first_line))
+            if fmt.name == "oasst" and oasst_paths == "best":
+                fmt = FORMATS["oasst_best"]
+            records += _as_records(fmt, value, path, line, first_line)
         except DataFormatError as error:
             if skipped is None:
                 raise

@@ -275,7 +275,9 @@ def test_an_openassistant_message_row_is_never_read_as_text(tmp_path: Path, kind
     assert str(error.value) == (
         f"{path}:1: this record looks like an OpenAssistant message row (oasst1 / oasst2 'messages'): one turn of a "
         "message tree (fields ['message_id', 'parent_id', 'role'], role 'prompter'). It is not plain text, and "
-        "pandallm does not read this layout: rebuild each conversation from its parent_id chain into an "
+        "pandallm does not read this layout: read the trees file of the same release instead "
+        "(2023-04-12_oasst_ready.trees.jsonl.gz: format oasst), or rebuild each conversation from its parent_id "
+        "chain into an "
         'openai-format record, {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": '
         "...}]} (role 'prompter' is 'user')"
     )
