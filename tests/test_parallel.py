@@ -9,6 +9,8 @@ loss of the global batch. The only differences left are float32 reduction orders
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,22 @@ def test_two_process_ddp_matches_one_process(one_process, tmp_path: Path) -> Non
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.per_device_train_batch_size=2"]
     fit(tmp_path, "ddp", data, *SAME_BATCHES, *ddp)
     assert_same_training(tmp_path, "ddp", reference)
+
+
+@pytest.mark.slow  # 30 s on two cores: a third two-process run in this file
+def test_torchrun_launches_two_ranks_that_match_one_process(one_process, tmp_path: Path) -> None:
+    """Chinese-LLaMA-Alpaca's multi-node recipe, on one node: torchrun starts the ranks and Lightning takes them from
+    its environment (TorchElasticEnvironment), as it takes them from SLURM's."""
+    reference, data = one_process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0", "--nproc_per_node=2")
+    launcher = (*torchrun, "--master_addr=127.0.0.1", f"--master_port={port}", "-m")
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.per_device_train_batch_size=2"]
+    done = fit(tmp_path, "torchrun", data, *SAME_BATCHES, *ddp, launcher=launcher)
+    assert "GLOBAL_RANK: 1" in done.stderr + done.stdout  # two ranks
+    assert_same_training(tmp_path, "torchrun", reference)
 
 
 def test_two_process_fsdp2_matches_one_process_and_its_sharded_checkpoints_resume_and_export(

@@ -22,10 +22,12 @@ from tests.conftest import DOCUMENTS, INSTRUCTIONS, REPO, TOKENIZER_DIR, write_j
 pytestmark = pytest.mark.integration
 
 
-def fit(root: Path, name: str, data: dict[str, str], *extra: str, expect_code: int = 0) -> subprocess.CompletedProcess:
+def fit(
+    root: Path, name: str, data: dict[str, str], *extra: str, expect_code: int = 0, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`pandallm fit` in a process of its own, or under `launcher` (a `torchrun ... -m` command line)."""
     args = [
-        sys.executable,
-        "-m",
+        *(launcher or (sys.executable, "-m")),
         "pandallm",
         "fit",
         "--trainer.accelerator=cpu",
