@@ -184,6 +184,20 @@ def test_a_malformed_symbols_file_names_the_file_and_the_entry(tmp_path, content
         )
 
 
+def test_llmbox_user_defined_symbols_layout_is_read_as_the_list(tmp_path) -> None:
+    from pandallm.tools.sentencepiece_merge import read_symbols
+
+    (tmp_path / "user_defined_symbols.json").write_text(
+        json.dumps({"list": ["<tool>", "深度学习"]}, ensure_ascii=False)
+    )
+    assert read_symbols(str(tmp_path / "user_defined_symbols.json")) == ["<tool>", "深度学习"]
+    (tmp_path / "user_defined_symbols.json").write_text('{"list": ["<tool>", "two words"]}')
+    with pytest.raises(
+        ConfigError, match=r"user_defined_symbols\.json': entry 1 \(\"two words\"\) contains whitespace"
+    ):
+        read_symbols(str(tmp_path / "user_defined_symbols.json"))
+
+
 def test_a_vocab_size_the_corpus_cannot_fill_is_refused(tmp_path) -> None:
     (tmp_path / "tiny.txt").write_text("长城\n")
     with pytest.raises(ConfigError, match=r"--vocab_size 20000: sentencepiece cannot train on this corpus: .*too high"):

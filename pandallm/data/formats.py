@@ -334,7 +334,7 @@ def _seed_formats() -> tuple[Format, ...]:
 
     return (
         Format("oasst", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("all")),
-        # Matches nothing, so never detected: chosen by `data.oasst_paths: best` for a tree file, or named as the format.
+        # Matches nothing, so never detected: chosen by `data.oasst_paths: best` for tree files, or named as a format.
         Format("oasst_best", "instruction", OASST_FIELDS, lambda _: False, s.oasst_paths("best")),
         Format("lima", "instruction", ("conversations[str]",), s.is_lima, s.parse_lima, s.is_lima, s.lima_prompt),
         Format(

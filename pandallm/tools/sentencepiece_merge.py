@@ -148,16 +148,19 @@ def append_added_tokens(base: sp_pb2.ModelProto, tokens: list[tuple[int, str, bo
 
 
 def read_symbols(path: str) -> list[str]:
-    """The user-defined symbols of a JSON file holding a list of strings, each without whitespace."""
+    """The user-defined symbols of a JSON file holding a list of strings, each without whitespace, or LLMBox's
+    `user_defined_symbols.json` layout, `{"list": [...]}`."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--user_symbols '{path}': no such file")
-    example = 'expected a JSON list of strings, e.g. ["<tool>", "深度学习"]'
+    example = 'expected a JSON list of strings, e.g. ["<tool>", "深度学习"], or {"list": [...]} as LLMBox writes it'
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else path
         raise ConfigError(f"--user_symbols {where}: not valid JSON ({e}); {example}") from e
+    if isinstance(value, dict) and set(value) == {"list"}:
+        value = value["list"]
     if not isinstance(value, list):
         raise ConfigError(f"--user_symbols '{path}': holds a {type(value).__name__}; {example}")
     for index, symbol in enumerate(value):
