@@ -64,3 +64,13 @@ def test_dynamic_ntk_scaling_changes_the_frequencies_past_the_trained_length() -
 def test_a_scaling_without_its_keys_is_refused_naming_them(scaling: dict, missing: str) -> None:
     with pytest.raises(ModelError, match=rf"model.config_overrides .*Missing required keys .*{missing}"):
         model_config("llama-tiny", VOCAB, {"rope_scaling": scaling})
+
+
+def test_a_saved_model_keeps_its_scaling_in_plain_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, scaled = rotary(SCALINGS["llama3"], max_position_embeddings=256)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.rope_parameters["rope_type"] == "llama3"
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, scaled.inv_freq)
