@@ -51,6 +51,7 @@ class PandaCLI(LightningCLI):
         parser.link_arguments(
             ("model.model_name_or_path", "model.tokenizer"), "data.tokenizer", compute_fn=resolve_tokenizer
         )
+        parser.link_arguments("model.special_tokens", "data.special_tokens")
         # The rows the data module builds are the ones the objective trains on.
         parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
         parser.add_lightning_class_args(HFExport, "export")

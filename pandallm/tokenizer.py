@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from pandallm.errors import ModelError
+from pandallm.special_tokens import SpecialTokens, apply_special_tokens
 
 # The files a LLaMA-family tokenizer keeps its vocabulary in: `tokenizer.json` (tokenizers) or `tokenizer.model`
 # (sentencepiece). `tokenizer_config.json` alone holds none: transformers then builds a tokenizer of the special
@@ -25,7 +26,12 @@ def _gguf_tokenizer(path: str, mtime_ns: int) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, trust_remote_code=False)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, special_tokens: SpecialTokens | None = None) -> PreTrainedTokenizerBase:
+    """`_load_tokenizer`'s tokenizer, with the special-token overrides of `special_tokens` (`model.special_tokens`)."""
+    return apply_special_tokens(_load_tokenizer(name_or_path), special_tokens)
+
+
+def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer from a directory, a hub id, a bare sentencepiece `.model` file, or a `.gguf` file
     (GGUF files carry their tokenizer and chat template).
 

@@ -45,6 +45,7 @@ from pandallm.data.tokenize import (
 from pandallm.data.workers import ignore_stop_signals, worker_context
 from pandallm.distributed import gather_from_ranks
 from pandallm.errors import DataFormatError, DatasetError
+from pandallm.special_tokens import SpecialTokens
 from pandallm.tokenizer import load_tokenizer, padding_id
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class PandaDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str | None = None,
+        special_tokens: SpecialTokens | None = None,
         rows: RowKind = "sequences",
         instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
         pretraining_data_dir: str | None = "dataset/pretraining",
@@ -109,6 +111,7 @@ class PandaDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
+            special_tokens: Linked from `model.special_tokens`: the tokenizer's special-token overrides.
             rows: Linked from `model.objective`: what every training and validation record must be and becomes:
                 `sequences` (instruction records and documents), `pairs` (preference pairs) or `unpaired` (KTO).
             instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
@@ -172,6 +175,7 @@ class PandaDataModule(L.LightningDataModule):
                 f"data.max_seq_length must be at least 3 (BOS, a prompt token and a target token), got {max_seq_length}"
             )
         self.tokenizer_name = tokenizer
+        self.special_tokens = special_tokens
         self.rows = rows
         self.data_dirs: dict[RecordKind, str | None] = {
             "instruction": instruction_tuning_data_dir,
@@ -240,7 +244,7 @@ class PandaDataModule(L.LightningDataModule):
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer_name is None:
             raise DatasetError("data.tokenizer is not set (it is linked from model.tokenizer / model_name_or_path)")
-        return load_tokenizer(self.tokenizer_name)
+        return load_tokenizer(self.tokenizer_name, self.special_tokens)
 
     @cached_property
     def chat_template(self) -> ChatTemplate | None:
@@ -624,6 +628,7 @@ class PandaDataModule(L.LightningDataModule):
             layout(),
             self.formats["pretraining"],
             self.txt_split,
+            special_tokens=self.special_tokens,
         )
         return StreamLoader(stream, layout, **self._workers())
 

@@ -42,6 +42,7 @@ from pandallm.data.records import (
 )
 from pandallm.data.tokenize import AS_TEXT, special_ids
 from pandallm.errors import DatasetError
+from pandallm.special_tokens import SpecialTokens
 from pandallm.tokenizer import load_tokenizer
 
 POSITION_KEY = "stream_position"
@@ -89,6 +90,7 @@ class DocumentStream(IterableDataset):
         pretraining_format: str = "auto",
         txt_split: TxtSplit = "file",
         epochs: int | None = None,
+        special_tokens: SpecialTokens | None = None,
     ) -> None:
         """`epochs`: stop after that many passes (tests and tools); None: endless, as training reads it."""
         if not files:
@@ -102,6 +104,7 @@ class DocumentStream(IterableDataset):
         self.format = pretraining_format
         self.txt_split = txt_split
         self.epochs = epochs
+        self.special_tokens = special_tokens
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -123,7 +126,7 @@ class DocumentStream(IterableDataset):
 
     def _blocks(self, consumer: int, position: Position) -> Iterator[tuple[dict, Position]]:
         """This consumer's blocks from `position` on, each with the position right after it."""
-        tokenizer = load_tokenizer(self.tokenizer_name)
+        tokenizer = load_tokenizer(self.tokenizer_name, self.special_tokens)
         bos_id, eos_id = special_ids(tokenizer)
         stride = self.layout.num_consumers
         epoch, first, offset = position

@@ -55,6 +55,7 @@ from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
+from pandallm.special_tokens import SpecialTokens, carry_special_ids
 from pandallm.tokenizer import check_fits, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class PandaLLM(L.LightningModule):
         self,
         model_name_or_path: str = "llama-tiny",
         tokenizer: str | None = None,
+        special_tokens: SpecialTokens | None = None,
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
@@ -105,6 +107,8 @@ class PandaLLM(L.LightningModule):
                 trained from scratch; a Hugging Face LLaMA checkpoint: a local directory or a hub id; or a `.gguf`
                 file (dequantized on load; needs the `gguf` package).
             tokenizer: Tokenizer directory, hub id, sentencepiece `.model` or `.gguf` file; default: the checkpoint's.
+            special_tokens: Special-token overrides, `{pad|bos|eos|unk|sep|cls: id, token string or add}`; `add`
+                makes a new token `<role>` and grows the embeddings (pandallm.special_tokens). Linked to the data's.
             config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
             attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
             gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
@@ -204,7 +208,7 @@ class PandaLLM(L.LightningModule):
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return load_tokenizer(self.tokenizer_name)
+        return load_tokenizer(self.tokenizer_name, self.hparams.special_tokens)
 
     @property
     def config(self):
@@ -274,6 +278,8 @@ class PandaLLM(L.LightningModule):
         )
         # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
         self._added_tokens = grow_embeddings(model, vocab_size)
+        if self.hparams.special_tokens:
+            carry_special_ids(model, self.tokenizer)
         return model
 
     @property
