@@ -35,6 +35,7 @@ from pandallm.data.template import (
     resolve_template,
     tokenizer_template,
 )
+from pandallm.data.template_choice import draw
 from pandallm.data.tokenize import (
     ROW_FEATURES,
     pack_instructions,
@@ -44,7 +45,7 @@ from pandallm.data.tokenize import (
 )
 from pandallm.data.workers import ignore_stop_signals, worker_context
 from pandallm.distributed import gather_from_ranks
-from pandallm.errors import DataFormatError, DatasetError
+from pandallm.errors import ConfigError, DataFormatError, DatasetError
 from pandallm.special_tokens import SpecialTokens
 from pandallm.tokenizer import load_tokenizer, padding_id
 
@@ -94,6 +95,7 @@ class PandaDataModule(L.LightningDataModule):
         oasst_paths: OasstPaths = "all",
         template: str = "auto",
         template_dir: str | None = None,
+        template_choices: list[str] | None = None,
         max_seq_length: int = 2048,
         packing: bool = False,
         overlong_records: Literal["truncate", "drop"] = "truncate",
@@ -145,6 +147,9 @@ class PandaDataModule(L.LightningDataModule):
                 (that plain layout for all), `tokenizer`, a built-in (`alpaca`, `llama-2`, `chatml`), a name in
                 `template_dir`, or a Jinja file or directory.
             template_dir: A directory of `NAME.jinja` templates that `template: NAME` selects.
+            template_choices: More templates (as `template` names them) for augmentation: each training and
+                validation record is rendered with one of `template` and these, drawn from `seed` and the record
+                itself (pandallm.data.template_choice). Prediction and the export use `template`.
             max_seq_length: Tokens per row: the pretraining block size and the instruction truncation length.
             packing: Pack whole instruction rows into `max_seq_length` blocks (best-fit decreasing); attention
                 and positions stay per row. Pretraining documents are always packed.
@@ -214,6 +219,7 @@ class PandaDataModule(L.LightningDataModule):
         self.oasst_paths = oasst_paths
         self.template = template
         self.template_dir = template_dir
+        self.template_choices = list(template_choices or [])
         self.max_seq_length = max_seq_length
         self.packing = packing
         self.overlong_records = overlong_records
@@ -250,6 +256,21 @@ class PandaDataModule(L.LightningDataModule):
     def chat_template(self) -> ChatTemplate | None:
         """`data.template` resolved; None for `auto`, which chooses per record format."""
         return resolve_template(self.template, self.tokenizer, self.template_dir)
+
+    @cached_property
+    def chat_templates(self) -> list[ChatTemplate | None]:
+        """`data.template`, then each of `data.template_choices`, resolved."""
+        resolved = [self.chat_template]
+        for index, name in enumerate(self.template_choices):
+            try:
+                resolved.append(resolve_template(name, self.tokenizer, self.template_dir))
+            except ConfigError as error:
+                message = str(error).replace("data.template ", f"data.template_choices[{index}] ", 1)
+                raise ConfigError(message) from error
+        return resolved
+
+    def _template_of(self, record: Record) -> ChatTemplate | None:
+        return draw(record, self.chat_templates, self.seed) if self.template_choices else self.chat_template
 
     @property
     def pad_id(self) -> int:
@@ -377,6 +398,7 @@ class PandaDataModule(L.LightningDataModule):
                     None if self.chat_template is None else self.chat_template.source,
                     tokenizer_template(self.tokenizer),  # what `auto` uses
                 ],
+                "template_choices": [(t.name, t.source) if t else "auto" for t in self.chat_templates[1:]],
                 "max_seq_length": self.max_seq_length,
                 "val_fraction": self.val_fraction,
                 "seed": self.seed,
@@ -518,7 +540,7 @@ class PandaDataModule(L.LightningDataModule):
         marked: list[Record] = []
         for record in records:
             try:
-                rendered.append(renderer(record, self.chat_template, self.tokenizer))
+                rendered.append(renderer(record, self._template_of(record), self.tokenizer))
             except DataFormatError as error:
                 if skipped is None:
                     raise
