@@ -34,6 +34,7 @@ TOOLS = {
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
+    "estimate": "pandallm.tools.estimate:main",
 }
 
 
@@ -132,8 +133,8 @@ class PandaCLI(LightningCLI):
         return self.config[subcommand] if subcommand else self.config
 
 
-def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
-    return PandaCLI(
+def cli(args: list[str] | None = None, run: bool = True, cli_class: type[PandaCLI] = PandaCLI) -> PandaCLI:
+    return cli_class(
         PandaLLM,
         PandaDataModule,
         args=args,

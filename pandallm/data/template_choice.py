@@ -3,7 +3,8 @@ rendered with one of `data.template` and `data.template_choices`, drawn by a see
 
 The draw is a pure function of `data.seed` and the record itself (its file's name, its line and its text), not of
 a random stream or of the other sources: the same record gets the same template in every run, whatever else the
-data holds and in whatever order the sources are read; two copies of a record on different lines may differ. A resumed run (which rebuilds its rows, or reloads them from the cache
+data holds and in whatever order the sources are read; two copies of a record on different lines may differ. A
+resumed run (which rebuilds its rows, or reloads them from the cache
 keyed by the templates and the seed) therefore trains on exactly the rows the interrupted run did.
 """
 
