@@ -35,6 +35,8 @@ TOOLS = {
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
     "estimate": "pandallm.tools.estimate:main",
+    "self-instruct": "pandallm.tools.self_instruct:main",
+    "evol-instruct": "pandallm.tools.evol_instruct:main",
 }
 
 
