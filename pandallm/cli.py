@@ -37,6 +37,7 @@ TOOLS = {
     "estimate": "pandallm.tools.estimate:main",
     "self-instruct": "pandallm.tools.self_instruct:main",
     "evol-instruct": "pandallm.tools.evol_instruct:main",
+    "quantize": "pandallm.tools.quantize:main",
 }
 
 

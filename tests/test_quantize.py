@@ -1,0 +1,94 @@
+"""`pandallm quantize --method gptq`: calibration from the run's data or files, the checks before any work, and
+(where llm-compressor is installed) a tiny model quantized on the CPU that plain transformers loads and generates
+from, with its held-out perplexity before and after."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pandallm.errors import ConfigError, ModelError
+from pandallm.tokenizer import load_tokenizer
+from pandallm.tools.quantize import calibration_texts, quantize
+from tests.conftest import DOCUMENTS, INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
+
+HAS_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A tiny LLaMA with the demo tokenizer, saved as pandallm's export saves one."""
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=len(tokenizer))  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_calibration_texts_come_from_the_runs_data_or_from_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    from_run = calibration_texts(None, "recipes/tiny.yaml")
+    assert len(from_run) > 100 and any("\n" in text for text in from_run)  # instruction records: turns joined
+    files = [str(write_jsonl(tmp_path / "a.jsonl", INSTRUCTIONS)), str(write_jsonl(tmp_path / "d.jsonl", DOCUMENTS))]
+    texts = calibration_texts(files, None)
+    assert (
+        texts[0] == "What is the capital of France?\nParis."
+        and texts[-1] == DOCUMENTS[-1]["title"] + "\n" + (DOCUMENTS[-1]["content"])
+    )
+    with pytest.raises(ConfigError, match="give --calibration"):
+        calibration_texts(None, None)
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path: Path, checkpoint: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="is a LoRA adapter: merge it first"):
+        quantize(str(tmp_path / "adapter"), str(tmp_path / "q"))
+    with pytest.raises(ModelError, match="not a Hugging Face checkpoint directory"):
+        quantize(str(tmp_path), str(tmp_path / "q"))
+    with pytest.raises(ConfigError, match="--group_size 0: a positive number"):
+        quantize(str(checkpoint), str(tmp_path / "q"), group_size=0)
+    with pytest.raises(ConfigError, match="--damp_percent 1.5: a fraction"):
+        quantize(str(checkpoint), str(tmp_path / "q"), damp_percent=1.5)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds more than an earlier export"):
+        quantize(str(checkpoint), str(tmp_path / "taken"))
+
+
+@pytest.mark.skipif(HAS_LLMCOMPRESSOR, reason="llm-compressor is installed here")
+def test_without_llm_compressor_the_error_says_what_to_install(tmp_path: Path, checkpoint: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs llm-compressor: pip install 'pandallm\[gptq\]'"):
+        quantize(str(checkpoint), str(tmp_path / "q"), calibration=[str(TOKENIZER_DIR.parent / "pretraining")])
+
+
+@pytest.mark.skipif(not HAS_LLMCOMPRESSOR, reason="needs llm-compressor (pip install 'pandallm[gptq]')")
+@pytest.mark.parametrize(("bits", "group_size", "desc_act"), [(4, 32, False), (3, -1, True)])
+def test_a_tiny_model_quantized_on_the_cpu_loads_and_generates_in_plain_transformers(
+    tmp_path: Path, checkpoint: Path, bits: int, group_size: int, desc_act: bool
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = [str(REPO / "dataset" / "pretraining")]
+    report = quantize(str(checkpoint), str(tmp_path / "q"), bits=bits, group_size=group_size, desc_act=desc_act,
+                      calibration=data, num_samples=16, eval_samples=8, max_seq_length=64)  # fmt: skip
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text()) == report
+    assert 0.5 < report["perplexity_after"] / report["perplexity_before"] < 2.0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert (group["weights"]["num_bits"], config["quant_method"]) == (bits, "compressed-tensors")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        packed = [k for k in f.keys() if k.endswith("q_proj.weight_packed")]  # noqa: SIM118 (not a dict)
+        assert packed and f.get_tensor(packed[0]).dtype == torch.int32  # stored packed, not as floats
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "q")
+    out = model.generate(**tokenizer("The river", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 2
