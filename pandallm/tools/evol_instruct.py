@@ -1,8 +1,8 @@
 """`pandallm evol-instruct`: harder and rarer instructions evolved from a pool by a local model (Evol-Instruct, Xu et
 al. 2023, WizardLM), each with the model's reply.
 
-    pandallm evol-instruct --model checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf --seed_tasks alpaca_data.json \\
-        --output runs/evol.jsonl --rounds 4
+    pandallm evol-instruct --model checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --seed_tasks dataset/formats/alpaca_en_zh.json --output runs/evol.jsonl --rounds 4
 
 Each round evolves every instruction of the pool once, by one evolution drawn from the seed and the request:
 in depth (add a constraint, deepen, concretize, ask for more reasoning steps) or in breadth (a new, rarer instruction

@@ -2,8 +2,8 @@
 et al. 2022, in the one-pass form Stanford Alpaca and LLMBox use: each request shows the model a few tasks and lets
 it continue the list with new ones, each with its input and output).
 
-    pandallm self-instruct --model checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf --seed_tasks seed_tasks.jsonl \\
-        --output runs/self_instruct.jsonl --num_instructions 500
+    pandallm self-instruct --model checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --seed_tasks dataset/self_instruct/seed_tasks.jsonl --output runs/self_instruct.jsonl --num_instructions 500
 
 Every generated task passes the papers' filters before it is kept (`rejection`): 4 to 150 words; none of the
 keywords of things a language model cannot see or make (image, graph, file, map, draw, plot, video, audio, music,
