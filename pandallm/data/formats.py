@@ -333,7 +333,7 @@ def _seed_formats() -> tuple[Format, ...]:
     from pandallm.data import seed_formats as s
 
     return (
-        Format("oasst", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("all")),
+        Format("oasst", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("all"), None, s.no_single_prompt),
         # Matches nothing, so never detected: chosen by `data.oasst_paths: best` for tree files, or named as a format.
         Format("oasst_best", "instruction", OASST_FIELDS, lambda _: False, s.oasst_paths("best")),
         Format("lima", "instruction", ("conversations[str]",), s.is_lima, s.parse_lima, s.is_lima, s.lima_prompt),
@@ -352,6 +352,8 @@ def _seed_formats() -> tuple[Format, ...]:
             ("instruction", "instances[].input", "instances[].output"),
             s.is_self_instruct,
             s.parse_self_instruct,
+            None,
+            s.no_single_prompt,
         ),
         Format(
             "prompt_completion",

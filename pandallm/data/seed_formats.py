@@ -100,6 +100,17 @@ def oasst_paths(policy: OasstPaths) -> Callable[[dict, Path, int], Several]:
     return parse
 
 
+def no_single_prompt(value: dict, path: Path, line: int) -> tuple[Conversation, str | None]:
+    """A tree or a task of several instances is not one prompt: refused in a predict file, saying why."""
+    raise DataFormatError(
+        path,
+        line,
+        None,
+        "this record holds several conversations (an OpenAssistant tree, a Self-Instruct task): a predict file holds "
+        'one prompt per record; write the prompts as openai-format records, {"messages": [...]}',
+    )
+
+
 # LIMA ------------------------------------------------------------------------------------------------------------
 
 

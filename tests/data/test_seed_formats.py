@@ -193,3 +193,12 @@ def test_a_document_with_prompt_and_completion_is_never_read_as_text(tmp_path: P
     for kind, fmt in (("pretraining", "auto"), (None, "text")):
         with pytest.raises(DataFormatError, match=r"d.jsonl:1: .*prompt_completion"):
             read_records(path, kind, format=fmt)
+
+
+def test_a_record_of_several_conversations_is_refused_as_a_prompt(tmp_path: Path) -> None:
+    for name, record in (
+        ("trees.jsonl", TREE),
+        ("tasks.jsonl", {"instruction": "Add.", "instances": [{"output": "2"}]}),
+    ):
+        with pytest.raises(DataFormatError, match=rf"{name}:1: this record holds several conversations"):
+            read_prompts(write_jsonl(tmp_path / name, [record]))
