@@ -383,8 +383,8 @@ def _of_another_format(
 ) -> DataFormatError:
     """A record of another format in a file whose first record fixed the format: say so, rather than name a field
     that the record was never meant to have."""
-    if first_line is None or not isinstance(value, dict):
-        return error
+    if first_line is None or not isinstance(value, dict) or fmt.matches(value):
+        return error  # a record of the file's own format: its own error says what is wrong
     other = next(
         (f for f in FORMATS.values() if f is not fmt and (f.matches(value) or (prompt and f.is_prompt(value)))),
         None,
