@@ -165,7 +165,8 @@ def pandallm_side(s: PairSetup) -> dict:
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
     run.trainer.fit(run.model, datamodule)
-    return _report(recorder.times, recorder.tokens, recorder.losses, recorder.metrics, s.device)
+    report = _report(recorder.times, recorder.tokens, recorder.losses, recorder.metrics, s.device)
+    return {**report, "reference_scoring_s": run.model.reference_scores.scoring_seconds}
 
 
 def trl_side(s: PairSetup) -> dict:

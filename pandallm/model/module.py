@@ -189,7 +189,7 @@ class PandaLLM(L.LightningModule):
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
-        self._reference = ReferenceScores()
+        self.reference_scores = ReferenceScores()
 
     @staticmethod
     def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -304,28 +304,28 @@ class PandaLLM(L.LightningModule):
     def reference_logps(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         """The reference model's summed log-probabilities of a batch's sequences (pairs: 2B)."""
         if getattr(self.objective, "reference", "precompute") == "live":
-            return self._reference.score(self, batch)
-        return self._reference.lookup(stage, batch["index"])
+            return self.reference_scores.score(self, batch)
+        return self.reference_scores.lookup(stage, batch["index"])
 
     def _prepare_reference(self, split: str) -> None:
         """Before the first batch of `split`: the reference at hand (`live`), or its scores of the split's pairs."""
         if not self.objective.uses_reference:
             return
         if getattr(self.objective, "reference", "precompute") == "live":
-            self._reference.starting_model(self)
+            self.reference_scores.starting_model(self)
             return
         rows = self.trainer.datamodule.datasets[split]
-        if self._reference.has(split, len(rows)):
+        if self.reference_scores.has(split, len(rows)):
             return  # scored before, or restored from the checkpoint
         # The policy is still the reference before the first step of a new run; afterwards (validation or testing
         # from a checkpoint, or data changed on resume) the starting model is loaded to score new pairs.
         if self.trainer.global_step > 0 or self.trainer.state.fn != "fit":
-            if split in self._reference.scores and self.global_rank == 0:
+            if split in self.reference_scores.scores and self.global_rank == 0:
                 log.warning(
                     "pandallm: the %s pairs changed since the checkpoint; scoring them with the reference again", split
                 )
-            self._reference.starting_model(self)
-        self._reference.precompute(self, split)
+            self.reference_scores.starting_model(self)
+        self.reference_scores.precompute(self, split)
 
     def on_train_start(self) -> None:
         self._prepare_reference("train")
@@ -486,8 +486,8 @@ class PandaLLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
-        if self._reference.scores:
-            checkpoint["pandallm"]["reference_scores"] = self._reference.state_dict()
+        if self.reference_scores.scores:
+            checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
 
@@ -502,7 +502,7 @@ class PandaLLM(L.LightningModule):
             shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
         changed = compat.check(where, checkpoint, self._run_record(), shapes)
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
-        self._reference.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
+        self.reference_scores.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
         # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,7 @@ class ReferenceScores:
     def __init__(self) -> None:
         self.scores: dict[str, torch.Tensor] = {}
         self.model: torch.nn.Module | None = None  # the starting model, when it must be scored apart from the policy
+        self.scoring_seconds = 0.0  # spent scoring before training (precompute), for benchmarks and logs
 
     # ---- scoring -----------------------------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class ReferenceScores:
         rows = datamodule.datasets[split]
         if len(rows) == 0:
             return
+        start = time.perf_counter()
         scores = torch.zeros(len(rows), 2, dtype=torch.float64)
         found = []
         for batch in datamodule.scoring_loader(split):
@@ -111,6 +114,7 @@ class ReferenceScores:
         gathered = module.all_gather(local).reshape(-1, 3).cpu()
         scores[gathered[:, 0].long()] = gathered[:, 1:]
         self.scores[split] = scores
+        self.scoring_seconds += time.perf_counter() - start
         if module.global_rank == 0:
             log.info("pandallm: scored the %d %s pairs with the reference model", len(rows), split)
 
