@@ -7,19 +7,14 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.errors import ConfigError
 from pandallm.model.export import check_export_target, save_hf
+from pandallm.model.parallel import shards_parameters
 from pandallm.model.zero import allow_export, consolidated_weights, is_zero3
 
 log = logging.getLogger(__name__)
-
-
-def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
-    """Whether no rank holds the whole model (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
-    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or is_zero3(strategy)
 
 
 class HFExport(L.Callback):

@@ -308,24 +308,8 @@ class PandaLLM(L.LightningModule):
         return self.reference_scores.lookup(stage, batch["index"])
 
     def _prepare_reference(self, split: str) -> None:
-        """Before the first batch of `split`: the reference at hand (`live`), or its scores of the split's pairs."""
-        if not self.objective.uses_reference:
-            return
-        if getattr(self.objective, "reference", "precompute") == "live":
-            self.reference_scores.starting_model(self)
-            return
-        rows = self.trainer.datamodule.datasets[split]
-        if self.reference_scores.has(split, len(rows)):
-            return  # scored before, or restored from the checkpoint
-        # The policy is still the reference before the first step of a new run; afterwards (validation or testing
-        # from a checkpoint, or data changed on resume) the starting model is loaded to score new pairs.
-        if self.trainer.global_step > 0 or self.trainer.state.fn != "fit":
-            if split in self.reference_scores.scores and self.global_rank == 0:
-                log.warning(
-                    "pandallm: the %s pairs changed since the checkpoint; scoring them with the reference again", split
-                )
-            self.reference_scores.starting_model(self)
-        self.reference_scores.precompute(self, split)
+        if self.objective.uses_reference:
+            self.reference_scores.prepare(self, split)
 
     def on_train_start(self) -> None:
         self._prepare_reference("train")

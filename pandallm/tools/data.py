@@ -20,8 +20,10 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 from pandallm.data.formats import FORMATS, RecordKind
+from pandallm.data.pairs import render_pair
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
 from pandallm.data.template import render_record, resolve_template
 from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids
@@ -70,7 +72,7 @@ def check(
             for record in records:
                 if record.turns:
                     try:
-                        render_record(record, chosen, loaded)
+                        (render_pair if record.kind == "preference" else render_record)(record, chosen, loaded)
                     except DataFormatError as error:
                         found.append(error)
         errors += found
@@ -83,12 +85,17 @@ def check(
 
 
 def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
-    """The length of each record as training encodes it, before truncation."""
-    conversations = [render_record(r, chosen, tokenizer) for r in records if r.turns]
-    lengths = [
-        len(head) + sum(len(ids) for ids, _ in segments)
-        for head, segments, _ in encode_segments(conversations, tokenizer)
-    ]
+    """The length of each record as training encodes it, before truncation (a pair: its longer side)."""
+
+    def encoded(rendered: list) -> list[int]:
+        return [
+            len(head) + sum(len(ids) for ids, _ in segments)
+            for head, segments, _ in encode_segments(rendered, tokenizer)
+        ]
+
+    lengths = encoded([render_record(r, chosen, tokenizer) for r in records if r.turns and r.kind != "preference"])
+    sides = encoded([side for r in records if r.kind == "preference" for side in render_pair(r, chosen, tokenizer)])
+    lengths += [max(pair) for pair in zip(sides[::2], sides[1::2], strict=True)]
     documents = [r.text for r in records if not r.turns]
     if documents:
         bos_id, _ = special_ids(tokenizer)
@@ -168,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--txt_split", choices=["file", "paragraph"], default="file")
         sub.add_argument(
             "--kind",
-            choices=["instruction", "pretraining"],
+            choices=list(get_args(RecordKind)),
             default=None,
             help="The records every file must hold (default: either kind, per file).",
         )
