@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.formats import OBJECTIVE_HINTS, RowKind
+from pandallm.data.formats import OBJECTIVE_HINTS, RowKind, format_option
 from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, render_pair, tokenize_pairs
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
@@ -52,8 +52,8 @@ T = TypeVar("T")
 # The record kind each objective's rows are built from (`data.rows`); `sequences` take these two:
 ROW_KINDS: dict[str, RecordKind] = {"pairs": "preference", "unpaired": "unpaired"}
 SEQUENCE_KINDS = ("instruction", "pretraining")
-InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
-PretrainingFormat = Literal["auto", "pretraining", "text"]
+InstructionFormat = format_option("instruction")
+PretrainingFormat = format_option("pretraining")
 
 
 class PandaDataModule(L.LightningDataModule):
