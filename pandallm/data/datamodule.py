@@ -21,7 +21,14 @@ from transformers import PreTrainedTokenizerBase
 from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.formats import OBJECTIVE_HINTS, RowKind, format_option
-from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, render_pair, tokenize_pairs
+from pandallm.data.pairs import (
+    PAIR_FEATURES,
+    UNPAIRED_FEATURES,
+    collate_pairs,
+    pair_tokens,
+    render_pair,
+    tokenize_pairs,
+)
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
@@ -277,7 +284,7 @@ class PandaDataModule(L.LightningDataModule):
 
     @property
     def _collate(self) -> Callable:
-        return collate_pairs if self.rows == "pairs" else collate_rows
+        return collate_rows if self.rows == "sequences" else collate_pairs
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -364,7 +371,7 @@ class PandaDataModule(L.LightningDataModule):
         )
         stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        features = PAIR_FEATURES if self.rows == "pairs" else ROW_FEATURES
+        features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(self.rows, ROW_FEATURES)
         empty = Dataset.from_dict({name: [] for name in features}, features=features)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_names = list(train)
@@ -372,14 +379,14 @@ class PandaDataModule(L.LightningDataModule):
         datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
             datasets[split] = stored.get(group_split(split, 0), empty)
-        if self.rows == "pairs":
+        if self.rows != "sequences":
             # Each pair's row number, by which reference log-probabilities computed before training are looked up.
             for split, rows in datasets.items():
                 datasets[split] = rows.add_column("index", list(range(len(rows))))
         return datasets
 
     def _tokens(self, rows: Dataset) -> int:
-        return pair_tokens(rows) if self.rows == "pairs" else sum(len(ids) for ids in rows["input_ids"])
+        return pair_tokens(rows) if self.rows != "sequences" else sum(len(ids) for ids in rows["input_ids"])
 
     def _expected_kind(self, kind: RecordKind | None) -> RecordKind | None:
         """The kind every record of a source must be: the objective's, or where it trains on sequences, the kind its
@@ -410,6 +417,7 @@ class PandaDataModule(L.LightningDataModule):
             for group in groups:
                 group["instruction"] = self._render(group["instruction"], skipped)
                 group["preference"] = self._render(group["preference"], skipped, render_pair)
+                group["unpaired"] = self._judged(group["unpaired"], skipped)
         if skipped:
             num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
             self._report_skipped(skipped, num_valid)
@@ -447,26 +455,9 @@ class PandaDataModule(L.LightningDataModule):
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
-        if by_kind["preference"]:
-            drop = self.overlong_records == "drop"
-            rows, num_overlong = tokenize_pairs(
-                by_kind["preference"],
-                self.tokenizer,
-                self.max_seq_length,
-                self.preprocessing_num_workers,
-                drop,
-                name,
-            )
-            if num_overlong:
-                log.warning(
-                    "%s: %d of %d preference pairs are longer than max_seq_length=%d; %s",
-                    name,
-                    num_overlong,
-                    len(by_kind["preference"]),
-                    self.max_seq_length,
-                    "they were dropped" if drop else "their prompts were truncated from the left",
-                )
-            parts.append(rows)
+        for kind in ("preference", "unpaired"):
+            if by_kind[kind]:
+                parts.append(self._tokenize_pairs(name, kind, by_kind[kind]))
         if by_kind["pretraining"]:
             parts.append(
                 tokenize_documents(
@@ -478,6 +469,35 @@ class PandaDataModule(L.LightningDataModule):
                 )
             )
         return concatenate_datasets(parts) if parts else None
+
+    def _tokenize_pairs(self, name: str, kind: RecordKind, rendered: list) -> Dataset:
+        """Pair rows (`pandallm.data.pairs`) of a source's preference pairs, or of its judged completions (KTO)."""
+        drop = self.overlong_records == "drop"
+        labels = [desirable for desirable, _ in rendered] if kind == "unpaired" else None
+        sides = [pair for _, pair in rendered] if kind == "unpaired" else rendered
+        rows, num_overlong = tokenize_pairs(
+            sides, self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop, name, labels
+        )
+        if num_overlong:
+            log.warning(
+                "%s: %d of %d %s records are longer than max_seq_length=%d; %s",
+                name,
+                num_overlong,
+                len(rendered),
+                kind,
+                self.max_seq_length,
+                "they were dropped" if drop else "their prompts were truncated from the left",
+            )
+        return rows
+
+    def _judged(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[tuple[bool, list]]:
+        """The judged completions that render, as (desirable, rendering): the label stays beside its rendering."""
+        kept = []
+        for record in records:
+            rendered = self._render([record], skipped, render_pair)
+            if rendered:
+                kept.append((record.desirable, rendered[0]))
+        return kept
 
     def _render(
         self, records: list[Record], skipped: list[DataFormatError] | None, renderer: Callable = render_record

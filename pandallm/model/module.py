@@ -379,10 +379,7 @@ class PandaLLM(L.LightningModule):
         self.step_loss = (loss_sum / units.clamp(min=1)).float()
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
         # The objective's metrics of this update, as tensors (no device sync until read).
-        self.step_metrics = {
-            name: (total / units.clamp(min=1)).float()
-            for name, total in zip(self.objective.metric_names, metrics, strict=True)
-        }
+        self.step_metrics = {name: value.float() for name, value in self.objective.means(units, metrics).items()}
         if logs_this_step(self.trainer):
             for name, value in self.step_metrics.items():
                 self.log(f"train/{name}", value, on_step=True)
@@ -562,7 +559,7 @@ class PandaLLM(L.LightningModule):
         if units == 0:
             return
         loss = loss_sum / units
-        metrics = {name: total / units for name, total in zip(self.objective.metric_names, totals, strict=True)}
+        metrics = {name: float(value) for name, value in self.objective.means(units, totals).items()}
         self.log(f"{stage}/loss", loss, prog_bar=True)
         for name, value in {**metrics, **self.objective.evaluation_logs(loss, metrics)}.items():
             self.log(f"{stage}/{name}", value)

@@ -168,3 +168,34 @@ def test_the_reference_scored_once_before_training_or_live_gives_the_same_traini
     # The policy is the reference at the first step (fresh adapters add nothing).
     assert precomputed[0] == pytest.approx(0.6931472, abs=1e-6) and precomputed[-1] != precomputed[0]
     assert losses("live") == pytest.approx(precomputed, abs=1e-6)
+
+
+def judged(pairs: list[dict]) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
+def test_kto_learns_a_toy_preference_from_judged_completions(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train" / "a.jsonl", judged(toy_pairs(32)))
+    write_jsonl(tmp_path / "val.jsonl", judged(toy_pairs(8, offset=100)))
+    args = fit_args(
+        tmp_path,
+        f"--data.instruction_tuning_data_dir={tmp_path / 'train'}",
+        f"--data.val_files=[{tmp_path / 'val.jsonl'}]",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=3",
+        "--model.learning_rate=3e-3",
+        "--model.warmup_steps=0",
+        "--data.per_device_train_batch_size=8",
+        "--model.objective=KTO",
+    )
+    run = cli(args)
+    log_dir = Path(run.trainer.log_dir)
+    desirable = metric_column(log_dir, "val/rewards/chosen")
+    undesirable = metric_column(log_dir, "val/rewards/rejected")
+    # On held-out prompts the desirable completions gain reward over the undesirable ones, and more with training.
+    assert desirable[-1] - undesirable[-1] > desirable[0] - undesirable[0] and desirable[-1] > undesirable[-1]
