@@ -38,6 +38,7 @@ TOOLS = {
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
+    "chat": "pandallm.tools.chat:main",
 }
 
 

@@ -108,3 +108,15 @@ def test_bad_sampling_options_name_the_option(option: str, value: float, message
     with pytest.raises(ConfigError) as error:
         GenerationOptions(**{option: value})
     assert str(error.value) == message
+
+
+def test_chat_and_generation_load_a_checkpoint_with_its_rendering(run: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    from pandallm.generate.load import load_for_generation
+
+    loaded = load_for_generation(str(run["ckpt"]))
+    assert loaded.rendering == {"template": "auto", "template_dir": None, "max_seq_length": 32}
+    exported = load_file(run["hf"] / "model.safetensors")
+    state = loaded.module.model.state_dict()
+    assert all(torch.equal(state[k], exported[k]) for k in exported)
