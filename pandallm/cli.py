@@ -198,7 +198,7 @@ def _run_command(args: list[str] | None) -> None:
         # LightningCLI would answer with its four subcommands only, as if the tools did not exist.
         print(
             f"pandallm: error: unknown command '{argv[0]}'; the commands are "
-            f"{', '.join([*SUBCOMMANDS, *ALIASES, *TOOLS])}",
+            f"{', '.join([*SUBCOMMANDS, *TOOLS, *ALIASES])}",
             file=sys.stderr,
         )
         sys.exit(2)
