@@ -11,10 +11,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from pandallm import sweep
+from pandallm.callbacks.ema import EMA
 from pandallm.callbacks.export import HFExport
+from pandallm.callbacks.generation_metrics import GenerationMetrics
 from pandallm.callbacks.graceful_stop import STOP, GracefulStop, StoppedBySignal
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
+from pandallm.callbacks.selection import BestCheckpoint, EarlyStop
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.checkpoint.load import safe_load
@@ -22,11 +25,13 @@ from pandallm.checkpoint.sharded import model_defaults
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.data.template import trained_rendering
 from pandallm.errors import PandaError
+from pandallm.generate.options import GenerationOptions
 from pandallm.model.module import PandaLLM
 from pandallm.objectives.base import objective_class
 from pandallm.writable import check_run_directories
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
+ALIASES = {"generate": "predict"}
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
 TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
@@ -34,6 +39,7 @@ TOOLS = {
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
+    "chat": "pandallm.tools.chat:main",
 }
 
 
@@ -55,6 +61,12 @@ class PandaCLI(LightningCLI):
         parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # Generation, its metrics, and choosing the model by them: pandallm.generate, pandallm.callbacks.
+        parser.add_class_arguments(GenerationOptions, "generation")
+        parser.add_lightning_class_args(GenerationMetrics, "evaluation")
+        parser.add_lightning_class_args(EMA, "ema")
+        parser.add_lightning_class_args(EarlyStop, "early_stopping")
+        parser.add_lightning_class_args(BestCheckpoint, "best_checkpoint")
         parser.add_argument(
             "--sweep",
             type=str | None,
@@ -118,6 +130,7 @@ class PandaCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        self.model.generation = self._get(self.config_init, "generation")
         STOP.check()
         # Before data preparation and the first step, not at the first save after hours of training.
         check_run_directories(self.trainer, self.config.get("subcommand"), getattr(self.datamodule, "cache_dir", None))
@@ -184,10 +197,17 @@ def _run_command(args: list[str] | None) -> None:
             print(f"pandallm {argv[0]}: error: {error}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv and argv[0] in ALIASES:
+        argv = [ALIASES[argv[0]], *argv[1:]]
+        if args is None:
+            sys.argv[1] = argv[0]  # LightningCLI reads the shell's arguments from sys.argv
+        else:
+            args = argv
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         # LightningCLI would answer with its four subcommands only, as if the tools did not exist.
         print(
-            f"pandallm: error: unknown command '{argv[0]}'; the commands are {', '.join([*SUBCOMMANDS, *TOOLS])}",
+            f"pandallm: error: unknown command '{argv[0]}'; the commands are "
+            f"{', '.join([*SUBCOMMANDS, *TOOLS, *ALIASES])}",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -86,6 +87,15 @@ class HFExport(L.Callback):
         # The Jinja template the run trained with, for `apply_chat_template` on the export (None: the tokenizer's).
         template = getattr(getattr(trainer, "datamodule", None), "chat_template", None)
         source = template.source if template is not None else None
+        # Callbacks that choose the exported weights (`ema`, `best_checkpoint`) put them in place for the export.
+        with ExitStack() as weights:
+            for callback in trainer.callbacks:
+                if hasattr(callback, "export_weights"):
+                    weights.enter_context(callback.export_weights(trainer, pl_module))
+            self._export(trainer, pl_module, directory, source)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, directory: Path, source: str | None) -> None:
+        strategy = trainer.strategy
         if shards_parameters(strategy):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
             weights = consolidated_weights(strategy) if is_zero3(strategy) else gather_full_state_dict(strategy.model)

@@ -720,12 +720,13 @@ class PandaDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
-    def prompts(self) -> list[dict]:
-        """The records of `predict_files` as prompts (`pandallm.data.tokenize.prompt_rows`): read through the format
-        detection of training files (an Alpaca record's prompt is its instruction and input, a chat record's its
-        turns before the last reply), rendered by the template its format was trained with, and tokenized as a
-        training row begins."""
-        prompts = [prompt for name in self.predict_files for prompt in read_prompts(name)]
+    def prompts(self, files: list[str] | None = None) -> list[dict]:
+        """The records of `predict_files` (or of `files`: the generation metrics' validation and test files) as
+        prompts (`pandallm.data.tokenize.prompt_rows`): read through the format detection of training files (an
+        Alpaca record's prompt is its instruction and input, a chat record's its turns before the last reply),
+        rendered by the template its format was trained with, and tokenized as a training row begins."""
+        files = self.predict_files if files is None else files
+        prompts = [prompt for name in files for prompt in read_prompts(name)]
         return prompt_rows(prompts, self.chat_template, self.tokenizer, self.max_seq_length)
 
 

@@ -24,6 +24,7 @@ from pandallm.checkpoint.sharded import module_arguments
 from pandallm.data.cache import tokenizer_digest
 from pandallm.data.position import epoch_cut_short
 from pandallm.errors import ConfigError, ModelError
+from pandallm.generate.options import SEED_STRIDE, GenerationOptions, decode, generate
 from pandallm.log_steps import logs_this_step
 from pandallm.model import zero
 from pandallm.model.build import (
@@ -65,6 +66,10 @@ DEFAULT_OBJECTIVE = lazy_instance(SFT)
 
 
 class PandaLLM(L.LightningModule):
+    # How `predict` and the generation metrics sample: the CLI's `generation.*` options (not hyper-parameters: they
+    # change nothing of the trained model, and a checkpoint resumes under any of them).
+    generation: GenerationOptions = GenerationOptions()
+
     def __init__(
         self,
         model_name_or_path: str = "llama-tiny",
@@ -139,7 +144,8 @@ class PandaLLM(L.LightningModule):
             warmup_proportion: Warmup length as a share of all optimizer steps; replaces `warmup_steps` when set.
             min_lr_ratio: Learning rate at the end of a decay, as a share of the peak.
             poly_power: Exponent of the `poly` decay.
-            max_new_tokens: Tokens `pandallm predict` generates per prompt.
+            max_new_tokens: Tokens generated per prompt, by `pandallm predict` and the generation metrics (the
+                sampling options are `generation.*`: `pandallm.generate.options`).
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
             objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
@@ -572,16 +578,17 @@ class PandaLLM(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        prompt_length = batch["input_ids"].shape[1]
-        generated = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+        # Left-padded rows (`collate_prompts`); batch `batch_idx` of this rank samples from its own seeded stream.
+        new_tokens = generate(
+            self.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.generation,
+            self.hparams.max_new_tokens,
+            stream=self.global_rank * SEED_STRIDE + batch_idx,
         )
-        outputs = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        outputs = decode(self.tokenizer, new_tokens)
         # `{"input" | "prompt", "output", "reference"}`: the prompt as its record gave it (`PromptRecord.shown`), the
         # completion, and the record's own reply to compare it with, if it has one.
         predictions = []

@@ -69,7 +69,16 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(PandaLLM, "model")
     parser.add_class_arguments(HFExport, "export")
     # The rest of a recipe or run config is read and ignored: exporting needs no trainer and no data.
-    for section in ("trainer", "data", "predictions"):
+    for section in (
+        "trainer",
+        "data",
+        "predictions",
+        "generation",
+        "evaluation",
+        "ema",
+        "early_stopping",
+        "best_checkpoint",
+    ):
         parser.add_argument(f"--{section}", type=dict[str, Any] | None, default=None)
     parser.add_argument("--seed_everything", type=int | bool | None, default=None)
     parser.add_argument("--weights_only", type=bool | None, default=None)
