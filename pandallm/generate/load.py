@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from pandallm.checkpoint.sharded import is_sharded_checkpoint, module_arguments
+from pandallm.checkpoint.sharded import is_sharded_checkpoint
 from pandallm.data.template import RENDERING_SETTINGS
 from pandallm.errors import ModelError
 from pandallm.model.module import PandaLLM
@@ -74,10 +74,10 @@ def _from_checkpoint(model: str, option: str, tokenizer: str | None) -> Loaded:
     checkpoint = load_checkpoint(model)
     if "pandallm" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ModelError(f"{option} '{model}': not a pandallm checkpoint (it has no 'pandallm' record)")
-    arguments = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
+    arguments = PandaLLM.recorded_arguments(checkpoint["hyper_parameters"])
     if tokenizer is not None:
         arguments["tokenizer"] = tokenizer
-    module = PandaLLM(**arguments)
+    module = PandaLLM.from_arguments(arguments)
     L.seed_everything(42, verbose=False)  # a preset's frozen LoRA base is random: rebuilt as the run built it
     module.configure_model()
     module.on_load_checkpoint(checkpoint, where=f"{option} '{model}'")

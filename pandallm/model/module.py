@@ -51,7 +51,7 @@ from pandallm.model.peft import (
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.objectives import SFT, Objective, Terms
-from pandallm.objectives.base import objective_class
+from pandallm.objectives.base import objective_class, objective_from
 from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
@@ -196,6 +196,13 @@ class PandaLLM(L.LightningModule):
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
         self.reference_scores = ReferenceScores()
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any]) -> PandaLLM:
+        """A module from its arguments as parsers and checkpoints give them (the objective as its settings)."""
+        if isinstance(arguments.get("objective"), dict):
+            arguments = {**arguments, "objective": objective_from(arguments["objective"])}
+        return cls(**arguments)
 
     @staticmethod
     def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -577,6 +584,14 @@ class PandaLLM(L.LightningModule):
         self._log_eval("test")
 
     @torch.no_grad()
+    def on_predict_start(self) -> None:
+        if self.objective.head != "causal_lm":
+            raise ConfigError(
+                f"pandallm predict generates text; this model ({type(self.objective).__name__}) scores sequences, it "
+                "does not generate: score pairs with `pandallm validate` or load its export with "
+                "AutoModelForSequenceClassification"
+            )
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         # Left-padded rows (`collate_prompts`); batch `batch_idx` of this rank samples from its own seeded stream.
         new_tokens = generate(

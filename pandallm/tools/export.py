@@ -42,7 +42,6 @@ from pandallm.data.template import resolve_template
 from pandallm.errors import ConfigError, ModelError
 from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.module import PandaLLM
-from pandallm.objectives.base import objective_from
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def export_full_weights(
 ) -> Path:
     """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
-    module = PandaLLM(**arguments)
+    module = PandaLLM.from_arguments(arguments)
     weights = hf_weights(checkpoint["state_dict"])
     model = plain_model(module.config, weights, module.objective.head)
     return save_hf(model, module.tokenizer, output, trained_template(data, module))
@@ -159,12 +158,11 @@ def export(args: list[str]) -> Path:
     # The rendering settings: the checkpoint's record, under those of a --config given.
     data = {**((checkpoint or {}).get("pandallm") or {}).get("data", {}), **(cfg.data or {})}
     same_as_recorded = arguments == {**recorded, **_tokenizer(cfg)}
-    arguments["objective"] = objective_from(arguments["objective"])
     if checkpoint is not None and not arguments["use_lora"] and same_as_recorded:
         directory = export_full_weights(checkpoint, arguments, cfg.output, data)
         log.info("pandallm: exported to %s", directory)
         return directory
-    model = PandaLLM(**arguments)
+    model = PandaLLM.from_arguments(arguments)
     # A preset's frozen base is random: rebuilt from the run's seed (pandallm's default, 42, unless configured).
     seed = cfg.seed_everything
     L.seed_everything(42 if seed in (None, True) else int(seed), verbose=False)
