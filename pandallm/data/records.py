@@ -20,8 +20,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import Dataset, DatasetDict, load_from_disk
-
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
 from pandallm.errors import DataFormatError, DatasetError
 
@@ -278,6 +276,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
 def iter_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
     """The rows of a saved dataset as `(row number, record)`; a `DatasetDict` gives its `train` split (or its only
     split)."""
+    from datasets import Dataset, DatasetDict, load_from_disk  # only here: `pandallm data check` starts without it
+
     saved = load_from_disk(str(path))
     if isinstance(saved, DatasetDict):
         if "train" in saved:

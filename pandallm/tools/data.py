@@ -24,9 +24,7 @@ from pathlib import Path
 from pandallm.data.formats import FORMATS, RecordKind
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
 from pandallm.data.template import render_record, resolve_template
-from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids
 from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaError
-from pandallm.tokenizer import load_tokenizer
 
 
 def expand(names: list[str]) -> list[Path]:
@@ -55,6 +53,8 @@ def check(
     if tokenizer is None and (template != "auto" or template_dir is not None):
         raise ConfigError("--template and --template_dir render records with a tokenizer: give --tokenizer too")
     if tokenizer is not None:
+        from pandallm.tokenizer import load_tokenizer  # transformers: only where a tokenizer is used
+
         loaded = load_tokenizer(tokenizer)
         chosen = resolve_template(template, loaded, template_dir)
     for path in expand(files):
@@ -84,6 +84,8 @@ def check(
 
 def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
     """The length of each record as training encodes it, before truncation."""
+    from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids  # `datasets`: only where it is needed
+
     conversations = [render_record(r, chosen, tokenizer) for r in records if r.turns]
     lengths = [
         len(head) + sum(len(ids) for ids, _ in segments)
@@ -109,6 +111,8 @@ def stats(
     histogram: str = "token_lengths.png",
 ) -> dict:
     """Record counts per format and token-length statistics of `files`; saves the length histogram to `histogram`."""
+    from pandallm.tokenizer import load_tokenizer
+
     loaded = load_tokenizer(tokenizer)
     chosen = resolve_template(template, loaded, template_dir)
     records: list[Record] = []
