@@ -78,12 +78,12 @@ def show_pandallm_logs() -> None:
 def no_progress_bars() -> Iterator[None]:
     """`datasets` without its progress bars, for steps whose bar says nothing (saving, packing into blocks); the
     tokenizing bars stay."""
-    from datasets.utils import logging as datasets_logging
+    import datasets
 
-    enabled = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bars()
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         if enabled:
-            datasets_logging.enable_progress_bars()
+            datasets.enable_progress_bars()

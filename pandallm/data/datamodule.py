@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
+from pandallm.data.cache import cache_key, load_or_build_with_notes, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
@@ -25,6 +25,7 @@ from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import rank_positions
 from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
+from pandallm.data.summary import evaluation_line, training_lines, warning_lines
 from pandallm.data.template import (
     ChatTemplate,
     Rendered,
@@ -200,6 +201,11 @@ class PandaDataModule(L.LightningDataModule):
         # The training sources (as `mix_ratios` names them) and their rows, known once the data is loaded.
         self.train_source_names: list[str] = []
         self.train_source_sizes: tuple[int, ...] = ()
+        # The counts stored with the cache entry (`pandallm.data.summary`), reported by every run that uses it.
+        self.data_notes: dict = {}
+        self.train_source_files: dict[str, list[str]] = {}
+        self.cache_entry: Path | None = None
+        self._built_here = False
         # (epoch, rows of it read) from the checkpoint being resumed (see `train_dataloader`).
         self._resume_position: tuple[int, int] | None = None
         # Streaming: this rank's consumers' positions after the last batch trained, and its batches trained.
@@ -246,9 +252,7 @@ class PandaDataModule(L.LightningDataModule):
             self.datasets = self._load(needs_training_data)
             self._has_training_data = needs_training_data
             self.__dict__.pop("training_order", None)  # a cached_property of the rows loaded before
-            sizes = {split: len(ds) for split, ds in self.datasets.items()}
-            tokens = sum(len(ids) for ids in self.datasets["train"]["input_ids"])
-            log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
+            self._report(stage)
         if stage == "fit" and self.streaming:
             if self.trainer is not None and self.trainer.max_steps < 0:
                 raise DatasetError("data.streaming reads an endless stream: set trainer.max_steps")
@@ -266,6 +270,30 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError("no validation data: set data.val_files or data.val_fraction")
         if stage == "test" and len(self.datasets["test"]) == 0:
             raise DatasetError("no test data: set data.test_files")
+
+    def _report(self, stage: str) -> None:
+        """What the data became (`pandallm.data.summary`): on every run, from the notes of the cache entry."""
+        names = self.train_source_names
+        how = "built by this run" if self._built_here else "reused"
+        log.info("pandallm data: tokenized data in %s (%s)", self.cache_entry, how)
+        for line in warning_lines(self.data_notes, names, self.max_seq_length, self.overlong_records):
+            log.warning(line)
+        if self._has_training_data and len(self.datasets["train"]):
+            _, world_size = self._rank_and_world()
+            batch_rows = world_size * self.train_batch_size
+            for line in training_lines(
+                self.data_notes,
+                self.train_source_files,
+                self.training_order,
+                self.max_seq_length,
+                self.packing,
+                batch_rows,
+            ):
+                log.info(line)
+        for split in ("validation", "test"):
+            line = evaluation_line(self.data_notes, split)
+            if line:
+                log.info(line)
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -322,11 +350,8 @@ class PandaDataModule(L.LightningDataModule):
             )
         else:
             train = self.train_sources()
-        for name, files in train.items():  # which files were found: a directory may hold more, or fewer, than meant
-            shown = ", ".join(str(path) for _, path in files[:5]) + (
-                f", ... ({len(files)} in all)" if len(files) > 5 else ""
-            )
-            log.info("pandallm data: training source '%s': %s", name, shown)
+        # Which files were found (a directory may hold more, or fewer, than meant): reported by `_report`.
+        self.train_source_files = {name: [str(path) for _, path in files] for name, files in train.items()}
         sources = self._sources(train)
         key = cache_key(
             {
@@ -350,7 +375,9 @@ class PandaDataModule(L.LightningDataModule):
                 "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
-        stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
+        stored, self.data_notes = load_or_build_with_notes(self.cache_dir, key, partial(self._build, sources))
+        self.cache_entry = Path(self.cache_dir) / key
+        self._built_here = self._built_here or bool(self.data_notes.get("built"))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
         empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
@@ -361,7 +388,7 @@ class PandaDataModule(L.LightningDataModule):
             datasets[split] = stored.get(group_split(split, 0), empty)
         return datasets
 
-    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> DatasetDict:
+    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> tuple[DatasetDict, dict]:
         records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
         }
@@ -376,9 +403,17 @@ class PandaDataModule(L.LightningDataModule):
         for groups in records.values():
             for group in groups:
                 group["instruction"] = self._render(group["instruction"], skipped)
-        if skipped:
-            num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
-            self._report_skipped(skipped, num_valid)
+        num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
+        left_out = skipped or []
+        shown = [str(error) for error in left_out[:10]]
+        notes: dict = {
+            "groups": {},
+            "records": num_valid + len(left_out),
+            "skipped": len(left_out),
+            "skipped_examples": shown,
+        }
+        if left_out:
+            self._check_skipped(left_out, num_valid)
         if self.val_fraction > 0:
             for group in records["train"]:
                 for kind, train in group.items():
@@ -388,28 +423,25 @@ class PandaDataModule(L.LightningDataModule):
         for split, groups in records.items():
             for index, by_kind in enumerate(groups):
                 name = group_split(split, index)
-                rows = self._tokenize(name, by_kind, scratch / name)
+                note = notes["groups"][name] = {
+                    "instruction_records": len(by_kind["instruction"]),
+                    "documents": len(by_kind["pretraining"]),
+                }
+                rows = self._tokenize(by_kind, scratch / name, note)
                 if rows is not None:
                     built[name] = rows
-        return DatasetDict(built)
+                    note["rows"], note["tokens"] = len(rows), sum(len(ids) for ids in rows["input_ids"])
+        return DatasetDict(built), notes
 
-    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path) -> Dataset | None:
-        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks."""
+    def _tokenize(self, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:
+        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks; the
+        number of over-long instruction records goes to `note`."""
         parts = []
         if by_kind["instruction"]:
             drop = self.overlong_records == "drop"
-            rows, num_overlong = tokenize_instructions(
+            rows, note["overlong"] = tokenize_instructions(
                 by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
             )
-            if num_overlong:
-                log.warning(
-                    "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
-                    name,
-                    num_overlong,
-                    len(by_kind["instruction"]),
-                    self.max_seq_length,
-                    "they were dropped" if drop else "their prompts were truncated from the left",
-                )
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
@@ -455,11 +487,9 @@ class PandaDataModule(L.LightningDataModule):
             )
         return rendered
 
-    def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+    def _check_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+        # Reported (with the first ones) by `_report`, from the cache entry's notes, on every run.
         total = num_valid + len(skipped)
-        shown = "\n  ".join(str(error) for error in skipped[:10])
-        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning("pandallm data: skipped %d of %d records as malformed:\n  %s%s", len(skipped), total, shown, more)
         if len(skipped) > self.max_bad_fraction * total:
             raise DatasetError(
                 f"{len(skipped)} of {total} records ({len(skipped) / total:.1%}) are malformed, more than "
@@ -590,8 +620,9 @@ class PandaDataModule(L.LightningDataModule):
         if "stream_positions" in state_dict:
             self._load_stream_state(state_dict)
             return
-        if "epoch" not in state_dict:
-            return
+        evaluating = self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING
+        if "epoch" not in state_dict or evaluating:
+            return  # only `fit` continues from the data position; validate / test / predict read their own files
         epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
         _, world_size = self._rank_and_world()
         batch_rows = self.train_batch_size * world_size
