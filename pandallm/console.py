@@ -61,12 +61,20 @@ class _ConsoleHandler(logging.StreamHandler):
     """pandallm's log lines on stderr: INFO and up on rank 0 (what the data became, where things were written),
     warnings only on the other ranks, which would repeat them."""
 
+    @property  # `sys.stderr` when the line is written, not when the handler was made: it may have been replaced since
+    def stream(self):  # (a test's capture, closed by now)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
 
 def show_pandallm_logs() -> None:
     logger = logging.getLogger("pandallm")
     if any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         return
-    handler = _ConsoleHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.INFO if rank_zero_by_environment() else logging.WARNING)
     logger.addHandler(handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,11 +19,12 @@ from pandallm.callbacks.rng import RNGState
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.checkpoint.load import safe_load
-from pandallm.checkpoint.sharded import model_defaults
+from pandallm.checkpoint.sharded import model_defaults, module_arguments
 from pandallm.cli import TOOLS
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.data.template import trained_rendering
 from pandallm.model.module import PandaLLM
+from pandallm.run_dir import align_loggers
 from pandallm.stop import STOP
 from pandallm.suggest import explain
 from pandallm.writable import check_run_directories
@@ -32,6 +33,13 @@ from pandallm.writable import check_run_directories
 def resolve_tokenizer(model_name_or_path: str, tokenizer: str | None) -> str:
     """The data module tokenizes with the model's tokenizer: `model.tokenizer`, else the checkpoint's own."""
     return tokenizer or model_name_or_path
+
+
+def recorded_data(checkpoint: dict) -> dict:
+    """The data settings a pandallm checkpoint records (`pandallm.checkpoint.compat`), as `data.*` parser defaults."""
+    recorded = (checkpoint.get("pandallm") or {}).get("data") or {}
+    arguments = module_arguments(PandaDataModule, recorded)
+    return {f"data.{name}": value for name, value in arguments.items() if name != "tokenizer"}  # linked from the model
 
 
 class PandaParser(LightningArgumentParser):
@@ -69,6 +77,22 @@ class PandaCLI(LightningCLI):
             help="Entry of the sweep file to run; default SLURM_ARRAY_TASK_ID",
         )
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output",
+                type=str | None,
+                default=None,
+                help="The predictions file (predictions.path); default predictions.jsonl beside the checkpoint's run",
+            )
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subcommand_config()
+        if self.config.get("subcommand") == "predict" and config.get("output"):
+            config.predictions.path = config.output
+
     def _parse_ckpt_path(self) -> None:
         """Lightning's version loads an explicit `--ckpt_path` file's hyper-parameters over the parsed `model`
         options, so every `--model.*` a user passed was silently dropped (and `--ckpt_path last` behaved otherwise).
@@ -79,7 +103,8 @@ class PandaCLI(LightningCLI):
         `test` and `predict` need no config to rebuild the model, and a `--config` or `--model.*` given still wins
         (the checkpoint's record is then compared with the result as it loads: `pandallm.checkpoint.compat`). So do
         its data settings that decide how records become ids (`data.template`, ...): prompts are rendered as the
-        model was trained."""
+        model was trained. `validate`, `test` and `predict` take all the run's data settings as defaults (its
+        `data.val_files`, `data.test_files`, ...): a checkpoint alone evaluates on the data its run held out."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self._subcommand_config().get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -88,7 +113,10 @@ class PandaCLI(LightningCLI):
         recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not recorded:
             return False  # not a pandallm checkpoint: refused with that message when it loads
-        self._parser(subcommand).set_defaults({**model_defaults(PandaLLM, recorded), **trained_rendering(checkpoint)})
+        data = {} if subcommand == "fit" else recorded_data(checkpoint)
+        self._parser(subcommand).set_defaults(
+            {**model_defaults(PandaLLM, recorded), **data, **trained_rendering(checkpoint)}
+        )
         return True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
@@ -118,6 +146,7 @@ class PandaCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         STOP.check()
+        align_loggers(self.trainer.loggers)  # one run directory for every logger, before anything is written
         # Before data preparation and the first step, not at the first save after hours of training.
         check_run_directories(self.trainer, self.config.get("subcommand"), getattr(self.datamodule, "cache_dir", None))
         # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
