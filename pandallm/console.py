@@ -84,14 +84,18 @@ def show_pandallm_logs() -> None:
 
 @contextlib.contextmanager
 def no_progress_bars() -> Iterator[None]:
-    """`datasets` without its progress bars, for steps whose bar says nothing (saving, packing into blocks); the
-    tokenizing bars stay."""
+    """`datasets` and transformers without their progress bars, for steps whose bar says nothing (saving a cache
+    entry, packing into blocks, writing the one shard of an export); the tokenizing bars stay."""
     import datasets
+    from transformers.utils import logging as transformers_logging
 
-    enabled = datasets.is_progress_bar_enabled()
+    enabled = datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if enabled:
+        if enabled[0]:
             datasets.enable_progress_bars()
+        if enabled[1]:
+            transformers_logging.enable_progress_bar()

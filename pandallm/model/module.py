@@ -8,13 +8,12 @@ import logging
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -42,6 +41,7 @@ from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
     apply_lora,
+    is_peft_model,
     load_adapter,
     merged_copy,
     trains_both_embeddings,
@@ -52,6 +52,9 @@ from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_grou
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
 from pandallm.tokenizer import check_fits, load_tokenizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +247,7 @@ class PandaLLM(L.LightningModule):
 
     @property
     def is_adapter_run(self) -> bool:
-        return isinstance(self.model, PeftModel)
+        return is_peft_model(self.model)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ class PandaLLM(L.LightningModule):
         # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
         self._window_sums = self._window_sums + torch.stack([loss_sum.detach().double(), count.double()])
         if logs_this_step(self.trainer):
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, prog_bar=True)
         if not self._token_weighted:
             return loss
         # The update must follow the mean over every target token of the accumulated batch of all ranks, not the
