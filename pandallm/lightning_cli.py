@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jsonargparse import Namespace
+from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -79,6 +79,14 @@ class PandaCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--dry_run",
+                action=ActionYesNo,  # `--dry_run` alone, as a flag
+                default=False,
+                help="Resolve the config, read and check the data, build the model on the meta device, print the "
+                "optimizer steps, tokens per step, trainable parameters and memory estimate; train nothing",
+            )
         if subcommand == "predict":
             parser.add_argument(
                 "--output",
@@ -87,6 +95,15 @@ class PandaCLI(LightningCLI):
                 help="The predictions file (predictions.path); default predictions.jsonl beside the checkpoint's run",
             )
         return parser
+
+    def fit(self, model: PandaLLM, datamodule: PandaDataModule, **kwargs: Any) -> None:
+        """`trainer.fit`, or with `--dry_run` the figures of the run (`pandallm.dry_run`) and no training."""
+        if not self.config.fit.get("dry_run"):
+            self.trainer.fit(model, datamodule, **kwargs)
+            return
+        from pandallm import dry_run
+
+        print(dry_run.report(dry_run.plan(self.trainer, model, datamodule), self.trainer, datamodule))
 
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()

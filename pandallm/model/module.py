@@ -50,7 +50,7 @@ from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
-from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
+from pandallm.optim.schedules import ScheduleName, run_steps, schedule_from
 from pandallm.tokenizer import check_fits, load_tokenizer
 
 if TYPE_CHECKING:
@@ -517,16 +517,10 @@ class PandaLLM(L.LightningModule):
     # ---- optimization ----------------------------------------------------------------------------------------
 
     def total_steps(self) -> int:
-        trainer = self.trainer
-        datamodule = trainer.datamodule
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "num_train_batches"):
             raise ModelError("PandaLLM computes its schedule from a PandaDataModule; pass one to the trainer")
-        batches = datamodule.num_train_batches(trainer.world_size)
-        limit = trainer.limit_train_batches
-        if math.isinf(batches):  # an endless stream: the run is `max_steps` long
-            return total_optimizer_steps(1, 1, None, trainer.max_steps)
-        batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
-        return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
+        return run_steps(self.trainer, datamodule)
 
     def configure_optimizers(self) -> dict:
         h = self.hparams
