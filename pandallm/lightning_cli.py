@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from pandallm import sweep
 from pandallm.callbacks.export import HFExport
+from pandallm.callbacks.final_validation import FinalValidation
 from pandallm.callbacks.graceful_stop import GracefulStop
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
@@ -185,7 +186,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
         seed_everything_default=42,
         trainer_defaults={
             "logger": {"class_path": CSVLogger.__module__ + ".CSVLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [TokensPerSecond(), RNGState(), GracefulStop(), AtomicCheckpoints()],
+            "callbacks": [TokensPerSecond(), RNGState(), GracefulStop(), AtomicCheckpoints(), FinalValidation()],
             "use_distributed_sampler": False,  # PandaDataModule shards the data across ranks itself
         },
         parser_class=PandaParser,
