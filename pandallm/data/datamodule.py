@@ -23,7 +23,7 @@ from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_po
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import rank_positions
-from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
+from pandallm.data.sources import Files, evaluation_files, ordered_ratios, row_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
 from pandallm.data.summary import evaluation_line, training_lines, warning_lines
 from pandallm.data.template import (
@@ -60,6 +60,7 @@ class PandaDataModule(L.LightningDataModule):
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
         mix_ratios: dict[str, float] | None = None,
+        mix_unit: Literal["rows", "records", "tokens"] = "rows",
         epoch_rows: int | None = None,
         streaming: bool = False,
         val_files: list[str] | None = None,
@@ -97,6 +98,9 @@ class PandaDataModule(L.LightningDataModule):
                 in `instruction_tuning_data_dir`, `pretraining_data_dir` or `train_files` (normalized; every source
                 needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
                 epoch.
+            mix_unit: What `mix_ratios` are shares of: `rows` (training rows: with `packing`, and for pretraining
+                documents, packed blocks), `records` (the records the rows hold) or `tokens`. Each epoch still draws
+                whole rows, as many as `records` or `tokens` shares need on average.
             epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
             streaming: Read, tokenize and pack `pretraining_data_dir` on the fly instead of through the Arrow
                 cache, for corpora too large for it (pandallm.data.streaming). The stream is endless: set
@@ -155,6 +159,7 @@ class PandaDataModule(L.LightningDataModule):
         if epoch_rows is not None and (mix_ratios is None or epoch_rows < 1):
             raise DatasetError("data.epoch_rows needs data.mix_ratios and must be at least 1")
         self.mix_ratios = mix_ratios
+        self.mix_unit = mix_unit
         self.epoch_rows = epoch_rows
         self.streaming = streaming
         if streaming and (pretraining_data_dir is None or instruction_tuning_data_dir is not None or train_files):
@@ -288,6 +293,7 @@ class PandaDataModule(L.LightningDataModule):
                 self.max_seq_length,
                 self.packing,
                 batch_rows,
+                self.mix_unit,
             ):
                 log.info(line)
         for split in ("validation", "test"):
@@ -311,15 +317,17 @@ class PandaDataModule(L.LightningDataModule):
     @cached_property
     def training_order(self) -> TrainingOrder:
         names = self.train_source_names
-        ratios = ordered_ratios(self.mix_ratios, names)
-        if ratios is not None:
-            sizes = zip(names, self.train_source_sizes, ratios, strict=True)
+        groups = [self.data_notes.get("groups", {}).get(group_split("train", i), {}) for i in range(len(names))]
+        given = ordered_ratios(self.mix_ratios, names)
+        if given is not None:
+            sizes = zip(names, self.train_source_sizes, given, strict=True)
             empty = [name for name, size, ratio in sizes if ratio > 0 and size == 0]
             if empty:
                 raise DatasetError(
                     f"data.mix_ratios: training source(s) {empty} have a positive ratio but no rows left (every record "
                     "dropped as over-long, or skipped as malformed)"
                 )
+        ratios = row_ratios(given, self.mix_unit, groups)  # what the order draws: rows
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
             # Shares are whole rows in each epoch and exact only over epochs: one of less than a row is not read in

@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from pandallm.data.sampling import TrainingOrder
+from pandallm.data.sources import held
 
 
 def _n(value: float) -> str:
@@ -47,6 +48,7 @@ def training_lines(
     max_seq_length: int,
     packing: bool,
     batch_rows: int,
+    mix_unit: str = "rows",
 ) -> list[str]:
     """The training sources (name -> their files) with their records, rows, tokens and share of each epoch, and the
     epoch's size."""
@@ -63,9 +65,14 @@ def training_lines(
         f"{batch_rows} rows)"
     )
     lines = [header]
-    for name, note, count in zip(names, groups, counts, strict=True):
+    # With `data.mix_unit: records` or `tokens`, the share of that unit too: what the ratios were given as.
+    per_row_held = [held(note, mix_unit) / note["rows"] if note.get("rows") else 0.0 for note in groups]
+    unit_total = sum(count * per_row for count, per_row in zip(counts, per_row_held, strict=True))
+    for name, note, count, per_row in zip(names, groups, counts, per_row_held, strict=True):
         share = count / order.length if order.length else 0.0
         drawn = f"; {share:.1%} of each epoch's rows"
+        if mixed and mix_unit != "rows" and unit_total:
+            drawn += f", about {count * per_row / unit_total:.1%} of its {mix_unit}"
         if mixed:
             drawn += f" ({_n(count)} drawn per epoch)"
         lines.append(
@@ -75,10 +82,10 @@ def training_lines(
         if [name] != list(files[name]):  # a directory: which files it held (it may hold more, or fewer, than meant)
             shown = ", ".join(files[name][:5]) + (f", ... ({len(files[name])} files)" if len(files[name]) > 5 else "")
             lines.append(f"    files: {shown}")
-    if packing and mixed:
+    if packing and mixed and mix_unit == "rows":
         lines.append(
-            "  with data.packing, data.mix_ratios are shares of packed blocks, not of records (README, "
-            "'Several sources, mixed')"
+            "  with data.packing, data.mix_ratios are shares of packed blocks, not of records: "
+            "data.mix_unit: records (or tokens) mixes by those"
         )
     return lines
 

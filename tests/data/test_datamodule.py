@@ -244,6 +244,32 @@ def test_mix_ratios_weigh_the_sources_of_each_epoch(tmp_path: Path, tokenizer_di
     assert len(from_file) == 30 and sorted(set(from_file)) == list(range(16, 26))  # each of its 10 rows 3 times
 
 
+def test_mix_unit_records_gives_record_shares_with_packing(tmp_path: Path, tokenizer_dir: str) -> None:
+    short = write_jsonl(tmp_path / "short.jsonl", [{"input": f"Q{i}?", "target": f"A{i}."} for i in range(60)])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"input": "word " * 12, "target": "answer " * 8}] * 30)
+    files = [str(short), str(long)]
+    settings = {"instruction_tuning_data_dir": None, "pretraining_data_dir": None, "train_files": files}
+    drawn = {}
+    for unit in ("rows", "records"):
+        dm = ready(
+            make(
+                tokenizer_dir,
+                **settings,
+                packing=True,
+                mix_ratios=dict.fromkeys(files, 1.0),
+                mix_unit=unit,
+                epoch_rows=24,
+                cache_dir=str(tmp_path / "c"),
+            )
+        )
+        rows = dm.train_source_sizes
+        per_row = [60 / rows[0], 30 / rows[1]]  # records per packed block of each source
+        drawn[unit] = [count * k for count, k in zip(dm.training_order.source_counts(), per_row, strict=True)]
+    assert drawn["rows"][0] > 2 * drawn["rows"][1]  # equal blocks: many more short records than long ones
+    short_share = drawn["records"][0] / sum(drawn["records"])
+    assert abs(short_share - 0.5) < 0.1, drawn  # equal records, up to whole blocks per epoch
+
+
 def test_mix_ratios_must_name_every_source(tmp_path: Path, tokenizer_dir: str) -> None:
     write_jsonl(tmp_path / "it" / "a.jsonl", INSTRUCTIONS)
     write_jsonl(tmp_path / "b.jsonl", INSTRUCTIONS)
