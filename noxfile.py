@@ -21,6 +21,12 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=False)
+def tests_all(session: nox.Session) -> None:
+    """Every test, the slow ones (left out of the default run) included."""
+    session.run("python", "-m", "pytest", "-n", "2", "-m", "slow or not slow", *session.posargs)
+
+
+@nox.session(python=False)
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "pandallm", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "pandallm", "tests", "benchmarks", "noxfile.py")

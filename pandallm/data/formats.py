@@ -16,12 +16,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pandallm.errors import DataFormatError
 
 T = TypeVar("T")
-RecordKind = Literal["instruction", "pretraining"]
+# What a record trains: an instruction / chat conversation, a pretraining document, a preference pair (DPO and
+# the reward model), or one continuation judged desirable or not (KTO).
+RecordKind = Literal["instruction", "pretraining", "preference", "unpaired"]
+# The rows an objective trains on, which the data module builds from records (`data.rows`, linked from
+# `model.objective`): `sequences` from instruction records and documents (`input_ids`, `labels`, `position_ids`),
+# `pairs` from preference pairs (two sequences each), `unpaired` from judged continuations (KTO).
+RowKind = Literal["sequences", "pairs", "unpaired"]
 Role = Literal["system", "user", "assistant"]
 
 # Names a `from` (ShareGPT) or `role` (OpenAI) value may take, by the role it means. ShareGPT dumps use
@@ -266,8 +272,8 @@ UNSUPPORTED_LAYOUTS = (
     ),
     (
         ("chosen", "rejected"),
-        "a preference pair (DPO or reward-model data)",
-        "pandallm trains on demonstrations: keep the prompt and the chosen reply as an instruction record",
+        "a preference pair, in no layout pandallm reads",
+        "give the prompt, chosen and rejected as strings or message lists (README, 'Preference tuning')",
     ),
     (
         ("prompt", "completion"),
@@ -316,6 +322,19 @@ def _is_document(*fields: str) -> Callable[[dict], bool]:
     return lambda value: all(value.get(field) is not None for field in fields) and not _chat_fields(value)
 
 
+def _preference_formats() -> tuple[Format, ...]:
+    from pandallm.data import preference_formats as p
+
+    return (
+        Format(
+            "preference_chat", "preference", ("chosen[]", "rejected[]", "prompt?"), p.is_chat_pair, p.parse_chat_pair
+        ),
+        Format("hh_rlhf", "preference", ("chosen: 'Human: ...'", "rejected"), p.is_hh_pair, p.parse_hh_pair),
+        Format("preference", "preference", ("prompt", "chosen", "rejected"), p.is_text_pair, p.parse_text_pair),
+        Format("kto", "unpaired", ("prompt", "completion", "label"), p.is_judged, p.parse_judged),
+    )
+
+
 def _parse_title_content(value: dict, path: Path, line: int) -> str:
     _document(value, path, line)
     title = _string(value, "title", path, line, required=False).strip()  # an empty or null title: the content alone
@@ -333,6 +352,9 @@ def _parse_text(value: dict, path: Path, line: int) -> str:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
+        # Preference layouts first: their fields are their own. Defined in `preference_formats`, which imports this
+        # module's field readers (imported here, once those exist).
+        *_preference_formats(),
         Format(
             "pandallm",
             "instruction",
@@ -392,11 +414,16 @@ FORMATS: dict[str, Format] = {
         Format("text", "pretraining", ("text",), _is_document("text"), _parse_text),
     )
 }
-FormatName = Literal["auto", "pandallm", "sharegpt", "openai", "dolly", "belle", "alpaca", "pretraining", "text"]
 
 
 def formats_of(kind: RecordKind | None) -> list[Format]:
     return [f for f in FORMATS.values() if kind is None or f.kind == kind]
+
+
+def format_option(kind: RecordKind) -> Any:
+    """The type of an option that names a format of `kind`: `Literal` of "auto" and those formats' names, derived
+    from `FORMATS`, so that a new format is added in one place and the options cannot drift from it."""
+    return Literal[("auto", *(f.name for f in formats_of(kind)))]
 
 
 def describe(formats: list[Format]) -> str:
@@ -413,8 +440,9 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
                 return fmt
         other = next((f for f in formats_of(None) if f not in candidates and f.matches(value)), None)
         if other is not None:
+            found = f"{_article(other.kind)} {other.kind} record ({other.name})"
             raise DataFormatError(
-                path, line, None, f"a {other.kind} record ({other.name}) where {kind} records are expected"
+                path, line, None, f"{found} where {kind} records are expected{_hint(other.kind, kind)}"
             )
         unsupported = unsupported_layout(value)
         if unsupported is not None:
@@ -428,6 +456,25 @@ def detect(value: object, path: Path, line: int, kind: RecordKind | None = None)
         None,
         f"cannot tell the record kind: found fields {found}; expected the fields of {describe(candidates)}",
     )
+
+
+# What trains on which records, for errors where a record is not of the kind expected.
+OBJECTIVE_HINTS: dict[str, str] = {
+    "instruction": "instruction and pretraining records train with model.objective SFT (the default)",
+    "pretraining": "instruction and pretraining records train with model.objective SFT (the default)",
+    "preference": "preference pairs train with model.objective DPO, SimPO, ORPO or RewardModel",
+    "unpaired": "judged completions (label true / false) train with model.objective KTO",
+}
+
+
+def _hint(found: RecordKind, expected: RecordKind | None) -> str:
+    """Which objective trains on the record found, where it matters (a pair among conversations, or the reverse)."""
+    other_rows = {"preference", "unpaired"}
+    return f" ({OBJECTIVE_HINTS[found]})" if found in other_rows or expected in other_rows else ""
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def detect_prompt(value: object, path: Path, line: int) -> Format:

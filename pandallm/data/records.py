@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
+from pandallm.data.preference_formats import Judged, Pair
 from pandallm.errors import DataFormatError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,41 @@ TxtSplit = Literal["file", "paragraph"]
 
 @dataclass(frozen=True)
 class Record:
-    """One validated record, normalized, and where it came from: a conversation (`turns`) or a document (`text`)."""
+    """One validated record, normalized, and where it came from: a conversation (`turns`), a document (`text`), or
+    a prompt (`turns`) with continuations: `chosen` and `rejected` (a preference pair), or one `chosen` that is
+    `desirable` or not (KTO)."""
 
     path: str
     line: int
     format: str
     turns: tuple[Turn, ...] = ()
     text: str = ""
+    chosen: tuple[Turn, ...] = ()
+    rejected: tuple[Turn, ...] = ()
+    desirable: bool | None = None
 
     @property
     def kind(self) -> RecordKind:
+        if self.desirable is not None:
+            return "unpaired"
+        if self.rejected:
+            return "preference"
         return "instruction" if self.turns else "pretraining"
 
     @property
     def texts(self) -> list[str]:
         """Every text the record holds (for tokenizer training and statistics)."""
-        return [turn.content for turn in self.turns] if self.turns else [self.text]
+        if not self.turns:
+            return [self.text]
+        return [turn.content for turn in (*self.turns, *self.chosen, *self.rejected)]
+
+    @property
+    def conversations(self) -> tuple[tuple[Turn, ...], ...]:
+        """What is rendered and tokenized: the conversation; a pair's prompt + chosen and prompt + rejected; a
+        judged prompt + its continuation."""
+        if self.kind == "instruction":
+            return (self.turns,)
+        return tuple((*self.turns, *side) for side in (self.chosen, self.rejected) if side)
 
 
 @dataclass(frozen=True)
@@ -382,6 +402,10 @@ def _as_record(fmt: Format, value: object, path: Path, line: int, first_line: in
         raise _of_another_format(error, fmt, value, path, line, first_line, prompt=False) from error
     if isinstance(parsed, str):
         return Record(str(path), line, fmt.name, text=parsed)
+    if isinstance(parsed, Pair):
+        return Record(str(path), line, fmt.name, parsed.prompt, chosen=parsed.chosen, rejected=parsed.rejected)
+    if isinstance(parsed, Judged):
+        return Record(str(path), line, fmt.name, parsed.prompt, chosen=parsed.completion, desirable=parsed.desirable)
     return Record(str(path), line, fmt.name, turns=parsed)
 
 

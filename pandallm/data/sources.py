@@ -61,9 +61,9 @@ def ordered_ratios(mix_ratios: Mapping[str, float] | None, names: list[str]) -> 
 
 def held(note: dict, unit: str) -> float:
     """What a source's rows hold in `unit` (`data.mix_unit`), from its notes (`pandallm.data.summary`): its records
-    (instruction records and documents read), its tokens, or its rows."""
+    (of every kind, as read), its tokens, or its rows."""
     if unit == "records":
-        return note.get("instruction_records", 0) + note.get("documents", 0)
+        return sum(note.get("records", {}).values())
     return note.get("tokens", 0) if unit == "tokens" else note.get("rows", 0)
 
 

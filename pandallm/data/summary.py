@@ -8,35 +8,43 @@ They come from the notes stored with the cache entry (`pandallm.data.cache.NOTES
       dataset/pretraining: 80 documents -> 126 blocks of up to 256 tokens, 32,256 tokens; 36.2% of each epoch's rows
     pandallm data: dataset/instruction_tuning: 14 of 222 instruction records are longer than max_seq_length=256; ...
 
-A group's notes: `instruction_records` and `documents` (records read, malformed ones left out), `overlong`
-(instruction records longer than `max_seq_length`), `rows` and `tokens` (rows stored, and their tokens).
+A group's notes: `records` (records read of each kind, malformed ones left out), `overlong` (records of each kind
+longer than `max_seq_length`), `rows` and `tokens` (rows stored, and their tokens).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from pandallm.data.sampling import TrainingOrder
 from pandallm.data.sources import held
+
+if TYPE_CHECKING:
+    from pandallm.data.sampling import TrainingOrder
 
 
 def _n(value: float) -> str:
     return f"{round(value):,}"
 
 
+# How a record of each kind is named in the lines.
+LABELS = {
+    "instruction": "instruction records",
+    "pretraining": "documents",
+    "preference": "preference pairs",
+    "unpaired": "judged completions",
+}
+
+
 def _records(note: dict) -> str:
-    parts = []
-    if note.get("instruction_records"):
-        parts.append(f"{_n(note['instruction_records'])} instruction records")
-    if note.get("documents"):
-        parts.append(f"{_n(note['documents'])} documents")
-    return " and ".join(parts) or "no records"
+    counts = note.get("records", {})
+    return " and ".join(f"{_n(n)} {LABELS.get(kind, kind)}" for kind, n in counts.items() if n) or "no records"
 
 
 def _rows(note: dict, max_seq_length: int, packed: bool) -> str:
     rows = _n(note.get("rows", 0))
-    if note.get("documents") or packed:
+    if note.get("records", {}).get("pretraining") or packed:
         return f"{rows} blocks of up to {max_seq_length} tokens"
     return f"{rows} rows"
 
@@ -102,14 +110,15 @@ def warning_lines(notes: dict, names: Sequence[str], max_seq_length: int, overlo
     """What a run must know on every start, cache reused or not: over-long records and malformed ones left out."""
     lines = []
     labels = {f"train_{i}": name for i, name in enumerate(names)}
+    what = "they are dropped" if overlong_records == "drop" else "their prompts are cut from the left"
     for group, note in notes.get("groups", {}).items():
-        if note.get("overlong"):
-            what = "they are dropped" if overlong_records == "drop" else "their prompts are cut from the left"
-            lines.append(
-                f"pandallm data: {labels.get(group, group)}: {_n(note['overlong'])} of "
-                f"{_n(note['instruction_records'])} instruction records are longer than max_seq_length="
-                f"{max_seq_length}; {what} (data.overlong_records: {overlong_records})"
-            )
+        for kind, overlong in note.get("overlong", {}).items():
+            if overlong:
+                lines.append(
+                    f"pandallm data: {labels.get(group, group)}: {_n(overlong)} of {_n(note['records'][kind])} "
+                    f"{LABELS.get(kind, kind)} are longer than max_seq_length={max_seq_length}; {what} "
+                    f"(data.overlong_records: {overlong_records})"
+                )
     if notes.get("skipped"):
         examples = "\n  ".join(notes.get("skipped_examples", []))
         more = notes["skipped"] - len(notes.get("skipped_examples", []))

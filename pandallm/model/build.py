@@ -8,11 +8,11 @@ import copy
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pandallm.errors import ModelError
@@ -21,6 +21,15 @@ from pandallm.model.presets import PRESETS, preset
 from pandallm.model.quantize import QuantBits, bnb_config
 
 log = logging.getLogger(__name__)
+
+
+# What the model ends in: the language-model head (every objective that generates), or one score per sequence
+# (a reward model: `LlamaForSequenceClassification` with one label, read at the last token that is not padding).
+Head = Literal["causal_lm", "score"]
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "causal_lm": LlamaForCausalLM,
+    "score": LlamaForSequenceClassification,
+}
 
 
 def is_preset(name_or_path: str) -> bool:
@@ -128,9 +137,12 @@ def _checkpoint_config(name_or_path: str) -> LlamaConfig:
     return config
 
 
-def _from_pretrained(name_or_path: str, config: LlamaConfig, **kwargs: Any) -> LlamaForCausalLM:
+def _from_pretrained(
+    name_or_path: str, config: LlamaConfig, head: Head = "causal_lm", **kwargs: Any
+) -> PreTrainedModel:
+    model_class = MODEL_CLASSES[head]
     if not is_gguf(name_or_path):
-        return LlamaForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
+        return model_class.from_pretrained(name_or_path, config=config, **kwargs)
     directory, file = gguf_location(name_or_path)
     try:  # transformers >= 5.x can keep GGUF blocks packed (with `kernels`); LoRA needs plain nn.Linear weights
         from transformers import GgufConfig
@@ -138,7 +150,7 @@ def _from_pretrained(name_or_path: str, config: LlamaConfig, **kwargs: Any) -> L
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older releases always dequantize
         pass
-    model = LlamaForCausalLM.from_pretrained(directory, gguf_file=file, config=config, **kwargs)
+    model = model_class.from_pretrained(directory, gguf_file=file, config=config, **kwargs)
     # The weights are dense now, but the model still carries the GGUF "quantizer", which makes save_pretrained
     # refuse ("quantized with gguf and is not serializable") and peft treat the model as quantized.
     quantizer = getattr(model, "hf_quantizer", None)
@@ -161,8 +173,10 @@ def load_model(
     delta_from: str | None = None,
     delta_replaces: tuple[str, ...] | list[str] = DEFAULT_REPLACED,
     device: torch.device | str | None = None,
-) -> LlamaForCausalLM:
-    """The model at its starting point, with the vocabulary it was saved with (see `grow_embeddings`).
+    head: Head = "causal_lm",
+) -> PreTrainedModel:
+    """The model at its starting point, with the vocabulary it was saved with (see `grow_embeddings`), ending in
+    `head` (a checkpoint's language-model head is left out of a `score` model, whose score starts fresh).
 
     A preset gets fresh weights (seeded by the caller); `delta_from` names the base checkpoint that the delta
     weights in `name_or_path` were made from. `quant_bits` loads the linear layers with bitsandbytes (4-bit NF4 or
@@ -172,20 +186,23 @@ def load_model(
     config._attn_implementation = attn_implementation
     if delta_from is not None and is_preset(name_or_path):
         raise ModelError(f"model.delta_from is set, but model.model_name_or_path '{name_or_path}' is a preset")
+    if delta_from is not None and head != "causal_lm":
+        raise ModelError("model.delta_from: delta weights are applied to language models, not to a reward model")
     plain_checkpoint = not (is_preset(name_or_path) or is_gguf(name_or_path) or delta_from)
     if quant_bits is not None and plain_checkpoint:
         device_map = {"": torch.device(device)} if device is not None else None
         return _from_pretrained(
             name_or_path,
             config,
+            head,
             attn_implementation=attn_implementation,
             quantization_config=bnb_config(quant_bits),
             device_map=device_map,
         )
     if is_preset(name_or_path):
-        model = LlamaForCausalLM(config)
+        model = MODEL_CLASSES[head](config)
     else:
-        model = _from_pretrained(name_or_path, config, attn_implementation=attn_implementation)
+        model = _from_pretrained(name_or_path, config, head, attn_implementation=attn_implementation)
         if delta_from is not None:
             apply_delta(model, delta_from, name_or_path, delta_replaces)
     if quant_bits is None:
@@ -195,7 +212,7 @@ def load_model(
     with tempfile.TemporaryDirectory(prefix="pandallm-quantize-") as scratch:
         model.save_pretrained(scratch)
         del model
-        model = load_model(scratch, vocab_size, None, attn_implementation, quant_bits, device=device)
+        model = load_model(scratch, vocab_size, None, attn_implementation, quant_bits, device=device, head=head)
     _name(model, name_or_path)  # not the scratch directory: adapters record it as their base
     return model
 
@@ -227,8 +244,8 @@ def build_model(
     return model
 
 
-def num_parameters(config: LlamaConfig) -> int:
+def num_parameters(config: LlamaConfig, head: Head = "causal_lm") -> int:
     """Parameters of the model `config` describes, counted on the meta device (nothing is allocated)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = MODEL_CLASSES[head](config)
     return sum(p.numel() for p in model.parameters())

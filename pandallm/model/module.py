@@ -5,22 +5,24 @@ loss, optimizer, schedule and metrics.
 from __future__ import annotations
 
 import logging
-import math
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from pandallm.checkpoint import compat
+from pandallm.checkpoint.sharded import module_arguments
 from pandallm.data.cache import tokenizer_digest
 from pandallm.data.position import epoch_cut_short
 from pandallm.errors import ConfigError, ModelError
+from pandallm.generate.options import SEED_STRIDE, GenerationOptions, decode, generate
 from pandallm.log_steps import logs_this_step
 from pandallm.model import zero
 from pandallm.model.build import (
@@ -35,7 +37,6 @@ from pandallm.model.build import (
 from pandallm.model.compile import compile_decoder_layers
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
-from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.model.parallel import apply_fsdp2, fsdp_norm, fsdp_replicas
 from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
@@ -48,6 +49,9 @@ from pandallm.model.peft import (
 )
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
+from pandallm.objectives import SFT, Objective, Terms
+from pandallm.objectives.base import objective_class, objective_from
+from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, run_steps, schedule_from
@@ -59,9 +63,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AdapterSaveType = Literal["adapter_only", "merge"]
+# Settings only (no state), so one instance can be every module's default; jsonargparse prints it as a class_path.
+DEFAULT_OBJECTIVE = lazy_instance(SFT)
 
 
 class PandaLLM(L.LightningModule):
+    # How `predict` and the generation metrics sample: the CLI's `generation.*` options (not hyper-parameters: they
+    # change nothing of the trained model, and a checkpoint resumes under any of them).
+    generation: GenerationOptions = GenerationOptions()
+
     def __init__(
         self,
         model_name_or_path: str = "llama-tiny",
@@ -94,6 +104,7 @@ class PandaLLM(L.LightningModule):
         poly_power: float = 1.0,
         max_new_tokens: int = 128,
         nonfinite: Literal["error", "skip"] = "error",
+        objective: Objective = lazy_instance(SFT),  # noqa: B008 (jsonargparse reads it, as it does for `delta_replaces`)
     ) -> None:
         """
         Args:
@@ -135,12 +146,18 @@ class PandaLLM(L.LightningModule):
             warmup_proportion: Warmup length as a share of all optimizer steps; replaces `warmup_steps` when set.
             min_lr_ratio: Learning rate at the end of a decay, as a share of the peak.
             poly_power: Exponent of the `poly` decay.
-            max_new_tokens: Tokens `pandallm predict` generates per prompt.
+            max_new_tokens: Tokens generated per prompt, by `pandallm predict` and the generation metrics (the
+                sampling options are `generation.*`: `pandallm.generate.options`).
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
+            objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
+                default), `DPO`, `SimPO`, `ORPO`, `KTO` or `RewardModel`, with their options under `init_args`.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # The objective is recorded as its settings (plain values), not as an object: checkpoints load weights-only.
+        self.save_hyperparameters(ignore=["objective"])
+        self.hparams["objective"] = objective.settings()
+        self.objective = objective
         if tokenizer is None and is_preset(model_name_or_path):
             raise ModelError(f"model.tokenizer must be set: preset '{model_name_or_path}' comes without a tokenizer")
         if is_gguf(model_name_or_path):
@@ -160,6 +177,7 @@ class PandaLLM(L.LightningModule):
                 target_modules=tuple(lora_target_modules),
                 modules_to_save=tuple(modules_to_save or ()),
                 use_dora=use_dora,
+                task_type="SEQ_CLS" if objective.head == "score" else "CAUSAL_LM",
             )
             if use_lora
             else None
@@ -173,11 +191,31 @@ class PandaLLM(L.LightningModule):
         self._added_tokens = 0
         self._eval_sums: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
-        self._window_sums: torch.Tensor | int = 0  # [loss sum, target tokens] of the accumulation window so far
+        self._window_sums: torch.Tensor | int = 0  # `_sums` of the accumulation window so far
         self.step_loss: torch.Tensor | None = None  # of the last optimizer step: over its window and every rank
+        self.step_metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last optimizer step, likewise
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
+        self.reference_scores = ReferenceScores()
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any]) -> PandaLLM:
+        """A module from its arguments as parsers and checkpoints give them (the objective as its settings)."""
+        if isinstance(arguments.get("objective"), dict):
+            arguments = {**arguments, "objective": objective_from(arguments["objective"])}
+        return cls(**arguments)
+
+    @staticmethod
+    def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's hyper-parameters that `__init__` takes, its objective checked to be one of pandallm's
+        (its class path is otherwise imported by whoever instantiates it)."""
+        arguments = module_arguments(PandaLLM, hyper_parameters)
+        if isinstance(arguments.get("objective"), dict):
+            settings = arguments["objective"]
+            cls = objective_class(settings.get("class_path", ""), "the checkpoint's model.objective")
+            arguments["objective"] = {**settings, "class_path": f"{cls.__module__}.{cls.__qualname__}"}
+        return arguments
 
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -189,33 +227,27 @@ class PandaLLM(L.LightningModule):
         if self.model is not None:
             return self.model.config
         h = self.hparams
-        return model_config(h.model_name_or_path, len(self.tokenizer), h.config_overrides)
+        return model_config(h.model_name_or_path, len(self.tokenizer), self._config_overrides)
+
+    @property
+    def _config_overrides(self) -> dict[str, Any]:
+        """`model.config_overrides`, and what the objective needs of the config (a reward model's one label)."""
+        return {**(self.hparams.config_overrides or {}), **self.objective.config_updates(self.tokenizer)}
 
     def num_parameters(self) -> int:
-        return num_parameters(self.config)
+        return num_parameters(self.config, self.objective.head)
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this more than once (fit, then validate)
             return
         h = self.hparams
-        vocab_size = len(self.tokenizer)
         if not is_preset(h.model_name_or_path):  # a preset is sized by the tokenizer
             # Before any weight is read: another model's tokenizer (32000 pieces for a 128256-row Llama 3) would
             # train on ids that mean other pieces.
             check_fits(self.tokenizer, self.tokenizer_name, self.config.vocab_size, f"model '{h.model_name_or_path}'")
         self._zero3_config = zero.tell_transformers_zero3(self._trainer.strategy if self._trainer else None)
-        model = load_model(
-            h.model_name_or_path,
-            vocab_size,
-            h.config_overrides,
-            h.attn_implementation,
-            quant_bits=h.bit_training if h.use_quant else None,
-            delta_from=h.delta_from,
-            delta_replaces=tuple(h.delta_replaces),
-            device=self._quantization_device(),
-        )
-        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
-        added = self._added_tokens = grow_embeddings(model, vocab_size)
+        model = self.build_starting_model(quant_bits=h.bit_training if h.use_quant else None)
+        added = self._added_tokens
         if h.use_quant:
             model = prepare_quantized(model, h.gradient_checkpointing)
         elif h.gradient_checkpointing:
@@ -239,6 +271,30 @@ class PandaLLM(L.LightningModule):
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
 
+    def build_starting_model(self, quant_bits: QuantBits | None = None) -> LlamaForCausalLM:
+        """The model training starts from (a preset's random init, a checkpoint, base + delta, optionally
+        quantized), with its embeddings grown to the tokenizer; also the reference of preference objectives."""
+        h = self.hparams
+        vocab_size = len(self.tokenizer)
+        model = load_model(
+            h.model_name_or_path,
+            vocab_size,
+            self._config_overrides,
+            h.attn_implementation,
+            quant_bits=quant_bits,
+            delta_from=h.delta_from,
+            delta_replaces=tuple(h.delta_replaces),
+            device=self._quantization_device() if quant_bits else None,
+            head=self.objective.head,
+        )
+        # Before LoRA wraps the model: rows added later would be neither trained nor saved (LLMBox; peft #1457).
+        self._added_tokens = grow_embeddings(model, vocab_size)
+        return model
+
+    @property
+    def is_preset_run(self) -> bool:
+        return is_preset(self.hparams.model_name_or_path)
+
     def _quantization_device(self) -> torch.device | None:
         """The GPU to quantize the base on (bitsandbytes quantizes while loading); None: the CPU."""
         trainer = self._trainer
@@ -258,14 +314,39 @@ class PandaLLM(L.LightningModule):
         # with a cache, transformers would not look for those boundaries.
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_lm_loss_sum(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+    # ---- the reference model of preference objectives (pandallm.objectives.reference) -----------------------------
+
+    def reference_logps(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """The reference model's summed log-probabilities of a batch's sequences (pairs: 2B)."""
+        if getattr(self.objective, "reference", "precompute") == "live":
+            return self.reference_scores.score(self, batch)
+        return self.reference_scores.lookup(stage, batch["index"])
+
+    def _prepare_reference(self, split: str) -> None:
+        if self.objective.uses_reference:
+            self.reference_scores.prepare(self, split)
+
+    def on_train_start(self) -> None:
+        self._prepare_reference("train")
+        self._apply_resumed_settings()
+
+    def on_validation_start(self) -> None:
+        self._prepare_reference("validation")
+
+    def on_test_start(self) -> None:
+        self._prepare_reference("test")
+
+    def _sums(self, terms: Terms) -> torch.Tensor:
+        """[loss sum, units, *metric sums] in fp64, in `metric_names` order: what windows and evaluations add up."""
+        metrics = [terms.metrics[name].detach().double() for name in self.objective.metric_names]
+        return torch.stack([terms.loss_sum.detach().double(), terms.count.double(), *metrics])
 
     @property
-    def _token_weighted(self) -> bool:
-        """Whether the gradients are rescaled to the token mean of the window once it is complete.
+    def _unit_weighted(self) -> bool:
+        """Whether the gradients are rescaled to the mean over the units (target tokens, pairs: the objective's) of
+        the window once it is complete.
 
-        Not needed when one micro-batch on one process is the whole window: its own token mean is the update's, and
+        Not needed when one micro-batch on one process is the whole window: its own mean is the update's, and
         returning it spares a pass over every gradient per step. Not possible under DeepSpeed, which keeps
         gradients in its own partitioned buffers, out of reach of `_normalize_gradients`.
         """
@@ -275,45 +356,50 @@ class PandaLLM(L.LightningModule):
         return not zero.is_deepspeed(trainer.strategy)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, count = self._loss_sum(batch)
-        loss = loss_sum / count.clamp(min=1)
+        terms = self.objective.terms(self, batch, "train")
+        loss = terms.loss_sum / terms.count.clamp(min=1)
         self._last_loss = loss.detach()
-        # The window's summed loss and target tokens: the logged `train/loss` is their ratio over every micro-batch
+        # The window's summed loss, units and metrics: the logged `train/loss` is their ratio over every micro-batch
         # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
-        self._window_sums = self._window_sums + torch.stack([loss_sum.detach().double(), count.double()])
+        self._window_sums = self._window_sums + self._sums(terms)
         if logs_this_step(self.trainer):
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, prog_bar=True)
-        if not self._token_weighted:
+        if not self._unit_weighted:
             return loss
-        # The update must follow the mean over every target token of the accumulated batch of all ranks, not the
-        # mean of per-micro-batch means, which over-weights the tokens of short micro-batches (transformers
-        # #34191). That token count is known only once the window is complete, so the summed loss is
+        # The update must follow the mean over every unit (target token, pair) of the accumulated batch of all
+        # ranks, not the mean of per-micro-batch means, which over-weights the tokens of short micro-batches
+        # (transformers #34191). That count is known only once the window is complete, so the summed loss is
         # back-propagated here and the gradients are divided by it in `_normalize_gradients`.
-        return loss_sum
+        return terms.loss_sum
 
     def _window_totals(self) -> torch.Tensor:
-        """The accumulation window's [loss sum, target tokens], summed over ranks (one all-reduce of two numbers
-        per optimizer step), in fp64; the window starts again empty."""
+        """The accumulation window's [loss sum, units, *metric sums], summed over ranks (one all-reduce of a few
+        numbers per optimizer step), in fp64; the window starts again empty."""
         sums = torch.as_tensor(self._window_sums, dtype=torch.float64, device=self.device)
-        self._window_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._window_sums = 0
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return sums
 
-    def _normalize_gradients(self, tokens: torch.Tensor) -> None:
+    def _normalize_gradients(self, units: torch.Tensor) -> None:
         # Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP / FSDP average over ranks.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / units.clamp(min=1)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # One fused multiply per device and dtype (what torch's own optimizers use), not one kernel per parameter.
         torch._foreach_mul_(grads, scale.item())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        loss_sum, tokens = self._window_totals()
+        loss_sum, units, *metrics = self._window_totals()
         # The loss of this update: comparable across batch sizes, accumulation and ranks, and with the HF Trainer's.
-        self.step_loss = (loss_sum / tokens.clamp(min=1)).float()
+        self.step_loss = (loss_sum / units.clamp(min=1)).float()
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
-        if self._token_weighted:
-            self._normalize_gradients(tokens)
+        # The objective's metrics of this update, as tensors (no device sync until read).
+        self.step_metrics = {name: value.float() for name, value in self.objective.means(units, metrics).items()}
+        if logs_this_step(self.trainer):
+            for name, value in self.step_metrics.items():
+                self.log(f"train/{name}", value, on_step=True)
+        if self._unit_weighted:
+            self._normalize_gradients(units)
         if self.trainer.precision == "16-mixed":
             return  # fp16's GradScaler skips overflowing steps itself, by design
         if zero.is_deepspeed(self.trainer.strategy):
@@ -396,6 +482,8 @@ class PandaLLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
+        if self.reference_scores.scores:
+            checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
 
@@ -410,6 +498,7 @@ class PandaLLM(L.LightningModule):
             shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
         changed = compat.check(where, checkpoint, self._run_record(), shapes)
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
+        self.reference_scores.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
         # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
@@ -438,7 +527,7 @@ class PandaLLM(L.LightningModule):
                 cut[0],
             )
 
-    def on_train_start(self) -> None:
+    def _apply_resumed_settings(self) -> None:
         # Here Lightning has restored a resumed run's optimizer and scheduler over the ones built from the config.
         [config] = self.trainer.lr_scheduler_configs
         optimizer = self.trainer.optimizers[0]
@@ -469,24 +558,26 @@ class PandaLLM(L.LightningModule):
             )
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._eval_sums = torch.zeros(2 + len(self.objective.metric_names), dtype=torch.float64, device=self.device)
 
     on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, count = self._loss_sum(batch)
-        self._eval_sums += torch.stack([loss_sum.detach().double(), count.double()])
+        self._eval_sums += self._sums(self.objective.terms(self, batch, "val"))
 
-    test_step = validation_step
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_sums += self._sums(self.objective.terms(self, batch, "test"))
 
     def _log_eval(self, stage: str) -> None:
-        # Token-weighted over the whole set and all ranks, so that the perplexity is exp of the true mean loss.
-        loss_sum, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
-        if count == 0:
+        # Unit-weighted over the whole set and all ranks (SFT: tokens, so the perplexity is exp of the true mean).
+        loss_sum, units, *totals = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        if units == 0:
             return
-        loss = loss_sum / count
+        loss = loss_sum / units
+        metrics = {name: float(value) for name, value in self.objective.means(units, totals).items()}
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/ppl", math.exp(min(loss, 700.0)))
+        for name, value in {**metrics, **self.objective.evaluation_logs(loss, metrics)}.items():
+            self.log(f"{stage}/{name}", value)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -495,17 +586,26 @@ class PandaLLM(L.LightningModule):
         self._log_eval("test")
 
     @torch.no_grad()
+    def on_predict_start(self) -> None:
+        if self.objective.head != "causal_lm":
+            raise ConfigError(
+                f"pandallm predict generates text; this model ({type(self.objective).__name__}) scores sequences, it "
+                "does not generate: score pairs with `pandallm validate` or load its export with "
+                "AutoModelForSequenceClassification"
+            )
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        prompt_length = batch["input_ids"].shape[1]
-        generated = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+        # Left-padded rows (`collate_prompts`); batch `batch_idx` of this rank samples from its own seeded stream.
+        new_tokens = generate(
+            self.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.generation,
+            self.hparams.max_new_tokens,
+            stream=self.global_rank * SEED_STRIDE + batch_idx,
         )
-        outputs = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        outputs = decode(self.tokenizer, new_tokens)
         # `{"input" | "prompt", "output", "reference"}`: the prompt as its record gave it (`PromptRecord.shown`), the
         # completion, and the record's own reply to compare it with, if it has one.
         predictions = []

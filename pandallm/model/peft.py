@@ -38,6 +38,8 @@ class LoraSettings:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     modules_to_save: tuple[str, ...] = ()
     use_dora: bool = False
+    # peft's task: `SEQ_CLS` trains and saves a reward model's score head whole, beside the adapters.
+    task_type: str = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -53,7 +55,7 @@ class LoraSettings:
         from peft import LoraConfig
 
         return LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=self.task_type,
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,

@@ -22,9 +22,11 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 from pandallm.data.formats import FORMATS, RecordKind
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
+from pandallm.data.summary import LABELS
 from pandallm.data.template import render_record, resolve_template
 from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaError
 
@@ -62,7 +64,11 @@ def read_all(
             rendered = []
             for record in records:
                 try:
-                    if record.turns:
+                    if record.kind == "preference":
+                        from pandallm.data.pairs import render_pair  # torch and datasets: only for pairs
+
+                        render_pair(record, chosen, tokenizer)
+                    elif record.turns:
                         render_record(record, chosen, tokenizer)
                     rendered.append(record)
                 except DataFormatError as error:
@@ -105,20 +111,31 @@ def check(
     return errors
 
 
-def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
-    """The length of each record as training encodes it, before truncation (conversations first, then documents)."""
+def token_lengths(records: list[Record], tokenizer, chosen) -> dict[str, list[int]]:
+    """The length of each record as training encodes it, before truncation, by kind (`instruction`, `preference`: a
+    pair's longer side, `pretraining`; judged completions under their own kind)."""
     from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids  # `datasets`: only where it is needed
 
-    conversations = [render_record(r, chosen, tokenizer) for r in records if r.turns]
-    lengths = [
-        len(head) + sum(len(ids) for ids, _ in segments)
-        for head, segments, _ in encode_segments(conversations, tokenizer)
-    ]
+    def encoded(rendered: list) -> list[int]:
+        return [
+            len(head) + sum(len(ids) for ids, _ in segments)
+            for head, segments, _ in encode_segments(rendered, tokenizer)
+        ]
+
+    lengths: dict[str, list[int]] = {}
+    for kind in sorted({r.kind for r in records if r.turns and r.kind != "preference"}):
+        lengths[kind] = encoded([render_record(r, chosen, tokenizer) for r in records if r.turns and r.kind == kind])
+    pairs = [r for r in records if r.kind == "preference"]
+    if pairs:
+        from pandallm.data.pairs import render_pair
+
+        sides = encoded([side for r in pairs for side in render_pair(r, chosen, tokenizer)])
+        lengths["preference"] = [max(pair) for pair in zip(sides[::2], sides[1::2], strict=True)]
     documents = [r.text for r in records if not r.turns]
     if documents:
         bos_id, _ = special_ids(tokenizer)
         extra = 1 if bos_id is None else 2  # [BOS] text [EOS]
-        lengths += [len(ids) + extra for ids in tokenizer(documents, **AS_TEXT)["input_ids"]]
+        lengths["pretraining"] = [len(ids) + extra for ids in tokenizer(documents, **AS_TEXT)["input_ids"]]
     return lengths
 
 
@@ -141,9 +158,8 @@ def stats(
     chosen = resolve_template(template, loaded, template_dir)
     errors: list[PandaError] = []
     records = read_all(files, format, txt_split, kind, loaded, chosen, errors)
-    lengths = token_lengths(records, loaded, chosen)
-    num_conversations = sum(1 for r in records if r.turns)
-    kinds = {"instruction": lengths[:num_conversations], "documents": lengths[num_conversations:]}
+    by_kind = token_lengths(records, loaded, chosen)
+    lengths = [n for of_kind in by_kind.values() for n in of_kind]
     report: dict = {"records": len(records), "formats": dict(Counter(r.format for r in records)), "errors": errors}
     print(f"records: {len(records)} ({_counts(Counter(report['formats']))})")
     if lengths:
@@ -159,22 +175,17 @@ def stats(
             f"tokens per record: min {report['min']}, mean {report['mean']:.1f}, median {report['median']:g}, "
             f"p95 {report['p95']}, max {report['max']}"
         )
-    # What training does with a record longer than a row differs by kind: an instruction record is cut (or dropped),
-    # a document is packed across blocks and loses nothing.
-    consequence = {
-        "instruction": "training cuts their prompts from the left (data.overlong_records: truncate) or leaves them "
-        "out (drop)",
-        "documents": "documents are packed into blocks of max_seq_length: these span several blocks, nothing is cut",
-    }
-    for name, of_kind in kinds.items():
-        if of_kind:
-            over = sum(n > max_seq_length for n in of_kind)
-            report[f"{name}_over_max_seq_length"] = over / len(of_kind)
-            label = "instruction records" if name == "instruction" else "documents"
-            print(
-                f"{label} over max_seq_length={max_seq_length}: {over} of {len(of_kind)} ({over / len(of_kind):.1%})"
-                + (f"; {consequence[name]}" if over else "")
-            )
+    # What training does with a record longer than a row differs by kind: an instruction record (or a pair) is cut or
+    # dropped, a document is packed across blocks and loses nothing.
+    cut = "training cuts their prompts from the left (data.overlong_records: truncate) or leaves them out (drop)"
+    packed = "documents are packed into blocks of max_seq_length: these span several blocks, nothing is cut"
+    for name, of_kind in by_kind.items():
+        over = sum(n > max_seq_length for n in of_kind)
+        report[f"{name}_over_max_seq_length"] = over / len(of_kind)
+        print(
+            f"{LABELS.get(name, name)} over max_seq_length={max_seq_length}: {over} of {len(of_kind)} "
+            f"({over / len(of_kind):.1%})" + (f"; {packed if name == 'pretraining' else cut}" if over else "")
+        )
     if histogram is not None and lengths:
         report["histogram"] = str(save_histogram(sorted(lengths), max_seq_length, Path(histogram)))
         print(f"histogram: {report['histogram']}")
@@ -215,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--txt_split", choices=["file", "paragraph"], default="file")
         sub.add_argument(
             "--kind",
-            choices=["instruction", "pretraining"],
+            choices=list(get_args(RecordKind)),
             default=None,
             help="The records every file must hold (default: either kind, per file).",
         )

@@ -69,7 +69,16 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(PandaLLM, "model")
     parser.add_class_arguments(HFExport, "export")
     # The rest of a recipe or run config is read and ignored: exporting needs no trainer and no data.
-    for section in ("trainer", "data", "predictions"):
+    for section in (
+        "trainer",
+        "data",
+        "predictions",
+        "generation",
+        "evaluation",
+        "ema",
+        "early_stopping",
+        "best_checkpoint",
+    ):
         parser.add_argument(f"--{section}", type=dict[str, Any] | None, default=None)
     parser.add_argument("--seed_everything", type=int | bool | None, default=None)
     parser.add_argument("--weights_only", type=bool | None, default=None)
@@ -117,9 +126,10 @@ def export_full_weights(
 ) -> Path:
     """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
-    module = PandaLLM(**arguments)
+    module = PandaLLM.from_arguments(arguments)
     weights = hf_weights(checkpoint["state_dict"])
-    return save_hf(plain_model(module.config, weights), module.tokenizer, output, trained_template(data, module))
+    model = plain_model(module.config, weights, module.objective.head)
+    return save_hf(model, module.tokenizer, output, trained_template(data, module))
 
 
 def trained_template(data: dict[str, Any], module: PandaLLM) -> str | None:
@@ -144,19 +154,20 @@ def export(args: list[str]) -> Path:
     recorded: dict[str, Any] = {}
     if checkpoint is not None:
         # The run's own settings are the defaults; a --config and --model.* options given here change them.
-        recorded = module_arguments(PandaLLM, checkpoint["hyper_parameters"])
-        parser.set_defaults(model_defaults(PandaLLM, checkpoint["hyper_parameters"]))
+        recorded = PandaLLM.recorded_arguments(checkpoint["hyper_parameters"])
+        parser.set_defaults(model_defaults(recorded))
         cfg = parser.parse_args(args)
     arguments = module_arguments(PandaLLM, cfg.model.as_dict())
     if cfg.tokenizer is not None:
         arguments["tokenizer"] = cfg.tokenizer
     # The rendering settings: the checkpoint's record, under those of a --config given.
     data = {**((checkpoint or {}).get("pandallm") or {}).get("data", {}), **(cfg.data or {})}
-    if checkpoint is not None and not arguments["use_lora"] and arguments == {**recorded, **_tokenizer(cfg)}:
+    same_as_recorded = arguments == {**recorded, **_tokenizer(cfg)}
+    if checkpoint is not None and not arguments["use_lora"] and same_as_recorded:
         directory = export_full_weights(checkpoint, arguments, cfg.output, data)
         log.info("pandallm: exported to %s", directory)
         return directory
-    model = PandaLLM(**arguments)
+    model = PandaLLM.from_arguments(arguments)
     # A preset's frozen base is random: rebuilt from the run's seed (pandallm's default, 42, unless configured).
     seed = cfg.seed_everything
     L.seed_everything(42 if seed in (None, True) else int(seed), verbose=False)

@@ -91,7 +91,7 @@ def test_the_check_above_would_catch_a_mean_of_micro_batch_means(tmp_path: Path,
     from pandallm.model.module import PandaLLM
 
     whole = gradients_of_one_step(tmp_path / "whole", batch_size=4, accumulate=1)
-    monkeypatch.setattr(PandaLLM, "_token_weighted", property(lambda self: False))
+    monkeypatch.setattr(PandaLLM, "_unit_weighted", property(lambda self: False))
     mean_of_means = gradients_of_one_step(tmp_path / "acc", batch_size=2, accumulate=2)
     assert all(not close(mean_of_means[name], whole[name]) for name in whole)
 
