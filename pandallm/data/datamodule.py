@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
+from pandallm.data.cache import cache_key, load_or_build_with_notes, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
 from pandallm.data.formats import OBJECTIVE_HINTS, RowKind, format_option
 from pandallm.data.pairs import (
@@ -33,8 +33,9 @@ from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_po
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.sharding import rank_positions
-from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
+from pandallm.data.sources import Files, evaluation_files, ordered_ratios, row_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
+from pandallm.data.summary import evaluation_line, training_lines, warning_lines
 from pandallm.data.template import (
     ChatTemplate,
     render_record,
@@ -72,6 +73,7 @@ class PandaDataModule(L.LightningDataModule):
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
         mix_ratios: dict[str, float] | None = None,
+        mix_unit: Literal["rows", "records", "tokens"] = "rows",
         epoch_rows: int | None = None,
         streaming: bool = False,
         val_files: list[str] | None = None,
@@ -111,6 +113,9 @@ class PandaDataModule(L.LightningDataModule):
                 in `instruction_tuning_data_dir`, `pretraining_data_dir` or `train_files` (normalized; every source
                 needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
                 epoch.
+            mix_unit: What `mix_ratios` are shares of: `rows` (training rows: with `packing`, and for pretraining
+                documents, packed blocks), `records` (the records the rows hold) or `tokens`. Each epoch still draws
+                whole rows, as many as `records` or `tokens` shares need on average.
             epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
             streaming: Read, tokenize and pack `pretraining_data_dir` on the fly instead of through the Arrow
                 cache, for corpora too large for it (pandallm.data.streaming). The stream is endless: set
@@ -170,6 +175,7 @@ class PandaDataModule(L.LightningDataModule):
         if epoch_rows is not None and (mix_ratios is None or epoch_rows < 1):
             raise DatasetError("data.epoch_rows needs data.mix_ratios and must be at least 1")
         self.mix_ratios = mix_ratios
+        self.mix_unit = mix_unit
         self.epoch_rows = epoch_rows
         self.streaming = streaming
         if streaming and (pretraining_data_dir is None or instruction_tuning_data_dir is not None or train_files):
@@ -216,6 +222,11 @@ class PandaDataModule(L.LightningDataModule):
         # The training sources (as `mix_ratios` names them) and their rows, known once the data is loaded.
         self.train_source_names: list[str] = []
         self.train_source_sizes: tuple[int, ...] = ()
+        # The counts stored with the cache entry (`pandallm.data.summary`), reported by every run that uses it.
+        self.data_notes: dict = {}
+        self.train_source_files: dict[str, list[str]] = {}
+        self.cache_entry: Path | None = None
+        self._built_here = False
         # (epoch, rows of it read) from the checkpoint being resumed (see `train_dataloader`).
         self._resume_position: tuple[int, int] | None = None
         # Streaming: this rank's consumers' positions after the last batch trained, and its batches trained.
@@ -261,9 +272,7 @@ class PandaDataModule(L.LightningDataModule):
             self.datasets = self._load(needs_training_data)
             self._has_training_data = needs_training_data
             self.__dict__.pop("training_order", None)  # a cached_property of the rows loaded before
-            sizes = {split: len(ds) for split, ds in self.datasets.items()}
-            tokens = self._tokens(self.datasets["train"])
-            log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
+            self._report(stage)
         if stage == "fit" and self.streaming:
             if self.trainer is not None and self.trainer.max_steps < 0:
                 raise DatasetError("data.streaming reads an endless stream: set trainer.max_steps")
@@ -281,6 +290,31 @@ class PandaDataModule(L.LightningDataModule):
             raise DatasetError("no validation data: set data.val_files or data.val_fraction")
         if stage == "test" and len(self.datasets["test"]) == 0:
             raise DatasetError("no test data: set data.test_files")
+
+    def _report(self, stage: str) -> None:
+        """What the data became (`pandallm.data.summary`): on every run, from the notes of the cache entry."""
+        names = self.train_source_names
+        how = "built by this run" if self._built_here else "reused"
+        log.info("pandallm data: tokenized data in %s (%s)", self.cache_entry, how)
+        for line in warning_lines(self.data_notes, names, self.max_seq_length, self.overlong_records):
+            log.warning(line)
+        if self._has_training_data and len(self.datasets["train"]):
+            _, world_size = self._rank_and_world()
+            batch_rows = world_size * self.train_batch_size
+            for line in training_lines(
+                self.data_notes,
+                self.train_source_files,
+                self.training_order,
+                self.max_seq_length,
+                self.packing,
+                batch_rows,
+                self.mix_unit,
+            ):
+                log.info(line)
+        for split in ("validation", "test"):
+            line = evaluation_line(self.data_notes, split)
+            if line:
+                log.info(line)
 
     @property
     def _collate(self) -> Callable:
@@ -302,15 +336,17 @@ class PandaDataModule(L.LightningDataModule):
     @cached_property
     def training_order(self) -> TrainingOrder:
         names = self.train_source_names
-        ratios = ordered_ratios(self.mix_ratios, names)
-        if ratios is not None:
-            sizes = zip(names, self.train_source_sizes, ratios, strict=True)
+        groups = [self.data_notes.get("groups", {}).get(group_split("train", i), {}) for i in range(len(names))]
+        given = ordered_ratios(self.mix_ratios, names)
+        if given is not None:
+            sizes = zip(names, self.train_source_sizes, given, strict=True)
             empty = [name for name, size, ratio in sizes if ratio > 0 and size == 0]
             if empty:
                 raise DatasetError(
                     f"data.mix_ratios: training source(s) {empty} have a positive ratio but no rows left (every record "
                     "dropped as over-long, or skipped as malformed)"
                 )
+        ratios = row_ratios(given, self.mix_unit, groups)  # what the order draws: rows
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
             # Shares are whole rows in each epoch and exact only over epochs: one of less than a row is not read in
@@ -341,11 +377,8 @@ class PandaDataModule(L.LightningDataModule):
             )
         else:
             train = self.train_sources()
-        for name, files in train.items():  # which files were found: a directory may hold more, or fewer, than meant
-            shown = ", ".join(str(path) for _, path in files[:5]) + (
-                f", ... ({len(files)} in all)" if len(files) > 5 else ""
-            )
-            log.info("pandallm data: training source '%s': %s", name, shown)
+        # Which files were found (a directory may hold more, or fewer, than meant): reported by `_report`.
+        self.train_source_files = {name: [str(path) for _, path in files] for name, files in train.items()}
         sources = self._sources(train)
         key = cache_key(
             {
@@ -369,7 +402,9 @@ class PandaDataModule(L.LightningDataModule):
                 "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
-        stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
+        stored, self.data_notes = load_or_build_with_notes(self.cache_dir, key, partial(self._build, sources))
+        self.cache_entry = Path(self.cache_dir) / key
+        self._built_here = self._built_here or bool(self.data_notes.get("built"))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
         features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(self.rows, ROW_FEATURES)
         empty = Dataset.from_dict({name: [] for name in features}, features=features)
@@ -393,7 +428,7 @@ class PandaDataModule(L.LightningDataModule):
         option names (None: instruction or pretraining, detected)."""
         return ROW_KINDS.get(self.rows, kind)
 
-    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> DatasetDict:
+    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> tuple[DatasetDict, dict]:
         records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{kind: [] for kind in get_args(RecordKind)} for _ in groups] for split, groups in sources.items()
         }
@@ -418,9 +453,17 @@ class PandaDataModule(L.LightningDataModule):
                 group["instruction"] = self._render(group["instruction"], skipped)
                 group["preference"] = self._render(group["preference"], skipped, render_pair)
                 group["unpaired"] = self._judged(group["unpaired"], skipped)
-        if skipped:
-            num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
-            self._report_skipped(skipped, num_valid)
+        num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
+        left_out = skipped or []
+        shown = [str(error) for error in left_out[:10]]
+        notes: dict = {
+            "groups": {},
+            "records": num_valid + len(left_out),
+            "skipped": len(left_out),
+            "skipped_examples": shown,
+        }
+        if left_out:
+            self._check_skipped(left_out, num_valid)
         if self.val_fraction > 0:
             for group in records["train"]:
                 for kind, train in group.items():
@@ -430,34 +473,29 @@ class PandaDataModule(L.LightningDataModule):
         for split, groups in records.items():
             for index, by_kind in enumerate(groups):
                 name = group_split(split, index)
-                rows = self._tokenize(name, by_kind, scratch / name)
+                note = notes["groups"][name] = {"records": {k: len(v) for k, v in by_kind.items() if v}, "overlong": {}}
+                rows = self._tokenize(name, by_kind, scratch / name, note)
                 if rows is not None:
                     built[name] = rows
-        return DatasetDict(built)
+                    note["rows"], note["tokens"] = len(rows), self._tokens(rows)
+        return DatasetDict(built), notes
 
-    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path) -> Dataset | None:
-        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks."""
+    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:
+        """The rows of one source: its instruction rows (packed if configured), its pairs, then its pretraining
+        blocks; the number of over-long records of each kind goes to `note` (reported on every run: `_report`)."""
         parts = []
         if by_kind["instruction"]:
             drop = self.overlong_records == "drop"
-            rows, num_overlong = tokenize_instructions(
+            rows, note["overlong"]["instruction"] = tokenize_instructions(
                 by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
             )
-            if num_overlong:
-                log.warning(
-                    "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
-                    name,
-                    num_overlong,
-                    len(by_kind["instruction"]),
-                    self.max_seq_length,
-                    "they were dropped" if drop else "their prompts were truncated from the left",
-                )
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
         for kind in ("preference", "unpaired"):
             if by_kind[kind]:
-                parts.append(self._tokenize_pairs(name, kind, by_kind[kind]))
+                rows, note["overlong"][kind] = self._tokenize_pairs(name, kind, by_kind[kind])
+                parts.append(rows)
         if by_kind["pretraining"]:
             parts.append(
                 tokenize_documents(
@@ -470,25 +508,15 @@ class PandaDataModule(L.LightningDataModule):
             )
         return concatenate_datasets(parts) if parts else None
 
-    def _tokenize_pairs(self, name: str, kind: RecordKind, rendered: list) -> Dataset:
-        """Pair rows (`pandallm.data.pairs`) of a source's preference pairs, or of its judged completions (KTO)."""
+    def _tokenize_pairs(self, name: str, kind: RecordKind, rendered: list) -> tuple[Dataset, int]:
+        """Pair rows (`pandallm.data.pairs`) of a source's preference pairs, or of its judged completions (KTO), and
+        how many were longer than `max_seq_length`."""
         drop = self.overlong_records == "drop"
         labels = [desirable for desirable, _ in rendered] if kind == "unpaired" else None
         sides = [pair for _, pair in rendered] if kind == "unpaired" else rendered
-        rows, num_overlong = tokenize_pairs(
+        return tokenize_pairs(
             sides, self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop, name, labels
         )
-        if num_overlong:
-            log.warning(
-                "%s: %d of %d %s records are longer than max_seq_length=%d; %s",
-                name,
-                num_overlong,
-                len(rendered),
-                kind,
-                self.max_seq_length,
-                "they were dropped" if drop else "their prompts were truncated from the left",
-            )
-        return rows
 
     def _judged(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[tuple[bool, list]]:
         """The judged completions that render, as (desirable, rendering): the label stays beside its rendering."""
@@ -535,11 +563,9 @@ class PandaDataModule(L.LightningDataModule):
             )
         return rendered
 
-    def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+    def _check_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+        # Reported (with the first ones) by `_report`, from the cache entry's notes, on every run.
         total = num_valid + len(skipped)
-        shown = "\n  ".join(str(error) for error in skipped[:10])
-        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning("pandallm data: skipped %d of %d records as malformed:\n  %s%s", len(skipped), total, shown, more)
         if len(skipped) > self.max_bad_fraction * total:
             raise DatasetError(
                 f"{len(skipped)} of {total} records ({len(skipped) / total:.1%}) are malformed, more than "
@@ -671,8 +697,9 @@ class PandaDataModule(L.LightningDataModule):
         if "stream_positions" in state_dict:
             self._load_stream_state(state_dict)
             return
-        if "epoch" not in state_dict:
-            return
+        evaluating = self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING
+        if "epoch" not in state_dict or evaluating:
+            return  # only `fit` continues from the data position; validate / test / predict read their own files
         epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
         _, world_size = self._rank_and_world()
         batch_rows = self.train_batch_size * world_size

@@ -5,17 +5,15 @@ loss, optimizer, schedule and metrics.
 from __future__ import annotations
 
 import logging
-import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -44,6 +42,7 @@ from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
     apply_lora,
+    is_peft_model,
     load_adapter,
     merged_copy,
     trains_both_embeddings,
@@ -55,8 +54,11 @@ from pandallm.objectives.base import objective_class, objective_from
 from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
-from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
+from pandallm.optim.schedules import ScheduleName, run_steps, schedule_from
 from pandallm.tokenizer import check_fits, load_tokenizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +303,7 @@ class PandaLLM(L.LightningModule):
 
     @property
     def is_adapter_run(self) -> bool:
-        return isinstance(self.model, PeftModel)
+        return is_peft_model(self.model)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -361,7 +363,7 @@ class PandaLLM(L.LightningModule):
         # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
         self._window_sums = self._window_sums + self._sums(terms)
         if logs_this_step(self.trainer):
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, prog_bar=True)
         if not self._unit_weighted:
             return loss
         # The update must follow the mean over every unit (target token, pair) of the accumulated batch of all
@@ -615,16 +617,10 @@ class PandaLLM(L.LightningModule):
     # ---- optimization ----------------------------------------------------------------------------------------
 
     def total_steps(self) -> int:
-        trainer = self.trainer
-        datamodule = trainer.datamodule
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "num_train_batches"):
             raise ModelError("PandaLLM computes its schedule from a PandaDataModule; pass one to the trainer")
-        batches = datamodule.num_train_batches(trainer.world_size)
-        limit = trainer.limit_train_batches
-        if math.isinf(batches):  # an endless stream: the run is `max_steps` long
-            return total_optimizer_steps(1, 1, None, trainer.max_steps)
-        batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
-        return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
+        return run_steps(self.trainer, datamodule)
 
     def configure_optimizers(self) -> dict:
         h = self.hparams

@@ -19,6 +19,7 @@ checkpoint is checked against it as `fit --ckpt_path` checks it. A LoRA run is s
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -96,10 +97,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if is_sharded_checkpoint(file):
         return {**read_metadata(file), "state_dict": read_sharded_weights(file)}
     if is_deepspeed_checkpoint(file):
-        try:
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-        except ImportError as e:  # pragma: no cover (needs deepspeed)
-            raise ModelError(f"--ckpt_path {path} is a DeepSpeed checkpoint; converting it needs deepspeed") from e
+        # Lightning's converter imports deepspeed only when it runs, as a bare ModuleNotFoundError.
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ModelError(
+                f"--ckpt_path {path} is a DeepSpeed checkpoint directory (it holds checkpoint/); converting it needs "
+                "the deepspeed package: pip install -e '.[gpu]' (or pip install deepspeed)"
+            )
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
         with tempfile.TemporaryDirectory() as tmp:
             # DeepSpeed's own loader unpickles its files (it offers no other way: the documented exception). What
             # it read is used as returned; the file the converter also writes is never unpickled a second time.
