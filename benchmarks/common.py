@@ -21,8 +21,6 @@ import torch
 import transformers
 from torch.utils.data import DataLoader
 
-from pandallm.data.collate import collate_rows
-
 
 def environment() -> dict:
     return {
@@ -51,16 +49,86 @@ def write_result(name: str, result: dict, directory: str | Path | None = None) -
 
 def prepare_in_order(datamodule, batch_size: int):
     """Set `datamodule` up for fit and make it serve the training rows in file order, unshuffled, so that every
-    side of a comparison sees the same batches."""
+    side of a comparison sees the same batches (its own collate function: rows, or pairs)."""
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.train_dataloader = lambda: DataLoader(
         datamodule.datasets["train"],
         batch_size=batch_size,
         shuffle=False,
-        collate_fn=partial(collate_rows, pad_id=datamodule.pad_id),
+        collate_fn=partial(datamodule._collate, pad_id=datamodule.pad_id),
     )
     return datamodule
+
+
+# Drawn right before peft creates the adapters, on both sides of a comparison: the same LoRA init whatever ran before.
+ADAPTER_SEED = 1234
+
+
+@contextlib.contextmanager
+def seeded_adapters():
+    """pandallm's adapters created right after `torch.manual_seed(ADAPTER_SEED)`, as the other side seeds its own;
+    put back on exit, so that a run in-process leaves the module as it was."""
+    import pandallm.model.module as module_file
+
+    apply_lora = module_file.apply_lora
+
+    def seeded(model, settings):
+        torch.manual_seed(ADAPTER_SEED)
+        return apply_lora(model, settings)
+
+    module_file.apply_lora = seeded
+    try:
+        yield
+    finally:
+        module_file.apply_lora = apply_lora
+
+
+def seeded_peft_model(model, r: int, alpha: float):
+    """The other side's LoRA adapters, as pandallm's (`seeded_adapters`): every decoder projection, no dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    from pandallm.model.peft import DEFAULT_TARGET_MODULES
+
+    torch.manual_seed(ADAPTER_SEED)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(DEFAULT_TARGET_MODULES)
+    )
+    return get_peft_model(model, config)
+
+
+def tiny_checkpoint(directory: Path):
+    """A random `llama-tiny` model with the demo tokenizer, saved in `directory` (seed 0); returns the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pandallm.model.presets import llama_tiny
+    from pandallm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(REPO / "dataset" / "tokenizer"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def trainer_args(device: str, steps: int, init: str, learning_rate: float) -> list[str]:
+    """The `pandallm fit` options every comparison shares: one device, constant LR without warmup, clipping at 1.0
+    (the HF Trainer's default), nothing saved or logged."""
+    return [
+        f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        "--trainer.devices=1",
+        f"--trainer.max_steps={steps}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.gradient_clip_val=1.0",
+        "--export.enabled=false",
+        f"--model.model_name_or_path={init}",
+        "--model.lr_scheduler=constant",
+        "--model.warmup_steps=0",
+        f"--model.learning_rate={learning_rate}",
+    ]
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import CHILD_ENV, REPO, rss_mib
+from benchmarks.common import (
+    CHILD_ENV,
+    REPO,
+    prepare_in_order,
+    rss_mib,
+    seeded_adapters,
+    seeded_peft_model,
+    trainer_args,
+)
 
 # The loss types compared: pandallm's objective (class, init_args) and TRL's trainer and loss type for each.
 LOSSES = {
@@ -53,19 +61,7 @@ class PairSetup:
 def cli_args(s: PairSetup) -> list[str]:
     objective, init_args = LOSSES[s.loss]
     args = [
-        f"--trainer.accelerator={'gpu' if s.device == 'cuda' else 'cpu'}",
-        "--trainer.devices=1",
-        f"--trainer.max_steps={s.steps}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.gradient_clip_val=1.0",
-        "--export.enabled=false",
-        f"--model.model_name_or_path={s.init}",
-        "--model.lr_scheduler=constant",
-        "--model.warmup_steps=0",
-        f"--model.learning_rate={s.lr}",
+        *trainer_args(s.device, s.steps, s.init, s.lr),
         f"--model.objective={objective}",
         f"--model.objective.beta={s.beta}",
         *(f"--model.objective.{key}={value}" for key, value in init_args.items()),
@@ -73,6 +69,7 @@ def cli_args(s: PairSetup) -> list[str]:
         "--data.pretraining_data_dir=null",
         f"--data.max_seq_length={s.seq}",
         f"--data.per_device_train_batch_size={s.batch}",
+        f"--data.per_device_eval_batch_size={s.batch}",  # the reference is scored in batches of this size
         "--data.num_workers=0",
         f"--data.cache_dir={s.cache_dir}",
     ]
@@ -84,30 +81,11 @@ def cli_args(s: PairSetup) -> list[str]:
     return args
 
 
-def in_order(datamodule, batch_size: int):
-    """The data module set up for fit, serving its pairs in file order (TRL's sequential sampler's order)."""
-    from functools import partial
-
-    from torch.utils.data import DataLoader
-
-    from pandallm.data.pairs import collate_pairs
-
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.train_dataloader = lambda: DataLoader(
-        datamodule.datasets["train"],
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=partial(collate_pairs, pad_id=datamodule.pad_id),
-    )
-    return datamodule
-
-
 def prepare_rows(s: PairSetup) -> list[dict]:
     """Tokenize the pairs once into the cache, and write them as TRL's columns for the TRL side."""
     from pandallm.cli import cli
 
-    train = in_order(cli(cli_args(s), run=False).datamodule, s.batch).datasets["train"]
+    train = prepare_in_order(cli(cli_args(s), run=False).datamodule, s.batch).datasets["train"]
     rows = []
     for i in range(len(train)):
         row = train[i]
@@ -143,7 +121,7 @@ def pandallm_side(s: PairSetup) -> dict:
     from pandallm.cli import cli
 
     run = cli(cli_args(s), run=False)
-    datamodule = in_order(run.datamodule, s.batch)
+    datamodule = prepare_in_order(run.datamodule, s.batch)
 
     class Recorder(L.Callback):
         def __init__(self) -> None:
@@ -164,34 +142,28 @@ def pandallm_side(s: PairSetup) -> dict:
 
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
-    run.trainer.fit(run.model, datamodule)
-    return _report(recorder.times, recorder.tokens, recorder.losses, recorder.metrics, s.device)
+    with seeded_adapters():
+        run.trainer.fit(run.model, datamodule)
+    report = _report(recorder.times, recorder.tokens, recorder.losses, recorder.metrics, s.device)
+    return {**report, "reference_scoring_s": run.model.reference_scores.scoring_seconds}
 
 
 def trl_side(s: PairSetup) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-    from pandallm.model.peft import DEFAULT_TARGET_MODULES
 
     rows = json.loads(Path(s.rows_file).read_text())
     tokenizer = AutoTokenizer.from_pretrained(s.init)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and labels on both sides
     model = LlamaForCausalLM.from_pretrained(s.init, attn_implementation="sdpa", dtype=torch.float32)
-    peft_config = None
     if s.lora_r:
-        peft_config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=s.lora_r,
-            lora_alpha=s.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=list(DEFAULT_TARGET_MODULES),
-        )
+        # The adapters made here, as pandallm's are (TRL would make them from a `peft_config`, after other draws from
+        # the RNG); TRL scores its reference with them disabled, as pandallm does.
+        model = seeded_peft_model(model, s.lora_r, s.lora_alpha)
     common = {
         "output_dir": str(Path(s.cache_dir) / "trl"),
         "per_device_train_batch_size": s.batch,
@@ -223,7 +195,7 @@ def trl_side(s: PairSetup) -> dict:
 
     recorder = Recorder()
     if s.loss == "simpo":
-        trainer = _cpo(CPOTrainer, CPOConfig, model, tokenizer, rows, common, peft_config, recorder)
+        trainer = _cpo(CPOTrainer, CPOConfig, model, tokenizer, rows, common, recorder)
     else:
 
         class InOrderDPO(DPOTrainer):
@@ -239,7 +211,6 @@ def trl_side(s: PairSetup) -> dict:
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=peft_config,
             callbacks=[recorder],
         )
     trainer.train()
@@ -256,7 +227,7 @@ def trl_side(s: PairSetup) -> dict:
     return _report(recorder.times, tokens[: len(recorder.times)], [e["loss"] for e in history], metrics, s.device)
 
 
-def _cpo(trainer_cls, config_cls, model, tokenizer, rows, common, peft_config, recorder):
+def _cpo(trainer_cls, config_cls, model, tokenizer, rows, common, recorder):
     """TRL's CPOTrainer as SimPO (loss_type simpo, no SFT term), on pandallm's ids."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -284,7 +255,6 @@ def _cpo(trainer_cls, config_cls, model, tokenizer, rows, common, peft_config, r
         args=config,
         train_dataset=Dataset.from_list([{**text, **row} for row in rows]),
         processing_class=tokenizer,
-        peft_config=peft_config,
         callbacks=[recorder],
     )
 

@@ -19,10 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import CHILD_ENV, REPO, rss_mib
-
-# Drawn right before peft creates the adapters, on both sides: the same LoRA init whatever ran before.
-ADAPTER_SEED = 1234
+from benchmarks.common import CHILD_ENV, REPO, rss_mib, seeded_adapters, seeded_peft_model, trainer_args
 
 
 @dataclass(frozen=True)
@@ -51,21 +48,9 @@ class Setup:
 def cli_args(s: Setup, packing: bool) -> list[str]:
     """`pandallm fit` options for `s`: constant LR, no warmup, clipping at 1.0, nothing saved or logged."""
     args = [
-        f"--trainer.accelerator={'gpu' if s.device == 'cuda' else 'cpu'}",
-        "--trainer.devices=1",
+        *trainer_args(s.device, s.steps, s.init, s.lr),
         f"--trainer.precision={s.precision}",
-        f"--trainer.max_steps={s.steps}",
         f"--trainer.accumulate_grad_batches={s.accumulate}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.gradient_clip_val=1.0",
-        "--export.enabled=false",
-        f"--model.model_name_or_path={s.init}",
-        "--model.lr_scheduler=constant",
-        "--model.warmup_steps=0",
-        f"--model.learning_rate={s.lr}",
         f"--model.gradient_checkpointing={s.gradient_checkpointing}",
         f"--model.compile={s.compile}",  # each decoder layer; the HF side compiles its whole model (torch_compile)
         f"--data.instruction_tuning_data_dir={s.instruction_dir or 'null'}",
@@ -112,20 +97,12 @@ def _report(times: list[float], tokens: list[int], losses: list[float], device: 
 def pandallm_side(s: Setup) -> dict:
     import lightning as L
 
-    import pandallm.model.module as module_file
     from benchmarks.common import prepare_in_order
     from pandallm.cli import cli
 
     run = cli(cli_args(s, s.packing), run=False)
     dm = prepare_in_order(run.datamodule, s.batch)  # the HF Trainer's order: the data set's, unshuffled
     module = run.model
-    apply_lora = module_file.apply_lora
-
-    def seeded_apply_lora(model, settings):
-        torch.manual_seed(ADAPTER_SEED)
-        return apply_lora(model, settings)
-
-    module_file.apply_lora = seeded_apply_lora  # put back below: a run in-process must leave the module as it was
 
     class Recorder(L.Callback):
         def __init__(self) -> None:
@@ -147,15 +124,13 @@ def pandallm_side(s: Setup) -> dict:
 
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
-    try:
+    with seeded_adapters():
         run.trainer.fit(module, dm)
-    finally:
-        module_file.apply_lora = apply_lora
     return _report(recorder.times, recorder.tokens, recorder.losses, s.device)
 
 
 def hf_side(s: Setup) -> dict:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from torch.utils.data import SequentialSampler
     from transformers import (
         BitsAndBytesConfig,
@@ -166,7 +141,6 @@ def hf_side(s: Setup) -> dict:
     )
 
     from pandallm.data.collate import collate_rows
-    from pandallm.model.peft import DEFAULT_TARGET_MODULES
 
     rows = json.loads(Path(s.rows_file).read_text())
     for row in rows:
@@ -194,15 +168,7 @@ def hf_side(s: Setup) -> dict:
     elif s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if s.lora_r:
-        torch.manual_seed(ADAPTER_SEED)
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=s.lora_r,
-            lora_alpha=s.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=list(DEFAULT_TARGET_MODULES),
-        )
-        model = get_peft_model(model, config)
+        model = seeded_peft_model(model, s.lora_r, s.lora_alpha)
     args = TrainingArguments(
         output_dir=str(Path(s.cache_dir) / "hf"),
         per_device_train_batch_size=s.batch,

@@ -26,12 +26,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from benchmarks.common import REPO, alpaca_like_records, prepare_model, smollm2_gguf, write_result
+from benchmarks.common import alpaca_like_records, prepare_model, smollm2_gguf, tiny_checkpoint, write_result
 from benchmarks.sides import Setup, prepare_rows, run_side, steady_tokens_per_second
-from pandallm.model.presets import llama_tiny
 from pandallm.tokenizer import load_tokenizer
 
 # Per model: batch, max_seq_length, steps (timed after `warmup`). 512 tokens keep all but Alpaca's longest records
@@ -50,10 +46,7 @@ def build_setup(name: str, work: Path, model_dir: Path, overrides: dict[str, int
     root = work / name
     if name == "llama-tiny":
         init = root / "init"
-        tokenizer = load_tokenizer(str(REPO / "dataset" / "tokenizer"))
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(init)
-        tokenizer.save_pretrained(init)
+        tokenizer = tiny_checkpoint(init)
     else:
         init = Path(prepare_model(str(smollm2_gguf()), model_dir))
         tokenizer = load_tokenizer(str(init))

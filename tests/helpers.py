@@ -164,3 +164,30 @@ class HoldIn(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.phase == "training" and trainer.global_step == self.step:
             self._hold()
+
+
+class SaveTrainedWeights(L.Callback):
+    """Saves the trained parameters (Hugging Face names) as `<dirpath>/step<N>.safetensors` when training starts
+    (N = the starting step) and after every optimizer step: what an independent moving average is computed from."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def _save(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        weights = {
+            name.removeprefix("model."): p.detach().clone().contiguous()
+            for name, p in pl_module.named_parameters()
+            if p.requires_grad
+        }
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        save_file(weights, f"{self.dirpath}/step{trainer.global_step}.safetensors")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._save(trainer, pl_module)

@@ -48,3 +48,12 @@ def test_gpu_benchmark_tiny_on_gpu(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert {"mfu_1b", "lora_7b", "qlora_7b"} <= set(result)
     assert result["qlora_7b"]["hf"]["peak_memory_mib"] > 0
+
+
+def test_dpo_vs_trl_tiny(tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="TRL is the other side of this benchmark")
+    args = ["--models=llama-tiny", "--steps=3", "--warmup=1", "--rounds=1", "--pairs=32", "--in-process"]
+    run_module("benchmarks.dpo_vs_trl", *args, "--batch=4", "--seq=64", f"--results-dir={tmp_path}")
+    result = json.loads((tmp_path / "dpo_vs_trl.json").read_text())["models"]["llama-tiny"]
+    assert len(result["losses"]["pandallm"]) == len(result["losses"]["trl"]) == 3
+    assert set(result["tokens_per_second_median"]) == {"pandallm", "trl"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pandallm.cli import cli, main
+from pandallm.cli import TOOLS, cli, main
 from pandallm.model import PandaLLM
 from tests.conftest import REPO, TOKENIZER_DIR
 
@@ -101,7 +101,9 @@ def test_preset_without_tokenizer_is_refused(tmp_path: Path) -> None:
 def test_the_help_and_an_unknown_command_name_the_tool_commands(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "tool commands (each with --help): train-tokenizer, extend-vocab, export" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "tool commands (each with --help):" in shown
+    assert all(f"\n  {name} " in shown for name in ["fit", "validate", "test", "predict", *TOOLS])
     with pytest.raises(SystemExit) as exit_:
         main(["exprot", "--output", "x"])
     assert exit_.value.code == 2

@@ -88,18 +88,52 @@ def test_stats_reports_formats_and_lengths_and_saves_a_histogram(tmp_path: Path,
     out = capsys.readouterr().out
     assert "records: 5 (alpaca 3, openai 1, text 1)" in out
     assert "tokens per record: min 4, mean 5.8, median 4, p95 10, max 10" in out  # 4 4 4 7 10
-    assert "over max_seq_length=6: 40.0%" in out
+    # Instruction records over the limit are cut; a document over it is packed across blocks: reported apart.
+    assert "instruction records over max_seq_length=6: 1 of 4 (25.0%); training cuts their prompts" in out
+    assert "documents over max_seq_length=6: 1 of 1 (100.0%); documents are packed into blocks" in out
     assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_missing_path_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+def test_stats_reports_the_valid_records_lists_the_errors_and_writes_no_file_unasked(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    words = save_word_tokenizer(tmp_path / "words")
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Hi", "output": ""}] * 2
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "stats", str(data), str(tmp_path / "missing.jsonl"), "--tokenizer", words])
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    assert "records: 2 (alpaca 2)" in out and "tokens per record: min 4," in out
+    assert f"{data}:2: field 'output': is empty" in out and f"{data}:4: field 'output'" in out
+    assert f"{tmp_path / 'missing.jsonl'}: no such file or directory" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "words"]  # no token_lengths.png here
+
+
+def test_a_missing_path_is_listed_among_the_errors(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input": "Hi", "target": "Hello"}])
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(tmp_path / "nothing.jsonl"), str(good), str(tmp_path / "gone")])
+    assert exit_.value.code == 1
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        f"{tmp_path / 'nothing.jsonl'}: no such file or directory",
+        f"{tmp_path / 'gone'}: no such file or directory",
+    ]
+    assert f"{good}: 1 valid records (pandallm 1), 0 errors" in out.err  # read after the first missing path
+
+
+def test_a_user_error_of_a_tool_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": "Hi", "target": "Hello"}])
     done = subprocess.run(
-        [sys.executable, "-m", "pandallm", "data", "check", str(tmp_path / "nothing.jsonl")],
+        [sys.executable, "-m", "pandallm", "data", "check", str(data), "--template", "chatml"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 2
-    assert f"pandallm data: error: {tmp_path / 'nothing.jsonl'}: no such file or directory" in done.stderr
+    assert "pandallm data: error: --template and --template_dir render records with a tokenizer" in done.stderr
     assert "Traceback" not in done.stderr

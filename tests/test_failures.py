@@ -4,6 +4,7 @@ directories that cannot be written, a full disk."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import pickle
 import re
@@ -208,6 +209,15 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path: Path) -> None:
             run.trainer.fit(run.model, run.datamodule, ckpt_path=path)
     with pytest.raises(ModelError, match=f"{noise}: not a torch checkpoint file"):
         export([f"--ckpt_path={noise}", f"--output={tmp_path / 'hf'}"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_exporting_a_deepspeed_checkpoint_without_deepspeed_says_what_to_install(tmp_path: Path) -> None:
+    (tmp_path / "last.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed's layout
+    with pytest.raises(
+        ModelError, match=r"last.ckpt is a DeepSpeed checkpoint directory .* needs the deepspeed package"
+    ):
+        export([f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output={tmp_path / 'hf'}"])
 
 
 def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path, checkpoint: Path) -> None:

@@ -4,6 +4,7 @@ its prompt and reference."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,29 @@ def test_predict_from_a_checkpoint_uses_the_template_it_was_trained_with(tmp_pat
     assert line["reference"] == "Red." and isinstance(line["output"], str)
     # An option given still wins over the checkpoint's.
     assert cli(["predict", *common, "--data.template=none"]).datamodule.template == "none"
+
+
+def test_a_checkpoint_alone_validates_on_its_runs_data_and_predicts_beside_its_run(tmp_path: Path, caplog) -> None:
+    fit = cli(["fit", *tiny_fit_args(tmp_path), "--trainer.max_steps=2", "--export.enabled=false"])
+    checkpoint = next((Path(fit.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    elsewhere = [
+        f"--ckpt_path={checkpoint}",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path / 'elsewhere'}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    caplog.set_level(logging.INFO, logger="pandallm")
+    # No --config and no data option: the run's recorded data settings, its validation file among them.
+    validated = cli(["validate", *elsewhere])
+    assert validated.datamodule.val_files == [str(tmp_path / "val.jsonl")]
+    assert "val/loss" in validated.trainer.callback_metrics
+    assert not [r for r in caplog.records if "the resumed epoch's order" in r.getMessage()]  # fit's concern only
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"input": "Name a colour."}])
+    predicting = [*elsewhere, f"--data.predict_files=[{prompts}]", "--model.max_new_tokens=2"]
+    cli(["predict", *predicting])
+    beside = Path(fit.trainer.log_dir) / "predictions.jsonl"  # the checkpoint is in <run>/checkpoints/
+    assert [json.loads(line)["input"] for line in beside.read_text().splitlines()] == ["Name a colour."]
+    assert any(f"1 predictions written to {beside}" in r.getMessage() for r in caplog.records)
+    cli(["predict", *predicting, f"--output={tmp_path / 'out.jsonl'}"])
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 1

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pandallm.checkpoint.sharded import gather_full_state_dict, hf_weights, plain_model
 from pandallm.errors import ConfigError
 from pandallm.model.export import check_export_target, save_hf
+from pandallm.model.parallel import shards_parameters
 from pandallm.model.zero import allow_export, consolidated_weights, is_zero3
 
 log = logging.getLogger(__name__)
-
-
-def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
-    """Whether no rank holds the whole model (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
-    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or is_zero3(strategy)
 
 
 class HFExport(L.Callback):
@@ -91,6 +87,15 @@ class HFExport(L.Callback):
         # The Jinja template the run trained with, for `apply_chat_template` on the export (None: the tokenizer's).
         template = getattr(getattr(trainer, "datamodule", None), "chat_template", None)
         source = template.source if template is not None else None
+        # Callbacks that choose the exported weights (`ema`, `best_checkpoint`) put them in place for the export.
+        with ExitStack() as weights:
+            for callback in trainer.callbacks:
+                if hasattr(callback, "export_weights"):
+                    weights.enter_context(callback.export_weights(trainer, pl_module))
+            self._export(trainer, pl_module, directory, source)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, directory: Path, source: str | None) -> None:
+        strategy = trainer.strategy
         if shards_parameters(strategy):
             # Every rank holds a shard: all of them take part in gathering the whole tensors onto rank 0's CPU.
             weights = consolidated_weights(strategy) if is_zero3(strategy) else gather_full_state_dict(strategy.model)

@@ -48,5 +48,6 @@ class TokensPerSecond(L.Callback):
         now = time.perf_counter()
         tokens = torch.as_tensor(self._tokens, dtype=torch.float32, device=pl_module.device)
         tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
-        pl_module.log("train/tokens_per_sec", float(tokens) / max(now - self._start, 1e-9), on_step=True)
+        # On the progress bar too (as `train/tokens_per_sec`), next to the loss, the learning rate and the ETA.
+        pl_module.log("train/tokens_per_sec", float(tokens) / max(now - self._start, 1e-9), on_step=True, prog_bar=True)
         self._tokens, self._start = 0, now

@@ -2,7 +2,9 @@
 
 A second run with the same inputs loads Arrow files (memory-mapped) instead of tokenizing again; changing any
 data file, the tokenizer or a setting gives a new key. Entries are written under a temporary name and renamed
-last, so a run killed while tokenizing never leaves a half-written entry that a later run would trust.
+last, so a run killed while tokenizing never leaves a half-written entry that a later run would trust. An entry also
+keeps the counts of its building (`NOTES_FILE`: records read, over-long and malformed ones), so that a run that
+reuses it reports what the data became as the run that built it did.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pathlib import Path
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from pandallm.console import no_progress_bars
 from pandallm.writable import full_disk, size, write_error
 
 # Bump when the encoding rules change, so that caches built by an older pandallm are not reused.
-FORMAT_VERSION = 2
+# 3: entries keep their notes (`NOTES_FILE`).
+FORMAT_VERSION = 3
+NOTES_FILE = "pandallm_notes.json"
 
 
 def file_digest(path: str | Path) -> str:
@@ -68,15 +73,26 @@ def _bytes_under(directory: Path) -> int:
 
 def load_or_build(cache_dir: str | Path, key: str, build: Callable[[Path], DatasetDict]) -> DatasetDict:
     """Load the entry `key`, building it with `build(scratch_dir)` first if it is not there."""
+    return load_or_build_with_notes(cache_dir, key, lambda scratch: (build(scratch), {}))[0]
+
+
+def load_or_build_with_notes(
+    cache_dir: str | Path, key: str, build: Callable[[Path], tuple[DatasetDict, dict]]
+) -> tuple[DatasetDict, dict]:
+    """Load the entry `key` and the notes stored with it, building both with `build(scratch_dir)` first if it is not
+    there. The notes (a JSON object) come back with `"built": True` from the run that built the entry."""
     cache_dir = Path(cache_dir)
     entry = cache_dir / key
     if (entry / "dataset_dict.json").is_file():
-        return load_from_disk(str(entry))
+        return load_from_disk(str(entry)), _read_notes(entry)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     scratch = cache_dir / f".{key}.scratch-{os.getpid()}"
     try:
-        build(scratch).save_to_disk(str(tmp))
+        datasets, notes = build(scratch)
+        with no_progress_bars():  # a bar per split of a cache entry, for a step of a second
+            datasets.save_to_disk(str(tmp))
+        (tmp / NOTES_FILE).write_text(json.dumps(notes, sort_keys=True), encoding="utf-8")
         try:
             tmp.rename(entry)
         except OSError:
@@ -93,4 +109,11 @@ def load_or_build(cache_dir: str | Path, key: str, build: Callable[[Path], Datas
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
-    return load_from_disk(str(entry))
+    return load_from_disk(str(entry)), {**_read_notes(entry), "built": True}
+
+
+def _read_notes(entry: Path) -> dict:
+    try:
+        return json.loads((entry / NOTES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # written by `load_or_build`, without notes
+        return {}

@@ -18,17 +18,25 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedTokenizerBase
 
-from pandallm.data.cache import cache_key, load_or_build, source_digest, tokenizer_digest
+from pandallm.data.cache import cache_key, load_or_build_with_notes, source_digest, tokenizer_digest
 from pandallm.data.collate import collate_prompts, collate_rows
-from pandallm.data.formats import OBJECTIVE_HINTS, RowKind
-from pandallm.data.pairs import PAIR_FEATURES, collate_pairs, pair_tokens, render_pair, tokenize_pairs
+from pandallm.data.formats import OBJECTIVE_HINTS, RowKind, format_option
+from pandallm.data.pairs import (
+    PAIR_FEATURES,
+    UNPAIRED_FEATURES,
+    collate_pairs,
+    pair_tokens,
+    render_pair,
+    tokenize_pairs,
+)
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.seed_formats import OasstPaths
 from pandallm.data.sharding import rank_positions
-from pandallm.data.sources import Files, evaluation_files, ordered_ratios, training_sources
+from pandallm.data.sources import Files, evaluation_files, ordered_ratios, row_ratios, training_sources
 from pandallm.data.streaming import POSITION_KEY, DocumentStream, Position, StreamLayout
+from pandallm.data.summary import evaluation_line, training_lines, warning_lines
 from pandallm.data.template import (
     ChatTemplate,
     render_record,
@@ -55,22 +63,8 @@ T = TypeVar("T")
 # The record kind each objective's rows are built from (`data.rows`); `sequences` take these two:
 ROW_KINDS: dict[str, RecordKind] = {"pairs": "preference", "unpaired": "unpaired"}
 SEQUENCE_KINDS = ("instruction", "pretraining")
-InstructionFormat = Literal[
-    "auto",
-    "pandallm",
-    "alpaca",
-    "dolly",
-    "belle",
-    "sharegpt",
-    "openai",
-    "oasst",
-    "oasst_best",
-    "lima",
-    "flan",
-    "self_instruct",
-    "prompt_completion",
-]
-PretrainingFormat = Literal["auto", "pretraining", "text"]
+InstructionFormat = format_option("instruction")
+PretrainingFormat = format_option("pretraining")
 
 
 class PandaDataModule(L.LightningDataModule):
@@ -83,6 +77,7 @@ class PandaDataModule(L.LightningDataModule):
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
         mix_ratios: dict[str, float] | None = None,
+        mix_unit: Literal["rows", "records", "tokens"] = "rows",
         epoch_rows: int | None = None,
         streaming: bool = False,
         val_files: list[str] | None = None,
@@ -125,6 +120,9 @@ class PandaDataModule(L.LightningDataModule):
                 in `instruction_tuning_data_dir`, `pretraining_data_dir` or `train_files` (normalized; every source
                 needs one). A source is read whole over the epochs before a row repeats. Null: every row once per
                 epoch.
+            mix_unit: What `mix_ratios` are shares of: `rows` (training rows: with `packing`, and for pretraining
+                documents, packed blocks), `records` (the records the rows hold) or `tokens`. Each epoch still draws
+                whole rows, as many as `records` or `tokens` shares need on average.
             epoch_rows: Rows per epoch with `mix_ratios`; default the rows of all sources together.
             streaming: Read, tokenize and pack `pretraining_data_dir` on the fly instead of through the Arrow
                 cache, for corpora too large for it (pandallm.data.streaming). The stream is endless: set
@@ -190,6 +188,7 @@ class PandaDataModule(L.LightningDataModule):
         if epoch_rows is not None and (mix_ratios is None or epoch_rows < 1):
             raise DatasetError("data.epoch_rows needs data.mix_ratios and must be at least 1")
         self.mix_ratios = mix_ratios
+        self.mix_unit = mix_unit
         self.epoch_rows = epoch_rows
         self.streaming = streaming
         if streaming and (pretraining_data_dir is None or instruction_tuning_data_dir is not None or train_files):
@@ -238,6 +237,11 @@ class PandaDataModule(L.LightningDataModule):
         # The training sources (as `mix_ratios` names them) and their rows, known once the data is loaded.
         self.train_source_names: list[str] = []
         self.train_source_sizes: tuple[int, ...] = ()
+        # The counts stored with the cache entry (`pandallm.data.summary`), reported by every run that uses it.
+        self.data_notes: dict = {}
+        self.train_source_files: dict[str, list[str]] = {}
+        self.cache_entry: Path | None = None
+        self._built_here = False
         # (epoch, rows of it read) from the checkpoint being resumed (see `train_dataloader`).
         self._resume_position: tuple[int, int] | None = None
         # Streaming: this rank's consumers' positions after the last batch trained, and its batches trained.
@@ -298,9 +302,7 @@ class PandaDataModule(L.LightningDataModule):
             self.datasets = self._load(needs_training_data)
             self._has_training_data = needs_training_data
             self.__dict__.pop("training_order", None)  # a cached_property of the rows loaded before
-            sizes = {split: len(ds) for split, ds in self.datasets.items()}
-            tokens = self._tokens(self.datasets["train"])
-            log.info("pandallm data: rows per split %s; %d training tokens", sizes, tokens)
+            self._report(stage)
         if stage == "fit" and self.streaming:
             if self.trainer is not None and self.trainer.max_steps < 0:
                 raise DatasetError("data.streaming reads an endless stream: set trainer.max_steps")
@@ -319,9 +321,34 @@ class PandaDataModule(L.LightningDataModule):
         if stage == "test" and len(self.datasets["test"]) == 0:
             raise DatasetError("no test data: set data.test_files")
 
+    def _report(self, stage: str) -> None:
+        """What the data became (`pandallm.data.summary`): on every run, from the notes of the cache entry."""
+        names = self.train_source_names
+        how = "built by this run" if self._built_here else "reused"
+        log.info("pandallm data: tokenized data in %s (%s)", self.cache_entry, how)
+        for line in warning_lines(self.data_notes, names, self.max_seq_length, self.overlong_records):
+            log.warning(line)
+        if self._has_training_data and len(self.datasets["train"]):
+            _, world_size = self._rank_and_world()
+            batch_rows = world_size * self.train_batch_size
+            for line in training_lines(
+                self.data_notes,
+                self.train_source_files,
+                self.training_order,
+                self.max_seq_length,
+                self.packing,
+                batch_rows,
+                self.mix_unit,
+            ):
+                log.info(line)
+        for split in ("validation", "test"):
+            line = evaluation_line(self.data_notes, split)
+            if line:
+                log.info(line)
+
     @property
     def _collate(self) -> Callable:
-        return collate_pairs if self.rows == "pairs" else collate_rows
+        return collate_rows if self.rows == "sequences" else collate_pairs
 
     def train_sources(self) -> dict[str, Files]:
         """The training sources by name; a streamed pretraining directory is not one (it bypasses the cache)."""
@@ -339,15 +366,17 @@ class PandaDataModule(L.LightningDataModule):
     @cached_property
     def training_order(self) -> TrainingOrder:
         names = self.train_source_names
-        ratios = ordered_ratios(self.mix_ratios, names)
-        if ratios is not None:
-            sizes = zip(names, self.train_source_sizes, ratios, strict=True)
+        groups = [self.data_notes.get("groups", {}).get(group_split("train", i), {}) for i in range(len(names))]
+        given = ordered_ratios(self.mix_ratios, names)
+        if given is not None:
+            sizes = zip(names, self.train_source_sizes, given, strict=True)
             empty = [name for name, size, ratio in sizes if ratio > 0 and size == 0]
             if empty:
                 raise DatasetError(
                     f"data.mix_ratios: training source(s) {empty} have a positive ratio but no rows left (every record "
                     "dropped as over-long, or skipped as malformed)"
                 )
+        ratios = row_ratios(given, self.mix_unit, groups)  # what the order draws: rows
         order = TrainingOrder(self.train_source_sizes, ratios, self.epoch_rows, self.seed, self.shuffle)
         if order.ratios is not None:
             # Shares are whole rows in each epoch and exact only over epochs: one of less than a row is not read in
@@ -378,11 +407,8 @@ class PandaDataModule(L.LightningDataModule):
             )
         else:
             train = self.train_sources()
-        for name, files in train.items():  # which files were found: a directory may hold more, or fewer, than meant
-            shown = ", ".join(str(path) for _, path in files[:5]) + (
-                f", ... ({len(files)} in all)" if len(files) > 5 else ""
-            )
-            log.info("pandallm data: training source '%s': %s", name, shown)
+        # Which files were found (a directory may hold more, or fewer, than meant): reported by `_report`.
+        self.train_source_files = {name: [str(path) for _, path in files] for name, files in train.items()}
         sources = self._sources(train)
         key = cache_key(
             {
@@ -407,9 +433,11 @@ class PandaDataModule(L.LightningDataModule):
                 "bad_records": [self.bad_records, self.max_bad_fraction],
             }
         )
-        stored = load_or_build(self.cache_dir, key, partial(self._build, sources))
+        stored, self.data_notes = load_or_build_with_notes(self.cache_dir, key, partial(self._build, sources))
+        self.cache_entry = Path(self.cache_dir) / key
+        self._built_here = self._built_here or bool(self.data_notes.get("built"))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        features = PAIR_FEATURES if self.rows == "pairs" else ROW_FEATURES
+        features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(self.rows, ROW_FEATURES)
         empty = Dataset.from_dict({name: [] for name in features}, features=features)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_names = list(train)
@@ -417,21 +445,21 @@ class PandaDataModule(L.LightningDataModule):
         datasets = DatasetDict({"train": concatenate_datasets(train_parts) if train_parts else empty})
         for split in ("validation", "test"):
             datasets[split] = stored.get(group_split(split, 0), empty)
-        if self.rows == "pairs":
+        if self.rows != "sequences":
             # Each pair's row number, by which reference log-probabilities computed before training are looked up.
             for split, rows in datasets.items():
                 datasets[split] = rows.add_column("index", list(range(len(rows))))
         return datasets
 
     def _tokens(self, rows: Dataset) -> int:
-        return pair_tokens(rows) if self.rows == "pairs" else sum(len(ids) for ids in rows["input_ids"])
+        return pair_tokens(rows) if self.rows != "sequences" else sum(len(ids) for ids in rows["input_ids"])
 
     def _expected_kind(self, kind: RecordKind | None) -> RecordKind | None:
         """The kind every record of a source must be: the objective's, or where it trains on sequences, the kind its
         option names (None: instruction or pretraining, detected)."""
         return ROW_KINDS.get(self.rows, kind)
 
-    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> DatasetDict:
+    def _build(self, sources: dict[str, list[Files]], scratch: Path) -> tuple[DatasetDict, dict]:
         records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{kind: [] for kind in get_args(RecordKind)} for _ in groups] for split, groups in sources.items()
         }
@@ -457,9 +485,18 @@ class PandaDataModule(L.LightningDataModule):
             for group in groups:
                 group["instruction"] = self._render(group["instruction"], skipped)
                 group["preference"] = self._render(group["preference"], skipped, render_pair)
-        if skipped:
-            num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
-            self._report_skipped(skipped, num_valid)
+                group["unpaired"] = self._judged(group["unpaired"], skipped)
+        num_valid = sum(len(r) for groups in records.values() for group in groups for r in group.values())
+        left_out = skipped or []
+        shown = [str(error) for error in left_out[:10]]
+        notes: dict = {
+            "groups": {},
+            "records": num_valid + len(left_out),
+            "skipped": len(left_out),
+            "skipped_examples": shown,
+        }
+        if left_out:
+            self._check_skipped(left_out, num_valid)
         if self.val_fraction > 0:
             for group in records["train"]:
                 for kind, train in group.items():
@@ -469,51 +506,29 @@ class PandaDataModule(L.LightningDataModule):
         for split, groups in records.items():
             for index, by_kind in enumerate(groups):
                 name = group_split(split, index)
-                rows = self._tokenize(name, by_kind, scratch / name)
+                note = notes["groups"][name] = {"records": {k: len(v) for k, v in by_kind.items() if v}, "overlong": {}}
+                rows = self._tokenize(name, by_kind, scratch / name, note)
                 if rows is not None:
                     built[name] = rows
-        return DatasetDict(built)
+                    note["rows"], note["tokens"] = len(rows), self._tokens(rows)
+        return DatasetDict(built), notes
 
-    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path) -> Dataset | None:
-        """The rows of one source: its instruction rows (packed if configured), then its pretraining blocks."""
+    def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:
+        """The rows of one source: its instruction rows (packed if configured), its pairs, then its pretraining
+        blocks; the number of over-long records of each kind goes to `note` (reported on every run: `_report`)."""
         parts = []
         if by_kind["instruction"]:
             drop = self.overlong_records == "drop"
-            rows, num_overlong = tokenize_instructions(
+            rows, note["overlong"]["instruction"] = tokenize_instructions(
                 by_kind["instruction"], self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop
             )
-            if num_overlong:
-                log.warning(
-                    "%s: %d of %d instruction records are longer than max_seq_length=%d; %s",
-                    name,
-                    num_overlong,
-                    len(by_kind["instruction"]),
-                    self.max_seq_length,
-                    "they were dropped" if drop else "their prompts were truncated from the left",
-                )
             if self.packing and len(rows):  # every record dropped as over-long: nothing to pack (an empty source)
                 rows = pack_instructions(rows, self.max_seq_length, scratch / "packed")
             parts.append(rows)
-        if by_kind["preference"]:
-            drop = self.overlong_records == "drop"
-            rows, num_overlong = tokenize_pairs(
-                by_kind["preference"],
-                self.tokenizer,
-                self.max_seq_length,
-                self.preprocessing_num_workers,
-                drop,
-                name,
-            )
-            if num_overlong:
-                log.warning(
-                    "%s: %d of %d preference pairs are longer than max_seq_length=%d; %s",
-                    name,
-                    num_overlong,
-                    len(by_kind["preference"]),
-                    self.max_seq_length,
-                    "they were dropped" if drop else "their prompts were truncated from the left",
-                )
-            parts.append(rows)
+        for kind in ("preference", "unpaired"):
+            if by_kind[kind]:
+                rows, note["overlong"][kind] = self._tokenize_pairs(name, kind, by_kind[kind])
+                parts.append(rows)
         if by_kind["pretraining"]:
             parts.append(
                 tokenize_documents(
@@ -525,6 +540,25 @@ class PandaDataModule(L.LightningDataModule):
                 )
             )
         return concatenate_datasets(parts) if parts else None
+
+    def _tokenize_pairs(self, name: str, kind: RecordKind, rendered: list) -> tuple[Dataset, int]:
+        """Pair rows (`pandallm.data.pairs`) of a source's preference pairs, or of its judged completions (KTO), and
+        how many were longer than `max_seq_length`."""
+        drop = self.overlong_records == "drop"
+        labels = [desirable for desirable, _ in rendered] if kind == "unpaired" else None
+        sides = [pair for _, pair in rendered] if kind == "unpaired" else rendered
+        return tokenize_pairs(
+            sides, self.tokenizer, self.max_seq_length, self.preprocessing_num_workers, drop, name, labels
+        )
+
+    def _judged(self, records: list[Record], skipped: list[DataFormatError] | None) -> list[tuple[bool, list]]:
+        """The judged completions that render, as (desirable, rendering): the label stays beside its rendering."""
+        kept = []
+        for record in records:
+            rendered = self._render([record], skipped, render_pair)
+            if rendered:
+                kept.append((record.desirable, rendered[0]))
+        return kept
 
     def _render(
         self, records: list[Record], skipped: list[DataFormatError] | None, renderer: Callable = render_record
@@ -562,11 +596,9 @@ class PandaDataModule(L.LightningDataModule):
             )
         return rendered
 
-    def _report_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+    def _check_skipped(self, skipped: list[DataFormatError], num_valid: int) -> None:
+        # Reported (with the first ones) by `_report`, from the cache entry's notes, on every run.
         total = num_valid + len(skipped)
-        shown = "\n  ".join(str(error) for error in skipped[:10])
-        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning("pandallm data: skipped %d of %d records as malformed:\n  %s%s", len(skipped), total, shown, more)
         if len(skipped) > self.max_bad_fraction * total:
             raise DatasetError(
                 f"{len(skipped)} of {total} records ({len(skipped) / total:.1%}) are malformed, more than "
@@ -699,8 +731,9 @@ class PandaDataModule(L.LightningDataModule):
         if "stream_positions" in state_dict:
             self._load_stream_state(state_dict)
             return
-        if "epoch" not in state_dict:
-            return
+        evaluating = self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING
+        if "epoch" not in state_dict or evaluating:
+            return  # only `fit` continues from the data position; validate / test / predict read their own files
         epoch, rows_read = int(state_dict["epoch"]), int(state_dict["rows_read"])
         _, world_size = self._rank_and_world()
         batch_rows = self.train_batch_size * world_size
@@ -748,12 +781,13 @@ class PandaDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.prompts(), self.eval_batch_size, collate_prompts)
 
-    def prompts(self) -> list[dict]:
-        """The records of `predict_files` as prompts (`pandallm.data.tokenize.prompt_rows`): read through the format
-        detection of training files (an Alpaca record's prompt is its instruction and input, a chat record's its
-        turns before the last reply), rendered by the template its format was trained with, and tokenized as a
-        training row begins."""
-        prompts = [prompt for name in self.predict_files for prompt in read_prompts(name)]
+    def prompts(self, files: list[str] | None = None) -> list[dict]:
+        """The records of `predict_files` (or of `files`: the generation metrics' validation and test files) as
+        prompts (`pandallm.data.tokenize.prompt_rows`): read through the format detection of training files (an
+        Alpaca record's prompt is its instruction and input, a chat record's its turns before the last reply),
+        rendered by the template its format was trained with, and tokenized as a training row begins."""
+        files = self.predict_files if files is None else files
+        prompts = [prompt for name in files for prompt in read_prompts(name)]
         return prompt_rows(prompts, self.chat_template, self.tokenizer, self.max_seq_length)
 
 

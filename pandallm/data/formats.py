@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pandallm.errors import DataFormatError
 
@@ -448,31 +448,16 @@ FORMATS: dict[str, Format] = {
         Format("text", "pretraining", ("text",), _is_document("text"), _parse_text),
     )
 }
-FormatName = Literal[
-    "auto",
-    "preference",
-    "preference_chat",
-    "hh_rlhf",
-    "kto",
-    "oasst",
-    "oasst_best",
-    "lima",
-    "flan",
-    "self_instruct",
-    "prompt_completion",
-    "pandallm",
-    "sharegpt",
-    "openai",
-    "dolly",
-    "belle",
-    "alpaca",
-    "pretraining",
-    "text",
-]
 
 
 def formats_of(kind: RecordKind | None) -> list[Format]:
     return [f for f in FORMATS.values() if kind is None or f.kind == kind]
+
+
+def format_option(kind: RecordKind) -> Any:
+    """The type of an option that names a format of `kind`: `Literal` of "auto" and those formats' names, derived
+    from `FORMATS`, so that a new format is added in one place and the options cannot drift from it."""
+    return Literal[("auto", *(f.name for f in formats_of(kind)))]
 
 
 def describe(formats: list[Format]) -> str:

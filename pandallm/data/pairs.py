@@ -1,8 +1,14 @@
-"""Preference pairs as training rows: each side is the row instruction tuning would build from `prompt + side`,
-with only the side's own replies trained, so a pair trains exactly the tokens the model produces after the prompt.
+"""Preference pairs (and KTO's judged completions) as training rows: each side is the row instruction tuning would
+build from `prompt + side`, with only the side's own replies trained, so a pair trains exactly the tokens the model
+produces after the prompt.
 
 A pair row holds `chosen_input_ids` / `chosen_labels` and `rejected_input_ids` / `rejected_labels`; a batch of B
 pairs is one batch of 2B sequences, the B chosen then the B rejected (`collate_pairs`), scored in one forward.
+
+A judged completion (KTO) has the same two sequences: its own (`chosen_*`: the prompt and its completion) and a
+mismatched one (`rejected_*`: the same prompt with the completion of the record before it in its tokenization batch),
+whose log-ratio estimates the policy's KL divergence from the reference (Ethayarajh et al. 2024; TRL pairs them
+within each batch too); and `desirable`, the record's label.
 """
 
 from __future__ import annotations
@@ -31,12 +37,12 @@ PAIR_FEATURES = Features(
 
 
 def render_pair(record: Record, chosen: ChatTemplate | None, tokenizer: PreTrainedTokenizerBase) -> list[Rendered]:
-    """`prompt + chosen` and `prompt + rejected`, rendered by the record's template (`template_for`, as training
-    rows and predict prompts), each with only its continuation's replies trained: an assistant turn of a multi-turn
-    prompt is context, as a user turn is."""
+    """`prompt + chosen` and `prompt + rejected` (a judged completion: `prompt + completion` alone), rendered by the
+    record's template (`template_for`, as training rows and predict prompts), each with only its continuation's replies
+    trained: an assistant turn of a multi-turn prompt is context, as a user turn is."""
     template = template_for(chosen, record.format, tokenizer)
     rendered = []
-    for side in (record.chosen, record.rejected):
+    for side in (record.chosen, record.rejected) if record.rejected else (record.chosen,):
         try:
             segments = render(template, (*record.turns, *side), tokenizer)
         except TemplateError as e:
@@ -107,6 +113,36 @@ def _encode_pairs(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_lengt
     return out
 
 
+UNPAIRED_FEATURES = Features({**PAIR_FEATURES, "desirable": Value("bool")})
+FLAGS = ("truncated", "trains", "same")
+
+
+def _split(segments: list[tuple[list[int], bool]]) -> tuple[list, list]:
+    """A side's segments as (prompt, completion): the completion starts at the first trained segment."""
+    first = next((i for i, (ids, trained) in enumerate(segments) if trained and ids), len(segments))
+    return segments[:first], segments[first:]
+
+
+def _encode_unpaired(batch: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> dict:
+    out: dict[str, list] = {name: [] for name in [*UNPAIRED_FEATURES, *FLAGS]}
+    fields = ("texts", "trained", "templated")
+    rendered = [Rendered(*r) for r in zip(*(batch[f"chosen_{k}"] for k in fields), strict=True)]
+    encoded = encode_segments(rendered, tokenizer)
+    parts = [_split(segments) for _, segments, _ in encoded]
+    for i, (head, _, _) in enumerate(encoded):
+        prompt, completion = parts[i]
+        mismatched = parts[i - 1][1]  # the completion of the record before (the last record's, for the first)
+        rows, truncated = pair_rows(head, [[*prompt, *completion], [*prompt, *mismatched]], max_seq_length)
+        for side, row in zip(SIDES, rows, strict=True):
+            out[f"{side}_input_ids"].append(row.input_ids)
+            out[f"{side}_labels"].append(row.labels)
+        out["desirable"].append(batch["desirable"][i])
+        out["truncated"].append(truncated)
+        out["trains"].append(all(any(label != IGNORE_INDEX for label in row.labels) for row in rows))
+        out["same"].append(False)
+    return out
+
+
 def tokenize_pairs(
     rendered: list[list[Rendered]],
     tokenizer: PreTrainedTokenizerBase,
@@ -114,42 +150,43 @@ def tokenize_pairs(
     num_proc: int,
     drop_overlong: bool,
     name: str,
+    desirable: list[bool] | None = None,
 ) -> tuple[Dataset, int]:
     """Pair rows, and how many pairs did not fit `max_seq_length` (cut as `pair_rows` says; with `drop_overlong`
-    left out instead). Pairs whose two sides are the same tokens (nothing to
-    prefer) or that have no trained token are left out, counted and named in a warning."""
+    left out instead). Pairs whose two sides are the same tokens (nothing to prefer) or that have no trained token are
+    left out, counted and named in a warning.
+
+    With `desirable` (KTO), `rendered` holds one side per record, and the rows are `_encode_unpaired`'s."""
+    sides = SIDES[:1] if desirable is not None else SIDES
     columns = {
-        f"{side}_{key}": [getattr(pair[i], attribute) for pair in rendered]
-        for i, side in enumerate(SIDES)
-        for key, attribute in (("texts", "texts"), ("trained", "trained"), ("templated", "templated"))
+        f"{side}_{key}": [getattr(pair[i], key) for pair in rendered]
+        for i, side in enumerate(sides)
+        for key in ("texts", "trained", "templated")
     }
+    features = PAIR_FEATURES
+    if desirable is not None:
+        columns["desirable"], features = desirable, UNPAIRED_FEATURES
     rows = Dataset.from_dict(columns).map(
-        _encode_pairs,
+        _encode_unpaired if desirable is not None else _encode_pairs,
         batched=True,
         num_proc=_procs(num_proc, len(rendered)),
         remove_columns=list(columns),
         fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
-        features=Features(
-            {**PAIR_FEATURES, "truncated": Value("bool"), "trains": Value("bool"), "same": Value("bool")}
-        ),
-        desc="Tokenizing preference pairs",
+        features=Features({**features, **{flag: Value("bool") for flag in FLAGS}}),
+        desc="Tokenizing preference records",
     )
     num_overlong = sum(rows["truncated"])
     if drop_overlong and num_overlong:
         rows = rows.filter(lambda truncated: not truncated, input_columns="truncated")
     num_same = sum(rows["same"])
     if num_same:
-        log.warning(
-            "%s: %d preference pairs have the same chosen and rejected tokens; they were left out", name, num_same
-        )
+        log.warning("%s: %d preference pairs have the same chosen and rejected tokens; left out", name, num_same)
     num_untrained = rows.num_rows - sum(rows["trains"])
     if num_untrained:
-        log.warning(
-            "%s: %d preference pairs have a side with no trained token; they were left out", name, num_untrained
-        )
+        log.warning("%s: %d preference records have a side with no trained token; left out", name, num_untrained)
     if num_same or num_untrained:
         rows = rows.filter(lambda same, trains: trains and not same, input_columns=["same", "trains"])
-    return rows.remove_columns(["truncated", "trains", "same"]), num_overlong
+    return rows.remove_columns(list(FLAGS)), num_overlong
 
 
 def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -163,6 +200,8 @@ def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate_rows(sequences, pad_id)
     if "index" in rows[0]:
         batch["index"] = torch.as_tensor([row["index"] for row in rows])
+    if "desirable" in rows[0]:
+        batch["desirable"] = torch.as_tensor([row["desirable"] for row in rows])
     return batch
 
 

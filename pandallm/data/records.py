@@ -21,8 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import Dataset, DatasetDict, load_from_disk
-
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
 from pandallm.data.preference_formats import Judged, Pair
 from pandallm.data.readers import (
@@ -238,11 +236,17 @@ def _decode_line(path: Path, line_number: int, raw: bytes) -> str:
         raise DataFormatError(path, line_number, None, "not valid UTF-8") from e
 
 
+# Python's JSON parser recurses once per level of nesting: a line of 100,000 '[' ends in a RecursionError.
+TOO_DEEP = "JSON nested more deeply than Python's JSON parser allows (about 1,000 levels; no record needs that)"
+
+
 def _json_line(path: Path, line_number: int, line: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, line_number, None, f"invalid JSON: {e.msg} (column {e.colno})") from e
+    except RecursionError as e:
+        raise DataFormatError(path, line_number, None, TOO_DEEP) from e
 
 
 def _iter_jsonl(path: Path, skipped: list[DataFormatError] | None) -> Iterator[tuple[int, object]]:
@@ -297,6 +301,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError as e:
+            raise fail(pos, TOO_DEEP) from e
         yield line_at(pos), value
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
@@ -312,6 +318,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
 def iter_dataset_rows(path: Path) -> Iterator[tuple[int, object]]:
     """The rows of a saved dataset as `(row number, record)`; a `DatasetDict` gives its `train` split (or its only
     split)."""
+    from datasets import Dataset, DatasetDict, load_from_disk  # only here: `pandallm data check` starts without it
+
     saved = load_from_disk(str(path))
     if isinstance(saved, DatasetDict):
         if "train" in saved:

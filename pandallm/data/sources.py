@@ -57,3 +57,23 @@ def ordered_ratios(mix_ratios: Mapping[str, float] | None, names: list[str]) -> 
             f"(the sources: {names})"
         )
     return tuple(float(mix_ratios[name]) for name in names)
+
+
+def held(note: dict, unit: str) -> float:
+    """What a source's rows hold in `unit` (`data.mix_unit`), from its notes (`pandallm.data.summary`): its records
+    (of every kind, as read), its tokens, or its rows."""
+    if unit == "records":
+        return sum(note.get("records", {}).values())
+    return note.get("tokens", 0) if unit == "tokens" else note.get("rows", 0)
+
+
+def row_ratios(ratios: tuple[float, ...] | None, unit: str, groups: list[dict]) -> tuple[float, ...] | None:
+    """`ratios` of `unit` as shares of rows, which the training order draws. A source whose rows hold k records
+    (packed rows, or pretraining blocks) on average needs 1/k rows per record: `records` shares become row shares
+    ratio_i * rows_i / records_i, and `tokens` shares ratio_i * rows_i / tokens_i. `groups`: the sources' notes."""
+    if ratios is None or unit == "rows":
+        return ratios
+    return tuple(
+        ratio * note.get("rows", 0) / held(note, unit) if held(note, unit) else 0.0
+        for ratio, note in zip(ratios, groups, strict=True)
+    )

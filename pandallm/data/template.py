@@ -25,14 +25,16 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-from transformers import PreTrainedTokenizerBase
 
 from pandallm.data.formats import Turn
 from pandallm.data.records import PromptRecord, Record
 from pandallm.errors import ConfigError, DataFormatError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from datasets import Dataset, Features, Sequence, Value
 from transformers import PreTrainedTokenizerBase
 
+from pandallm.console import no_progress_bars
 from pandallm.data.encode import conversation_row, document_ids, pack_documents
 from pandallm.data.packing import pack_rows, plan_packs
 from pandallm.data.records import PromptRecord, Record
@@ -212,12 +213,13 @@ def tokenize_documents(
         fn_kwargs={"tokenizer": tokenizer},
         desc="Tokenizing documents",
     )
-    return Dataset.from_generator(
-        _blocks,
-        gen_kwargs={"documents": documents, "max_seq_length": max_seq_length},
-        features=ROW_FEATURES,
-        cache_dir=str(scratch),
-    )
+    with no_progress_bars():  # "Generating train split": the packing pass, not worth a bar of its own
+        return Dataset.from_generator(
+            _blocks,
+            gen_kwargs={"documents": documents, "max_seq_length": max_seq_length},
+            features=ROW_FEATURES,
+            cache_dir=str(scratch),
+        )
 
 
 def _procs(num_proc: int, num_records: int) -> int | None:
@@ -228,9 +230,10 @@ def _procs(num_proc: int, num_records: int) -> int | None:
 def pack_instructions(rows: Dataset, max_seq_length: int, scratch: Path) -> Dataset:
     """Instruction rows packed whole into blocks of at most `max_seq_length` tokens."""
     plan = plan_packs([len(ids) for ids in rows["input_ids"]], max_seq_length)
-    return Dataset.from_generator(
-        _packed, gen_kwargs={"rows": rows, "plan": plan}, features=ROW_FEATURES, cache_dir=str(scratch)
-    )
+    with no_progress_bars():
+        return Dataset.from_generator(
+            _packed, gen_kwargs={"rows": rows, "plan": plan}, features=ROW_FEATURES, cache_dir=str(scratch)
+        )
 
 
 def _packed(rows: Dataset, plan: list[list[int]]) -> Iterator[dict]:

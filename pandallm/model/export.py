@@ -7,13 +7,16 @@ import logging
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pandallm.console import no_progress_bars
 from pandallm.data.template import tokenizer_template
 from pandallm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,8 @@ def save_hf(
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, **kwargs)
+    with no_progress_bars():  # "Writing model shards", for one shard
+        model.save_pretrained(tmp, **kwargs)
     inference_tokenizer(tokenizer, chat_template).save_pretrained(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

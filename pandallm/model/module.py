@@ -5,17 +5,15 @@ loss, optimizer, schedule and metrics.
 from __future__ import annotations
 
 import logging
-import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
-from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -24,6 +22,7 @@ from pandallm.checkpoint.sharded import module_arguments
 from pandallm.data.cache import tokenizer_digest
 from pandallm.data.position import epoch_cut_short
 from pandallm.errors import ConfigError, ModelError
+from pandallm.generate.options import SEED_STRIDE, GenerationOptions, decode, generate
 from pandallm.log_steps import logs_this_step
 from pandallm.model import zero
 from pandallm.model.build import (
@@ -43,6 +42,7 @@ from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
     apply_lora,
+    is_peft_model,
     load_adapter,
     merged_copy,
     trains_both_embeddings,
@@ -50,13 +50,16 @@ from pandallm.model.peft import (
 from pandallm.model.quantize import QuantBits, prepare_quantized
 from pandallm.model.trainable_state import check_restorable, keep_trainable
 from pandallm.objectives import SFT, Objective, Terms
-from pandallm.objectives.base import objective_class
+from pandallm.objectives.base import objective_class, objective_from
 from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
-from pandallm.optim.schedules import ScheduleName, schedule_from, total_optimizer_steps
+from pandallm.optim.schedules import ScheduleName, run_steps, schedule_from
 from pandallm.special_tokens import SpecialTokens, carry_special_ids
 from pandallm.tokenizer import check_fits, load_tokenizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ DEFAULT_OBJECTIVE = lazy_instance(SFT)
 
 
 class PandaLLM(L.LightningModule):
+    # How `predict` and the generation metrics sample: the CLI's `generation.*` options (not hyper-parameters: they
+    # change nothing of the trained model, and a checkpoint resumes under any of them).
+    generation: GenerationOptions = GenerationOptions()
+
     def __init__(
         self,
         model_name_or_path: str = "llama-tiny",
@@ -143,7 +150,8 @@ class PandaLLM(L.LightningModule):
             warmup_proportion: Warmup length as a share of all optimizer steps; replaces `warmup_steps` when set.
             min_lr_ratio: Learning rate at the end of a decay, as a share of the peak.
             poly_power: Exponent of the `poly` decay.
-            max_new_tokens: Tokens `pandallm predict` generates per prompt.
+            max_new_tokens: Tokens generated per prompt, by `pandallm predict` and the generation metrics (the
+                sampling options are `generation.*`: `pandallm.generate.options`).
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
             objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
@@ -193,7 +201,14 @@ class PandaLLM(L.LightningModule):
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
-        self._reference = ReferenceScores()
+        self.reference_scores = ReferenceScores()
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any]) -> PandaLLM:
+        """A module from its arguments as parsers and checkpoints give them (the objective as its settings)."""
+        if isinstance(arguments.get("objective"), dict):
+            arguments = {**arguments, "objective": objective_from(arguments["objective"])}
+        return cls(**arguments)
 
     @staticmethod
     def recorded_arguments(hyper_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +309,7 @@ class PandaLLM(L.LightningModule):
 
     @property
     def is_adapter_run(self) -> bool:
-        return isinstance(self.model, PeftModel)
+        return is_peft_model(self.model)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -310,28 +325,12 @@ class PandaLLM(L.LightningModule):
     def reference_logps(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         """The reference model's summed log-probabilities of a batch's sequences (pairs: 2B)."""
         if getattr(self.objective, "reference", "precompute") == "live":
-            return self._reference.score(self, batch)
-        return self._reference.lookup(stage, batch["index"])
+            return self.reference_scores.score(self, batch)
+        return self.reference_scores.lookup(stage, batch["index"])
 
     def _prepare_reference(self, split: str) -> None:
-        """Before the first batch of `split`: the reference at hand (`live`), or its scores of the split's pairs."""
-        if not self.objective.uses_reference:
-            return
-        if getattr(self.objective, "reference", "precompute") == "live":
-            self._reference.starting_model(self)
-            return
-        rows = self.trainer.datamodule.datasets[split]
-        if self._reference.has(split, len(rows)):
-            return  # scored before, or restored from the checkpoint
-        # The policy is still the reference before the first step of a new run; afterwards (validation or testing
-        # from a checkpoint, or data changed on resume) the starting model is loaded to score new pairs.
-        if self.trainer.global_step > 0 or self.trainer.state.fn != "fit":
-            if split in self._reference.scores and self.global_rank == 0:
-                log.warning(
-                    "pandallm: the %s pairs changed since the checkpoint; scoring them with the reference again", split
-                )
-            self._reference.starting_model(self)
-        self._reference.precompute(self, split)
+        if self.objective.uses_reference:
+            self.reference_scores.prepare(self, split)
 
     def on_train_start(self) -> None:
         self._prepare_reference("train")
@@ -370,7 +369,7 @@ class PandaLLM(L.LightningModule):
         # of the update and every rank (`_window_totals`), the loss the update follows, not this micro-batch's mean.
         self._window_sums = self._window_sums + self._sums(terms)
         if logs_this_step(self.trainer):
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, prog_bar=True)
         if not self._unit_weighted:
             return loss
         # The update must follow the mean over every unit (target token, pair) of the accumulated batch of all
@@ -401,10 +400,7 @@ class PandaLLM(L.LightningModule):
         self.step_loss = (loss_sum / units.clamp(min=1)).float()
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
         # The objective's metrics of this update, as tensors (no device sync until read).
-        self.step_metrics = {
-            name: (total / units.clamp(min=1)).float()
-            for name, total in zip(self.objective.metric_names, metrics, strict=True)
-        }
+        self.step_metrics = {name: value.float() for name, value in self.objective.means(units, metrics).items()}
         if logs_this_step(self.trainer):
             for name, value in self.step_metrics.items():
                 self.log(f"train/{name}", value, on_step=True)
@@ -492,8 +488,8 @@ class PandaLLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
-        if self._reference.scores:
-            checkpoint["pandallm"]["reference_scores"] = self._reference.state_dict()
+        if self.reference_scores.scores:
+            checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
 
@@ -508,7 +504,7 @@ class PandaLLM(L.LightningModule):
             shapes = {name: tuple(v.shape) for name, v in self.state_dict().items()}
         changed = compat.check(where, checkpoint, self._run_record(), shapes)
         self.skipped_steps = checkpoint["pandallm"].get("skipped_steps", 0)
-        self._reference.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
+        self.reference_scores.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
         # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
@@ -584,7 +580,7 @@ class PandaLLM(L.LightningModule):
         if units == 0:
             return
         loss = loss_sum / units
-        metrics = {name: total / units for name, total in zip(self.objective.metric_names, totals, strict=True)}
+        metrics = {name: float(value) for name, value in self.objective.means(units, totals).items()}
         self.log(f"{stage}/loss", loss, prog_bar=True)
         for name, value in {**metrics, **self.objective.evaluation_logs(loss, metrics)}.items():
             self.log(f"{stage}/{name}", value)
@@ -596,17 +592,26 @@ class PandaLLM(L.LightningModule):
         self._log_eval("test")
 
     @torch.no_grad()
+    def on_predict_start(self) -> None:
+        if self.objective.head != "causal_lm":
+            raise ConfigError(
+                f"pandallm predict generates text; this model ({type(self.objective).__name__}) scores sequences, it "
+                "does not generate: score pairs with `pandallm validate` or load its export with "
+                "AutoModelForSequenceClassification"
+            )
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        prompt_length = batch["input_ids"].shape[1]
-        generated = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+        # Left-padded rows (`collate_prompts`); batch `batch_idx` of this rank samples from its own seeded stream.
+        new_tokens = generate(
+            self.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.generation,
+            self.hparams.max_new_tokens,
+            stream=self.global_rank * SEED_STRIDE + batch_idx,
         )
-        outputs = self.tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+        outputs = decode(self.tokenizer, new_tokens)
         # `{"input" | "prompt", "output", "reference"}`: the prompt as its record gave it (`PromptRecord.shown`), the
         # completion, and the record's own reply to compare it with, if it has one.
         predictions = []
@@ -618,16 +623,10 @@ class PandaLLM(L.LightningModule):
     # ---- optimization ----------------------------------------------------------------------------------------
 
     def total_steps(self) -> int:
-        trainer = self.trainer
-        datamodule = trainer.datamodule
+        datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "num_train_batches"):
             raise ModelError("PandaLLM computes its schedule from a PandaDataModule; pass one to the trainer")
-        batches = datamodule.num_train_batches(trainer.world_size)
-        limit = trainer.limit_train_batches
-        if math.isinf(batches):  # an endless stream: the run is `max_steps` long
-            return total_optimizer_steps(1, 1, None, trainer.max_steps)
-        batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
-        return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
+        return run_steps(self.trainer, datamodule)
 
     def configure_optimizers(self) -> dict:
         h = self.hparams

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 from transformers import LlamaForCausalLM
 
 from pandallm.errors import ModelError
+from pandallm.model.zero import is_zero3
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -80,3 +81,8 @@ def fsdp_norm(trainer: L.Trainer, local: torch.Tensor, replicas: int) -> torch.T
     device: with CPU offload the gradients, and so `local`, are in CPU memory), each element counted once."""
     squares = local.to(trainer.strategy.root_device).square()
     return (trainer.strategy.reduce(squares, reduce_op="sum") / replicas).sqrt()
+
+
+def shards_parameters(strategy: L.pytorch.strategies.Strategy) -> bool:
+    """Whether no rank holds the whole model (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or is_zero3(strategy)

@@ -1,21 +1,28 @@
-"""LoRA and DoRA adapters through peft: settings, checking them against the model, applying, loading, merging."""
+"""LoRA and DoRA adapters through peft: settings, checking them against the model, applying, loading, merging.
+
+peft is imported where adapters are used: importing it imports bitsandbytes too (about a second and a half of
+every start-up), which a run without adapters or quantization does not need.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
-from transformers import PreTrainedModel
 
 from pandallm.checkpoint.load import load_error
 from pandallm.errors import ModelError
 from pandallm.model.quantize import dequantize, is_quantized
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
 
 # Every linear projection of a LLaMA decoder layer (attention and MLP), as QLoRA trains them.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,6 +52,8 @@ class LoraSettings:
             raise ModelError("model.lora_target_modules is empty; name at least one module, e.g. q_proj")
 
     def peft_config(self) -> LoraConfig:
+        from peft import LoraConfig
+
         return LoraConfig(
             task_type=self.task_type,
             r=self.r,
@@ -54,6 +63,12 @@ class LoraSettings:
             modules_to_save=list(self.modules_to_save) or None,
             use_dora=self.use_dora,
         )
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether `model` is a `PeftModel` (without importing peft: none is, if nothing imported it)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _matches(module_name: str, wanted: str) -> bool:
@@ -82,6 +97,8 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap `model` (already resized and, if quantized, prepared) with fresh adapters; only they train."""
     check_module_names(model, settings.target_modules, "model.lora_target_modules", linear_only=True)
     check_module_names(model, settings.modules_to_save, "model.modules_to_save", linear_only=False)
+    from peft import get_peft_model
+
     return get_peft_model(model, settings.peft_config())
 
 
@@ -91,6 +108,8 @@ def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
     if not config_file.is_file():
         raise ModelError(f"model.lora_adapter '{path}': not a PEFT adapter directory (no adapter_config.json)")
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    from peft import PeftModel
+
     try:
         return PeftModel.from_pretrained(model, path, is_trainable=True)
     except pickle.UnpicklingError as e:
@@ -107,6 +126,8 @@ def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
 
 def trains_both_embeddings(model: PeftModel) -> bool:
     """Whether the input and output embeddings are both `modules_to_save`: trained whole, saved with the adapters."""
+    from peft.utils import ModulesToSaveWrapper
+
     base = model.get_base_model()
     return all(isinstance(m, ModulesToSaveWrapper) for m in (base.get_input_embeddings(), base.get_output_embeddings()))
 
@@ -119,6 +140,8 @@ def merged_copy(model: PeftModel) -> PreTrainedModel:
     """
     if not is_quantized(model):
         return copy.deepcopy(model).merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
     config = copy.deepcopy(model.peft_config[model.active_adapter])
     adapter = get_peft_model_state_dict(model, save_embedding_layers=False)  # the copy keeps its embeddings
     dense = dequantize(copy.deepcopy(model).unload())

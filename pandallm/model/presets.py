@@ -73,7 +73,8 @@ def llama_tiny() -> dict[str, Any]:
 
 
 def llama_mini() -> dict[str, Any]:
-    """For the CPU demo recipe: about 3M parameters, learns the sample data within a minute or two."""
+    """For the CPU demo recipe: 4.4M parameters with the demo tokenizer's 3,000 pieces (1.5M of them in the untied
+    embeddings), a few minutes of training on two cores for the sample data."""
     return {
         **_LLAMA,
         "hidden_size": 256,

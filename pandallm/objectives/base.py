@@ -50,6 +50,9 @@ class Objective:
 
     rows: ClassVar[RowKind] = "sequences"
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # A metric averaged over another count than the loss's units: metric -> the metric that sums that count (KTO's
+    # rewards of desirable completions, over the desirable ones). Counts are not logged themselves.
+    metric_counts: ClassVar[dict[str, str]] = {}
     # Whether a stopped run needs this objective's reference log-probabilities from the checkpoint (`reference`).
     uses_reference: ClassVar[bool] = False
 
@@ -62,6 +65,18 @@ class Objective:
     def config_updates(self, tokenizer: Any) -> dict[str, Any]:
         """`LlamaConfig` fields the objective needs (applied after `model.config_overrides`)."""
         return {}
+
+    def means(self, units: Any, totals: list) -> dict[str, Any]:
+        """The logged metrics from their totals (in `metric_names` order) over a window or an evaluation: each over
+        the loss's units, or over its own count (`metric_counts`)."""
+        by_name = dict(zip(self.metric_names, totals, strict=True))
+        means = {}
+        for name, total in by_name.items():
+            if name in self.metric_counts.values():
+                continue
+            count = by_name[self.metric_counts[name]] if name in self.metric_counts else units
+            means[name] = total / max(count, 1)  # a window without such units logs 0, not a division by zero
+        return means
 
     def evaluation_logs(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:
         """What validation and testing log besides `loss` and the metrics (perplexity, for SFT)."""

@@ -16,12 +16,15 @@ starting model loaded again from `model.model_name_or_path`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pandallm.errors import ModelError
+from pandallm.errors import ConfigError, ModelError
+from pandallm.model.parallel import shards_parameters
 from pandallm.objectives.logps import sequence_logps
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ class ReferenceScores:
     def __init__(self) -> None:
         self.scores: dict[str, torch.Tensor] = {}
         self.model: torch.nn.Module | None = None  # the starting model, when it must be scored apart from the policy
+        self.scoring_seconds = 0.0  # spent scoring before training (precompute), for benchmarks and logs
 
     # ---- scoring -----------------------------------------------------------------------------------------------
 
@@ -66,17 +70,42 @@ class ReferenceScores:
             finally:
                 model.train(training)
 
-    def starting_model(self, module: PandaLLM) -> None:
-        """Load the model training started from beside the trained one (full training: `live`, or scoring new
-        pairs after training)."""
+    def prepare(self, module: PandaLLM, split: str) -> None:
+        """Before the first batch of `split`: the reference at hand (`live`), or its scores of the split's pairs."""
+        # Before the first step of a new run, the policy is the reference.
+        fresh = module.trainer.state.fn == "fit" and module.trainer.global_step == 0
+        if module.objective.reference == "live":
+            self._reference_model(module, fresh)
+            return
+        rows = module.trainer.datamodule.datasets[split]
+        if self.has(split, len(rows)):
+            return  # scored before, or restored from the checkpoint
+        if not fresh:  # validating or testing from a checkpoint, or other data on resume
+            if split in self.scores and module.global_rank == 0:
+                log.warning("pandallm: the %s pairs changed since the checkpoint; scoring them again", split)
+            self._reference_model(module, fresh)
+        self.precompute(module, split)
+
+    def _reference_model(self, module: PandaLLM, fresh: bool) -> None:
+        """For full training, the starting model beside the trained one: a frozen copy of the policy before its first
+        step, else loaded again from `model.model_name_or_path`."""
         if module.is_adapter_run or self.model is not None:
+            return
+        if fresh:
+            if shards_parameters(module.trainer.strategy):
+                raise ConfigError(
+                    "model.objective.init_args.reference: live keeps a frozen copy of the model beside it, which "
+                    "FSDP and DeepSpeed do not shard; use reference: precompute (no copy at all)"
+                )
+            self.model = copy.deepcopy(module.model).eval().requires_grad_(False)
             return
         h = module.hparams
         if module.is_preset_run:
             raise ModelError(
                 f"model.objective: the reference of a run trained from the preset '{h.model_name_or_path}' is its "
-                "random initial model, which cannot be loaded again; use reference: precompute (scored before "
-                "training)"
+                "random initial model, which cannot be loaded again to score pairs it has not scored before training "
+                "(validation pairs other than the run's data.val_files, test pairs, or reference: live); start from "
+                "a checkpoint, or give such pairs as data.val_files of the run"
             )
         log.info("pandallm: loading the reference model %s beside the trained one", h.model_name_or_path)
         self.model = module.build_starting_model().eval().requires_grad_(False).to(module.device)
@@ -100,6 +129,7 @@ class ReferenceScores:
         rows = datamodule.datasets[split]
         if len(rows) == 0:
             return
+        start = time.perf_counter()
         scores = torch.zeros(len(rows), 2, dtype=torch.float64)
         found = []
         for batch in datamodule.scoring_loader(split):
@@ -111,6 +141,7 @@ class ReferenceScores:
         gathered = module.all_gather(local).reshape(-1, 3).cpu()
         scores[gathered[:, 0].long()] = gathered[:, 1:]
         self.scores[split] = scores
+        self.scoring_seconds += time.perf_counter() - start
         if module.global_rank == 0:
             log.info("pandallm: scored the %d %s pairs with the reference model", len(rows), split)
 

@@ -73,6 +73,17 @@ def schedule_from(settings: Mapping[str, Any], total_steps: int) -> Schedule:
     )
 
 
+def run_steps(trainer: Any, datamodule: Any) -> int:
+    """Optimizer steps of a `fit` of `trainer` (its epochs, `max_steps`, accumulation, `limit_train_batches`) over
+    `datamodule` (a `PandaDataModule` set up for `fit`)."""
+    batches = datamodule.num_train_batches(trainer.world_size)
+    limit = trainer.limit_train_batches
+    if math.isinf(batches):  # an endless stream: the run is `max_steps` long
+        return total_optimizer_steps(1, 1, None, trainer.max_steps)
+    batches = min(batches, limit) if isinstance(limit, int) else max(int(batches * limit), 1)
+    return total_optimizer_steps(batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps)
+
+
 def total_optimizer_steps(
     batches_per_epoch: int, accumulate_grad_batches: int, max_epochs: int | None, max_steps: int
 ) -> int:

@@ -9,7 +9,9 @@ exits with status 1 if there is any. With `--tokenizer`, it also renders every c
 some templates refuse some conversations (llama-2 needs alternating turns). With `--kind`, a record of the other
 kind is an error too, as training reports it for a file in the wrong data directory. `stats` counts records per format
 and reports token lengths as training would encode them (template included, before truncation): min, mean,
-median, 95th percentile, max, the share over `--max_seq_length`, and a histogram saved as a PNG.
+median, 95th percentile, max, and the share over `--max_seq_length` of instruction records (which training cuts) and
+of documents (which it packs across blocks) apart; `--histogram FILE` saves a PNG of the lengths. Its figures are
+those of the valid records; like `check`, it lists every error and exits with status 1 if there is any.
 """
 
 from __future__ import annotations
@@ -20,24 +22,69 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 from pandallm.data.formats import FORMATS, RecordKind
 from pandallm.data.records import Record, find_data_files, is_saved_dataset, read_records
+from pandallm.data.summary import LABELS
 from pandallm.data.template import render_record, resolve_template
-from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids
 from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaError
-from pandallm.tokenizer import load_tokenizer
 
 
-def expand(names: list[str]) -> list[Path]:
-    """Files as given; directories (other than saved datasets) as the sources under them."""
+def expand(names: list[str], errors: list[PandaError]) -> list[Path]:
+    """Files as given; directories (other than saved datasets) as the sources under them. A path that does not exist
+    is an error among the others (`errors`), not the end of the check."""
     paths: list[Path] = []
     for name in names:
         path = Path(name)
         if not path.exists():
-            raise DatasetError(f"{path}: no such file or directory")
+            errors.append(DatasetError(f"{path}: no such file or directory"))
+            print(f"{path}: missing", file=sys.stderr)
+            continue
         paths += find_data_files(path, "data", text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
     return paths
+
+
+def read_all(
+    files: list[str], format: str, txt_split: str, kind: RecordKind | None, tokenizer, chosen, errors: list[PandaError]
+) -> list[Record]:
+    """The valid records of `files`, as training reads them (and renders them, with a tokenizer); every error goes to
+    `errors`, and a summary line per file to stderr."""
+    valid: list[Record] = []
+    for path in expand(files, errors):
+        found: list[DataFormatError] = []
+        try:
+            _, records = read_records(path, kind, found, format, txt_split)
+        except PandaError as error:  # a broken .json array, a file with no records: nothing more can be read
+            errors += found  # the records' own errors, which may be why no record is left
+            errors.append(error)
+            print(f"{path}: unreadable", file=sys.stderr)
+            continue
+        if tokenizer is not None:
+            rendered = []
+            for record in records:
+                try:
+                    if record.kind == "preference":
+                        from pandallm.data.pairs import render_pair  # torch and datasets: only for pairs
+
+                        render_pair(record, chosen, tokenizer)
+                    elif record.turns:
+                        render_record(record, chosen, tokenizer)
+                    rendered.append(record)
+                except DataFormatError as error:
+                    found.append(error)
+            records = rendered
+        errors += found
+        valid += records
+        formats = Counter(r.format for r in records)
+        print(f"{path}: {len(records)} valid records ({_counts(formats)}), {len(found)} errors", file=sys.stderr)
+    return valid
+
+
+def _print_errors(errors: list[PandaError]) -> None:
+    for error in errors:
+        print(error)
+    print(f"{len(errors)} errors", file=sys.stderr)
 
 
 def check(
@@ -55,45 +102,40 @@ def check(
     if tokenizer is None and (template != "auto" or template_dir is not None):
         raise ConfigError("--template and --template_dir render records with a tokenizer: give --tokenizer too")
     if tokenizer is not None:
+        from pandallm.tokenizer import load_tokenizer  # transformers: only where a tokenizer is used
+
         loaded = load_tokenizer(tokenizer)
         chosen = resolve_template(template, loaded, template_dir)
-    for path in expand(files):
-        found: list[DataFormatError] = []
-        try:
-            _, records = read_records(path, kind, found, format, txt_split)
-        except PandaError as error:  # a broken .json array, a file with no records: nothing more can be read
-            errors += found  # the records' own errors, which may be why no record is left
-            errors.append(error)
-            print(f"{path}: unreadable", file=sys.stderr)
-            continue
-        if loaded is not None:
-            for record in records:
-                if record.turns:
-                    try:
-                        render_record(record, chosen, loaded)
-                    except DataFormatError as error:
-                        found.append(error)
-        errors += found
-        formats = Counter(r.format for r in records)
-        print(f"{path}: {len(records)} valid records ({_counts(formats)}), {len(found)} errors", file=sys.stderr)
-    for error in errors:
-        print(error)
-    print(f"{len(errors)} errors", file=sys.stderr)
+    read_all(files, format, txt_split, kind, loaded, chosen, errors)
+    _print_errors(errors)
     return errors
 
 
-def token_lengths(records: list[Record], tokenizer, chosen) -> list[int]:
-    """The length of each record as training encodes it, before truncation."""
-    conversations = [render_record(r, chosen, tokenizer) for r in records if r.turns]
-    lengths = [
-        len(head) + sum(len(ids) for ids, _ in segments)
-        for head, segments, _ in encode_segments(conversations, tokenizer)
-    ]
+def token_lengths(records: list[Record], tokenizer, chosen) -> dict[str, list[int]]:
+    """The length of each record as training encodes it, before truncation, by kind (`instruction`, `preference`: a
+    pair's longer side, `pretraining`; judged completions under their own kind)."""
+    from pandallm.data.tokenize import AS_TEXT, encode_segments, special_ids  # `datasets`: only where it is needed
+
+    def encoded(rendered: list) -> list[int]:
+        return [
+            len(head) + sum(len(ids) for ids, _ in segments)
+            for head, segments, _ in encode_segments(rendered, tokenizer)
+        ]
+
+    lengths: dict[str, list[int]] = {}
+    for kind in sorted({r.kind for r in records if r.turns and r.kind != "preference"}):
+        lengths[kind] = encoded([render_record(r, chosen, tokenizer) for r in records if r.turns and r.kind == kind])
+    pairs = [r for r in records if r.kind == "preference"]
+    if pairs:
+        from pandallm.data.pairs import render_pair
+
+        sides = encoded([side for r in pairs for side in render_pair(r, chosen, tokenizer)])
+        lengths["preference"] = [max(pair) for pair in zip(sides[::2], sides[1::2], strict=True)]
     documents = [r.text for r in records if not r.turns]
     if documents:
         bos_id, _ = special_ids(tokenizer)
         extra = 1 if bos_id is None else 2  # [BOS] text [EOS]
-        lengths += [len(ids) + extra for ids in tokenizer(documents, **AS_TEXT)["input_ids"]]
+        lengths["pretraining"] = [len(ids) + extra for ids in tokenizer(documents, **AS_TEXT)["input_ids"]]
     return lengths
 
 
@@ -106,33 +148,49 @@ def stats(
     txt_split: str = "file",
     kind: RecordKind | None = None,
     max_seq_length: int = 2048,
-    histogram: str = "token_lengths.png",
+    histogram: str | None = None,
 ) -> dict:
-    """Record counts per format and token-length statistics of `files`; saves the length histogram to `histogram`."""
+    """Record counts per format and token-length statistics of the valid records of `files`, the share longer than
+    `max_seq_length` of each kind, and the errors; the length histogram is saved to `histogram` if given."""
+    from pandallm.tokenizer import load_tokenizer
+
     loaded = load_tokenizer(tokenizer)
     chosen = resolve_template(template, loaded, template_dir)
-    records: list[Record] = []
-    for path in expand(files):
-        records += read_records(path, kind, None, format, txt_split)[1]
-    lengths = sorted(token_lengths(records, loaded, chosen))
-    report = {
-        "records": len(records),
-        "formats": dict(Counter(r.format for r in records)),
-        "min": lengths[0],
-        "mean": statistics.fmean(lengths),
-        "median": statistics.median(lengths),
-        "p95": lengths[math.ceil(0.95 * len(lengths)) - 1],  # nearest rank
-        "max": lengths[-1],
-        "over_max_seq_length": sum(n > max_seq_length for n in lengths) / len(lengths),
-        "histogram": str(save_histogram(lengths, max_seq_length, Path(histogram))),
-    }
-    print(f"records: {report['records']} ({_counts(Counter(report['formats']))})")
-    print(
-        f"tokens per record: min {report['min']}, mean {report['mean']:.1f}, median {report['median']:g}, "
-        f"p95 {report['p95']}, max {report['max']}"
-    )
-    print(f"over max_seq_length={max_seq_length}: {report['over_max_seq_length']:.1%}")
-    print(f"histogram: {report['histogram']}")
+    errors: list[PandaError] = []
+    records = read_all(files, format, txt_split, kind, loaded, chosen, errors)
+    by_kind = token_lengths(records, loaded, chosen)
+    lengths = [n for of_kind in by_kind.values() for n in of_kind]
+    report: dict = {"records": len(records), "formats": dict(Counter(r.format for r in records)), "errors": errors}
+    print(f"records: {len(records)} ({_counts(Counter(report['formats']))})")
+    if lengths:
+        ordered = sorted(lengths)
+        report.update(
+            min=ordered[0],
+            mean=statistics.fmean(ordered),
+            median=statistics.median(ordered),
+            p95=ordered[math.ceil(0.95 * len(ordered)) - 1],  # nearest rank
+            max=ordered[-1],
+        )
+        print(
+            f"tokens per record: min {report['min']}, mean {report['mean']:.1f}, median {report['median']:g}, "
+            f"p95 {report['p95']}, max {report['max']}"
+        )
+    # What training does with a record longer than a row differs by kind: an instruction record (or a pair) is cut or
+    # dropped, a document is packed across blocks and loses nothing.
+    cut = "training cuts their prompts from the left (data.overlong_records: truncate) or leaves them out (drop)"
+    packed = "documents are packed into blocks of max_seq_length: these span several blocks, nothing is cut"
+    for name, of_kind in by_kind.items():
+        over = sum(n > max_seq_length for n in of_kind)
+        report[f"{name}_over_max_seq_length"] = over / len(of_kind)
+        print(
+            f"{LABELS.get(name, name)} over max_seq_length={max_seq_length}: {over} of {len(of_kind)} "
+            f"({over / len(of_kind):.1%})" + (f"; {packed if name == 'pretraining' else cut}" if over else "")
+        )
+    if histogram is not None and lengths:
+        report["histogram"] = str(save_histogram(sorted(lengths), max_seq_length, Path(histogram)))
+        print(f"histogram: {report['histogram']}")
+    if errors:
+        _print_errors(errors)
     return report
 
 
@@ -168,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--txt_split", choices=["file", "paragraph"], default="file")
         sub.add_argument(
             "--kind",
-            choices=["instruction", "pretraining"],
+            choices=list(get_args(RecordKind)),
             default=None,
             help="The records every file must hold (default: either kind, per file).",
         )
@@ -177,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--template_dir", default=None)
         if name == "stats":
             sub.add_argument("--max_seq_length", type=int, default=2048)
-            sub.add_argument("--histogram", default="token_lengths.png", help="Where to save the PNG.")
+            sub.add_argument("--histogram", default=None, help="Save a histogram of the lengths to this PNG file.")
     return parser
 
 
@@ -187,5 +245,5 @@ def main(args: list[str] | None = None) -> None:
     if command == "check":
         if check(**options):
             sys.exit(1)
-    else:
-        stats(**options)
+    elif stats(**options)["errors"]:
+        sys.exit(1)

@@ -152,7 +152,7 @@ def estimate_memory(config: Any, architecture: str | None = None, devices: int |
 
 def _parsed_fit_config(args: list[str]) -> Any:
     """`pandallm fit`'s config from `args`, parsed and linked, with nothing instantiated."""
-    from pandallm.cli import PandaCLI, cli
+    from pandallm.lightning_cli import PandaCLI, cli
 
     class ParseOnly(PandaCLI):
         def instantiate_classes(self) -> None:

@@ -19,6 +19,7 @@ checkpoint is checked against it as `fit --ckpt_path` checks it. A LoRA run is s
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -42,7 +43,6 @@ from pandallm.data.template import resolve_template
 from pandallm.errors import ConfigError, ModelError
 from pandallm.model.export import check_export_target, save_hf
 from pandallm.model.module import PandaLLM
-from pandallm.objectives.base import objective_from
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,16 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(PandaLLM, "model")
     parser.add_class_arguments(HFExport, "export")
     # The rest of a recipe or run config is read and ignored: exporting needs no trainer and no data.
-    for section in ("trainer", "data", "predictions"):
+    for section in (
+        "trainer",
+        "data",
+        "predictions",
+        "generation",
+        "evaluation",
+        "ema",
+        "early_stopping",
+        "best_checkpoint",
+    ):
         parser.add_argument(f"--{section}", type=dict[str, Any] | None, default=None)
     parser.add_argument("--seed_everything", type=int | bool | None, default=None)
     parser.add_argument("--weights_only", type=bool | None, default=None)
@@ -88,10 +97,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if is_sharded_checkpoint(file):
         return {**read_metadata(file), "state_dict": read_sharded_weights(file)}
     if is_deepspeed_checkpoint(file):
-        try:
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-        except ImportError as e:  # pragma: no cover (needs deepspeed)
-            raise ModelError(f"--ckpt_path {path} is a DeepSpeed checkpoint; converting it needs deepspeed") from e
+        # Lightning's converter imports deepspeed only when it runs, as a bare ModuleNotFoundError.
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ModelError(
+                f"--ckpt_path {path} is a DeepSpeed checkpoint directory (it holds checkpoint/); converting it needs "
+                "the deepspeed package: pip install -e '.[gpu]' (or pip install deepspeed)"
+            )
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
         with tempfile.TemporaryDirectory() as tmp:
             # DeepSpeed's own loader unpickles its files (it offers no other way: the documented exception). What
             # it read is used as returned; the file the converter also writes is never unpickled a second time.
@@ -113,7 +126,7 @@ def export_full_weights(
 ) -> Path:
     """A full-training checkpoint, exported without building a second copy of the model: the checkpoint's own
     tensors are given to a model built on the meta device (a 33B export needs the memory of one copy, not two)."""
-    module = PandaLLM(**arguments)
+    module = PandaLLM.from_arguments(arguments)
     weights = hf_weights(checkpoint["state_dict"])
     model = plain_model(module.config, weights, module.objective.head)
     return save_hf(model, module.tokenizer, output, trained_template(data, module))
@@ -150,12 +163,11 @@ def export(args: list[str]) -> Path:
     # The rendering settings: the checkpoint's record, under those of a --config given.
     data = {**((checkpoint or {}).get("pandallm") or {}).get("data", {}), **(cfg.data or {})}
     same_as_recorded = arguments == {**recorded, **_tokenizer(cfg)}
-    arguments["objective"] = objective_from(arguments["objective"])
     if checkpoint is not None and not arguments["use_lora"] and same_as_recorded:
         directory = export_full_weights(checkpoint, arguments, cfg.output, data)
         log.info("pandallm: exported to %s", directory)
         return directory
-    model = PandaLLM(**arguments)
+    model = PandaLLM.from_arguments(arguments)
     # A preset's frozen base is random: rebuilt from the run's seed (pandallm's default, 42, unless configured).
     seed = cfg.seed_everything
     L.seed_everything(42 if seed in (None, True) else int(seed), verbose=False)

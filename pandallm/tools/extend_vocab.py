@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jsonargparse import auto_cli
-from transformers import LlamaTokenizer, PreTrainedTokenizerBase
 
 from pandallm.data.records import find_data_files, read_utf8, suffix
 from pandallm.errors import ConfigError, DatasetError
@@ -29,6 +29,9 @@ from pandallm.tools.sentencepiece_merge import (
     train_like,
 )
 from pandallm.tools.train_tokenizer import corpus_lines
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")  # and compressed: `suffix` sees through .gz / .zst
@@ -104,6 +107,8 @@ def _save_hf(proto_bytes: bytes, base: PreTrainedTokenizerBase, output: Path, sp
     for name in _HF_FILES:
         (output / name).unlink(missing_ok=True)
     (output / "tokenizer.model").write_bytes(proto_bytes)
+    from transformers import LlamaTokenizer  # here: `--help` answers without transformers
+
     merged = LlamaTokenizer.from_pretrained(str(output), **special)
     # What the base tokenizer says beyond its vocabulary, kept: its chat template and padding token.
     if getattr(base, "chat_template", None):

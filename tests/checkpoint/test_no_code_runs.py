@@ -161,8 +161,10 @@ def test_fsdp2_loads_a_sharded_directory_without_running_its_pickles(
     args = [sys.executable, "-m", "pandallm", command, *tiny_fit_args(tmp_path, *FSDP2), f"--ckpt_path={directory}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert re.search(rf"ModelError: .*{refused}", done.stderr), done.stderr[-3000:]
+    assert done.returncode == 2
+    # A user error: one message naming the file, no traceback (`--traceback` shows one).
+    assert re.search(rf"pandallm {command}: error: .*{refused}", done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
 
 
 @pytest.fixture

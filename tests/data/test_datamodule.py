@@ -148,9 +148,12 @@ def test_skip_mode_leaves_out_and_reports_malformed_records(tmp_path, tokenizer_
     settings = {"instruction_tuning_data_dir": str(it), "pretraining_data_dir": None, "cache_dir": str(tmp_path / "c")}
     with pytest.raises(DataFormatError, match=r"bad.jsonl:1: field 'target'"):
         make(tokenizer_dir, **settings).prepare_data()  # strict by default
-    dm = ready(make(tokenizer_dir, **settings, bad_records="skip", max_bad_fraction=0.01))
-    assert len(dm.datasets["train"]) == 200
-    assert any("skipped 1 of 201 records" in r.getMessage() and "bad.jsonl:1" in r.getMessage() for r in caplog.records)
+    for run in ("builds the cache", "reuses it"):  # reported by every run, not only by the one that tokenized
+        caplog.clear()
+        dm = ready(make(tokenizer_dir, **settings, bad_records="skip", max_bad_fraction=0.01))
+        assert len(dm.datasets["train"]) == 200
+        reported = [r.getMessage() for r in caplog.records if "skipped 1 of 201 records" in r.getMessage()]
+        assert reported and "bad.jsonl:1: field 'target'" in reported[0], run
     with pytest.raises(DatasetError, match=r"1 of 201 records \(0.5%\) are malformed, more than data.max_bad_fraction"):
         make(tokenizer_dir, **settings, bad_records="skip", max_bad_fraction=0.001).prepare_data()
 
@@ -166,20 +169,23 @@ def test_overlong_records_are_truncated_or_dropped_and_counted(tmp_path, tokeniz
     assert (
         truncated.datasets["train"][0]["labels"][-4:] == truncated.datasets["train"][0]["input_ids"][-4:]
     )  # target kept
-    dropped = ready(
-        make(
-            tokenizer_dir,
-            **settings,
-            cache_dir=str(tmp_path / "b"),
-            overlong_records="drop",
-            per_device_train_batch_size=1,
+    for run in ("builds the cache", "reuses it"):  # the counts are stored with the cache entry
+        caplog.clear()
+        dropped = ready(
+            make(
+                tokenizer_dir,
+                **settings,
+                cache_dir=str(tmp_path / "b"),
+                overlong_records="drop",
+                per_device_train_batch_size=1,
+            )
         )
-    )
-    assert len(dropped.datasets["train"]) == 1
-    assert any(
-        "1 of 2 instruction records are longer than max_seq_length=24; they were dropped" in r.getMessage()
-        for r in caplog.records
-    )
+        assert len(dropped.datasets["train"]) == 1
+        assert any(
+            f"{it.parent}: 1 of 2 instruction records are longer than max_seq_length=24; they are dropped"
+            in r.getMessage()
+            for r in caplog.records
+        ), run
 
 
 def test_too_small_training_data_fails_before_training(tmp_path, tokenizer_dir) -> None:
@@ -236,6 +242,32 @@ def test_mix_ratios_weigh_the_sources_of_each_epoch(tmp_path: Path, tokenizer_di
     assert len(positions) == 40 == len(loader.sampler) == sum(len(batch["input_ids"]) for batch in loader)
     from_file = [p for p in positions if p >= dm.train_source_sizes[0]]  # the file's rows follow the directory's
     assert len(from_file) == 30 and sorted(set(from_file)) == list(range(16, 26))  # each of its 10 rows 3 times
+
+
+def test_mix_unit_records_gives_record_shares_with_packing(tmp_path: Path, tokenizer_dir: str) -> None:
+    short = write_jsonl(tmp_path / "short.jsonl", [{"input": f"Q{i}?", "target": f"A{i}."} for i in range(60)])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"input": "word " * 12, "target": "answer " * 8}] * 30)
+    files = [str(short), str(long)]
+    settings = {"instruction_tuning_data_dir": None, "pretraining_data_dir": None, "train_files": files}
+    drawn = {}
+    for unit in ("rows", "records"):
+        dm = ready(
+            make(
+                tokenizer_dir,
+                **settings,
+                packing=True,
+                mix_ratios=dict.fromkeys(files, 1.0),
+                mix_unit=unit,
+                epoch_rows=24,
+                cache_dir=str(tmp_path / "c"),
+            )
+        )
+        rows = dm.train_source_sizes
+        per_row = [60 / rows[0], 30 / rows[1]]  # records per packed block of each source
+        drawn[unit] = [count * k for count, k in zip(dm.training_order.source_counts(), per_row, strict=True)]
+    assert drawn["rows"][0] > 2 * drawn["rows"][1]  # equal blocks: many more short records than long ones
+    short_share = drawn["records"][0] / sum(drawn["records"])
+    assert abs(short_share - 0.5) < 0.1, drawn  # equal records, up to whole blocks per epoch
 
 
 def test_mix_ratios_must_name_every_source(tmp_path: Path, tokenizer_dir: str) -> None:

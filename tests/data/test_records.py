@@ -145,3 +145,16 @@ def test_sources_that_cannot_be_read_are_named(tmp_path: Path) -> None:
         f"{tmp_path / 'it' / 'gone.jsonl'} (a broken link to {tmp_path / 'moved' / 'gone.jsonl'}). "
         "Fix or remove them (or move them into a hidden directory)"
     )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_nested_past_the_parsers_limit_names_the_file_and_line(tmp_path: Path, suffix: str) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / f"d{suffix}"
+    good = '{"input": "a", "target": "b"}'
+    path.write_text(f"{good}\n{deep}\n" if suffix == ".jsonl" else f"[{good},\n{deep}]")
+    with pytest.raises(DataFormatError, match=rf"d{suffix}:2: JSON nested more deeply than Python's JSON parser"):
+        read_records(path)
+    skipped: list[DataFormatError] = []
+    if suffix == ".jsonl":  # a line can be skipped as any malformed line is
+        assert len(read_records(path, skipped=skipped)[1]) == 1 and len(skipped) == 1

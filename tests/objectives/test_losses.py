@@ -11,7 +11,7 @@ import torch
 from pandallm.data.pairs import collate_pairs
 from pandallm.errors import ConfigError
 from pandallm.model.module import PandaLLM
-from pandallm.objectives import DPO, ORPO, SimPO
+from pandallm.objectives import DPO, KTO, ORPO, SimPO
 from tests.conftest import TOKENIZER_DIR
 
 # Two pairs: [BOS] prompt, then a completion (trained) of a few tokens.
@@ -146,3 +146,25 @@ def test_dpo_gradient_is_the_fp64_gradient() -> None:
 def test_bad_options_are_refused(make, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_kto_is_its_formula() -> None:
+    """Sequence 0 of each record is its own completion, sequence 1 a mismatched one; record 0 is desirable."""
+    beta, weights = 0.2, (1.0, 1.5)
+    m = module(KTO(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1]))
+    b = {**batch(), "desirable": torch.tensor([True, False])}
+    m.reference_logps = lambda batch, stage: REFERENCE
+    terms = m.objective.terms(m, b, "train")
+    policy, _ = completion_logps(m)
+    ratios = [p - r for p, r in zip(policy, REFERENCE.tolist(), strict=True)]
+    z = max(0.0, (ratios[2] + ratios[3]) / 2)  # the mismatched sequences' mean log-ratio, clamped at 0
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    expected = [weights[0] * (1 - sigmoid(beta * (ratios[0] - z))), weights[1] * (1 - sigmoid(beta * (z - ratios[1])))]
+    assert (terms.loss_sum / terms.count).item() == pytest.approx(sum(expected) / 2, rel=1e-9)
+    means = m.objective.means(terms.count, [terms.metrics[name] for name in m.objective.metric_names])
+    assert means["rewards/chosen"].item() == pytest.approx(beta * ratios[0], rel=1e-9)  # over desirable records only
+    assert means["rewards/rejected"].item() == pytest.approx(beta * ratios[1], rel=1e-9)
+    assert means["kl"].item() == pytest.approx(z, rel=1e-9)

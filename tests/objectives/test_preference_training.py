@@ -141,8 +141,11 @@ def test_malformed_pairs_name_file_line_and_field(tmp_path: Path, record: dict, 
         cli(fit_args(tmp_path, f"--data.instruction_tuning_data_dir={tmp_path / 'pairs'}", "--model.objective=DPO"))
 
 
-def test_lora_dpo_scores_the_reference_with_the_adapters_disabled_once_or_live_alike(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_reference_scored_once_before_training_or_live_gives_the_same_training(tmp_path: Path, lora: bool) -> None:
+    """LoRA: the base with the adapters disabled; full training: the policy before its first step, or a frozen copy."""
     data = preference_data(tmp_path)["instruction_tuning_data_dir"]
+    adapters = ["--model.use_lora=true", "--model.lora_r=4", "--model.lora_dropout=0.0"] if lora else []
 
     def losses(reference: str) -> list[float]:
         run = cli(
@@ -152,9 +155,8 @@ def test_lora_dpo_scores_the_reference_with_the_adapters_disabled_once_or_live_a
                 "--trainer.max_steps=3",
                 f"--trainer.logger.save_dir={tmp_path / reference}",
                 "--trainer.log_every_n_steps=1",
-                "--model.use_lora=true",
-                "--model.lora_r=4",
-                "--model.lora_dropout=0.0",
+                *adapters,
+                "--model.config_overrides={attention_dropout: 0.0}",
                 "--data.per_device_train_batch_size=4",
                 "--model.objective=DPO",
                 f"--model.objective.reference={reference}",
@@ -163,6 +165,37 @@ def test_lora_dpo_scores_the_reference_with_the_adapters_disabled_once_or_live_a
         return metric_column(Path(run.trainer.log_dir), "train/loss")
 
     precomputed = losses("precompute")
-    # Fresh adapters add nothing: the policy is the reference at the first step.
+    # The policy is the reference at the first step (fresh adapters add nothing).
     assert precomputed[0] == pytest.approx(0.6931472, abs=1e-6) and precomputed[-1] != precomputed[0]
     assert losses("live") == pytest.approx(precomputed, abs=1e-6)
+
+
+def judged(pairs: list[dict]) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
+def test_kto_learns_a_toy_preference_from_judged_completions(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train" / "a.jsonl", judged(toy_pairs(32)))
+    write_jsonl(tmp_path / "val.jsonl", judged(toy_pairs(8, offset=100)))
+    args = fit_args(
+        tmp_path,
+        f"--data.instruction_tuning_data_dir={tmp_path / 'train'}",
+        f"--data.val_files=[{tmp_path / 'val.jsonl'}]",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=3",
+        "--model.learning_rate=3e-3",
+        "--model.warmup_steps=0",
+        "--data.per_device_train_batch_size=8",
+        "--model.objective=KTO",
+    )
+    run = cli(args)
+    log_dir = Path(run.trainer.log_dir)
+    desirable = metric_column(log_dir, "val/rewards/chosen")
+    undesirable = metric_column(log_dir, "val/rewards/rejected")
+    # On held-out prompts the desirable completions gain reward over the undesirable ones, and more with training.
+    assert desirable[-1] - undesirable[-1] > desirable[0] - undesirable[0] and desirable[-1] > undesirable[-1]

@@ -1,0 +1,50 @@
+"""`pandallm fit --dry_run` reads and checks the data, counts on the meta device, prints the run's figures, and
+trains nothing."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pandallm.cli import cli
+from pandallm.errors import DataFormatError
+from pandallm.tools.estimate import estimate_memory
+from tests.conftest import tiny_fit_args
+
+
+def test_a_dry_run_prints_steps_tokens_parameters_and_memory_and_trains_nothing(tmp_path: Path, capsys) -> None:
+    args = ["fit", *tiny_fit_args(tmp_path), "--trainer.max_epochs=2", "--data.val_files=[]", "--dry_run"]
+    run = cli(args)
+    shown = capsys.readouterr().out
+    rows = run.datamodule.datasets["train"]["input_ids"]  # 16 records, 4 per batch: 4 steps per epoch
+    tokens_per_row = sum(len(ids) for ids in rows) / len(rows)
+    parameters = run.model.num_parameters()
+    assert "  optimizer steps: 8; 4 per epoch\n" in shown
+    assert f"  tokens per optimizer step: about {4 * tokens_per_row:,.0f} (4 rows of 4 x 1 device(s)" in shown
+    assert f"  parameters: {parameters:,}, trainable: {parameters:,} (100.00%)\n" in shown
+    # The memory per device is `pandallm estimate`'s count of the same run (tests/model/test_memory.py checks it).
+    estimate = estimate_memory(run.config.fit, devices=1)
+    assert textwrap.indent(estimate.report(), "  ") in shown
+    # fp32 AdamW: weights and gradients 4 bytes each, two moments of 4 bytes
+    assert estimate.parts["weights"] == estimate.parts["gradients"] == estimate.parts["optimizer state"] / 2
+    assert estimate.parts["weights"] == 4 * parameters
+    assert run.model.model is None  # never built for real, nothing trained or written
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "t").exists()
+
+
+def test_a_dry_run_counts_the_lora_parameters_the_run_would_train(tmp_path: Path, capsys) -> None:
+    lora = ["--model.use_lora=true", "--model.lora_r=4", "--model.modules_to_save=[lm_head]"]
+    run = cli(["fit", *tiny_fit_args(tmp_path), "--trainer.max_steps=3", *lora, "--dry_run"])
+    shown = capsys.readouterr().out
+    run.model.configure_model()  # the real model, as training builds it
+    trainable = sum(p.numel() for p in run.model.model.parameters() if p.requires_grad)
+    assert f"trainable: {trainable:,} (" in shown and "optimizer steps: 3;" in shown
+
+
+def test_a_dry_run_fails_on_bad_data_as_the_run_would(tmp_path: Path) -> None:
+    args = tiny_fit_args(tmp_path)
+    (tmp_path / "it" / "a.jsonl").write_text('{"input": "x"}\n')
+    with pytest.raises(DataFormatError, match=r"a.jsonl:1"):
+        cli(["fit", *args, "--dry_run"])
