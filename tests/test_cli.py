@@ -6,6 +6,7 @@ import resource
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pandallm.cli import TOOLS, cli, main
 from pandallm.model import PandaLLM
@@ -110,3 +111,17 @@ def test_the_help_and_an_unknown_command_name_the_tool_commands(capsys) -> None:
     assert "unknown command 'exprot'; the commands are fit, validate, test, predict, train-tokenizer" in (
         capsys.readouterr().err
     )
+
+
+def test_a_runs_saved_config_is_read_by_export_whatever_options_fit_has(tmp_path: Path, capsys) -> None:
+    from pandallm.cli import RUN_OPTIONS, RUN_SECTIONS
+    from pandallm.tools.export import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "recipes/tiny.yaml", "--print_config"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(capsys.readouterr().out)  # what LightningCLI saves as the run's config.yaml
+    keys = set(yaml.safe_load(saved.read_text()))
+    assert keys <= {"model", "export", "ckpt_path", *RUN_SECTIONS, *RUN_OPTIONS}, keys
+    parsed = build_parser().parse_args(["--config", str(saved), "--ckpt_path", "x.ckpt", "--output", "hf"])
+    assert parsed.model.model_name_or_path == "llama-mini"

@@ -57,6 +57,8 @@ def help_text(*command: str) -> str:
 
 
 def known_option(command: tuple[str, ...], option: str) -> bool:
+    if command == ("estimate",) and known_option(("fit",), option):
+        return True  # `pandallm estimate` takes pandallm fit's options besides its own
     shown = help_text(*command)
     if re.search(rf"(^|\s){re.escape(option)}(\s|=|,|$)", shown, re.M):
         return True

@@ -171,7 +171,15 @@ def main(argv: list[str] | None = None) -> Estimate:
         "--architecture", default=None, help=f"a preset's shape instead of the checkpoint's: {list(PRESETS)}"
     )
     parser.add_argument("--devices", type=int, default=None, help="devices per node, where trainer.devices is auto")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="a recipe or config piece, as pandallm fit takes it (repeatable); pandallm fit's other options "
+        "(--model.*, --data.*, --trainer.*) apply too",
+    )
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    rest = [arg for config in options.config for arg in ("--config", config)] + rest
     if options.gpu_memory_gib is not None and options.gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu_memory_gib {options.gpu_memory_gib:g}: give the memory of one GPU in GiB, above 0")
     if options.architecture is not None and options.architecture not in PRESETS:

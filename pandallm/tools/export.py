@@ -39,6 +39,7 @@ from pandallm.checkpoint.sharded import (
     read_metadata,
     read_sharded_weights,
 )
+from pandallm.cli import RUN_OPTIONS, RUN_SECTIONS
 from pandallm.data.template import resolve_template
 from pandallm.errors import ConfigError, ModelError
 from pandallm.model.export import check_export_target, save_hf
@@ -69,21 +70,10 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(PandaLLM, "model")
     parser.add_class_arguments(HFExport, "export")
     # The rest of a recipe or run config is read and ignored: exporting needs no trainer and no data.
-    for section in (
-        "trainer",
-        "data",
-        "predictions",
-        "generation",
-        "evaluation",
-        "ema",
-        "early_stopping",
-        "best_checkpoint",
-    ):
+    for section in RUN_SECTIONS:
         parser.add_argument(f"--{section}", type=dict[str, Any] | None, default=None)
-    parser.add_argument("--seed_everything", type=int | bool | None, default=None)
-    parser.add_argument("--weights_only", type=bool | None, default=None)
-    parser.add_argument("--sweep", type=str | None, default=None)
-    parser.add_argument("--sweep_index", type=int | None, default=None)
+    for option in RUN_OPTIONS:
+        parser.add_argument(f"--{option}", type=Any, default=None)
     return parser
 
 
