@@ -51,9 +51,9 @@ TOOL_HELP = {
     "evol-instruct": "evolve instruction records with a local model (Evol-Instruct)",
     "quantize": "a trained model quantized with GPTQ (llm-compressor), with perplexity before and after",
 }
-# The top-level keys of a run's config (the `config.yaml` fit saves, a recipe) besides `model` and `export`: what a tool that
-# reads such a config without running it (`pandallm export`) accepts and ignores. tests/test_cli.py checks them against
-# the LightningCLI parsers, so that a new option of `fit` cannot break exporting its runs.
+# The top-level keys of a run's config (the `config.yaml` fit saves, a recipe) besides `model` and `export`: what a
+# tool that reads such a config without running it (`pandallm export`) accepts and ignores. tests/test_cli.py checks
+# them against fit's parser, so that a new option of `fit` cannot break exporting its runs.
 RUN_SECTIONS = (
     "trainer", "data", "predictions", "generation", "evaluation", "ema", "early_stopping", "best_checkpoint"
 )  # fmt: skip
