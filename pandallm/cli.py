@@ -119,6 +119,13 @@ def main(args: list[str] | None = None, report: bool | None = None) -> None:
         STOP.requeue_if_asked()
         STOP.stop_launched_ranks()
         raise
+    except BrokenPipeError:
+        # The reader went away (`pandallm --help | head`): not an error of ours. stdout is pointed at /dev/null so
+        # that the interpreter's final flush does not raise again (the recipe of Python's `signal` documentation).
+        if not report:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     finally:
         if fresh and args is not None:  # called from Python: the caller's handlers come back
             STOP.restore()

@@ -11,11 +11,12 @@ with its overrides is what checkpoints digest and what the export saves, and the
 from __future__ import annotations
 
 import copy
-from typing import Literal
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Literal
 
 from pandallm.errors import ModelError
+
+if TYPE_CHECKING:  # not imported at run time: `pandallm train-tokenizer --help` starts without transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SpecialRole = Literal["pad", "bos", "eos", "unk", "sep", "cls"]
 SpecialTokens = dict[SpecialRole, int | str]

@@ -85,3 +85,12 @@ def test_the_help_and_a_tool_commands_help_import_no_heavy_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "imported: []" in done.stdout
+
+
+def test_help_into_a_closed_pipe_ends_without_a_traceback() -> None:
+    # `pandallm --help | head`: a reader that has gone before the usage is written (`true` reads nothing and exits
+    # while Python starts).
+    script = f"{sys.executable} -m pandallm --help | true; exit ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 1

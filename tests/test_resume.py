@@ -135,14 +135,18 @@ def test_resume_with_gradient_accumulation(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path, 25), 4, "--trainer.accumulate_grad_batches=3")
 
 
+def both_kinds(root: Path) -> dict[str, str]:
+    return {**instruction_data(root), **{k: v for k, v in pretraining_data(root).items() if v != "null"}}
+
+
+@pytest.mark.slow  # DDP resume on both kinds of data is also what the ddp-sigusr1 case below checks, from a signal
 def test_resume_two_process_ddp(tmp_path: Path) -> None:
-    data = {**instruction_data(tmp_path), **{k: v for k, v in pretraining_data(tmp_path).items() if v != "null"}}
-    assert_resume_is_exact(tmp_path, data, 3, "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert_resume_is_exact(tmp_path, both_kinds(tmp_path), 3, "--trainer.strategy=ddp", "--trainer.devices=2")
 
 
 @pytest.mark.parametrize("ddp", [False, True], ids=["single-sigterm", "ddp-sigusr1"])
 def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path: Path, ddp: bool) -> None:
-    data = instruction_data(tmp_path)
+    data = both_kinds(tmp_path) if ddp else instruction_data(tmp_path)
     extra = ["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else []
     fit(tmp_path, "straight", data, *extra)
     # SIGUSR1 to rank 1 only, under DDP: one save, every rank stops after the same step. SIGTERM to the whole process
