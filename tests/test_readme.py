@@ -119,7 +119,12 @@ def test_every_config_in_the_readme_parses(tmp_path: Path, monkeypatch) -> None:
 def test_the_figures_quoted_of_the_demo_are_the_demos(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(REPO)
     main(["fit", "--config", "recipes/tiny.yaml", "--dry_run", f"--data.cache_dir={tmp_path}"])
-    shown = capsys.readouterr().out
+    captured = capsys.readouterr()
+    shown = captured.out
+    # What the run says the data became, as quoted (the cache entry's directory aside).
+    (summary,) = [b for b in code_blocks() if b.startswith("pandallm data: tokenized data in")]
+    for line in summary.splitlines()[1:]:
+        assert line in captured.err.splitlines(), line  # placeholders or stale figures fail here
     (quoted,) = [b for b in code_blocks() if b.startswith("pandallm fit --dry_run:")]
     assert quoted.strip() == shown.strip()  # steps, tokens per step, parameters, memory
     steps, per_epoch = map(int, re.search(r"optimizer steps: (\d+); (\d+) per epoch", shown).groups())
