@@ -38,6 +38,7 @@ TOOLS = {
     "self-instruct": "pandallm.tools.self_instruct:main",
     "evol-instruct": "pandallm.tools.evol_instruct:main",
     "quantize": "pandallm.tools.quantize:main",
+    "lm-eval": "pandallm.tools.lm_eval:main",
 }
 TOOL_HELP = {
     "train-tokenizer": "train a sentencepiece BPE tokenizer on record files",
@@ -50,6 +51,7 @@ TOOL_HELP = {
     "self-instruct": "generate instruction records from seed tasks with a local model (Self-Instruct)",
     "evol-instruct": "evolve instruction records with a local model (Evol-Instruct)",
     "quantize": "a trained model quantized with GPTQ (llm-compressor), with perplexity before and after",
+    "lm-eval": "benchmarks through lm-evaluation-harness: question files, task files, harness tasks",
 }
 # The top-level keys of a run's config (the `config.yaml` fit saves, a recipe) besides `model` and `export`: what a
 # tool that reads such a config without running it (`pandallm export`) accepts and ignores. tests/test_cli.py checks
