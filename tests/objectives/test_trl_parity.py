@@ -9,6 +9,7 @@ two trainers' losses up to 1.5e-3 apart (IPO, whose squared loss is the most sen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,13 +52,15 @@ def setup(tmp_path: Path, loss: str) -> PairSetup:
     return s
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
-def test_per_step_losses_and_rewards_equal_trls(tmp_path: Path, loss: str) -> None:
-    s = setup(tmp_path, loss)
+@pytest.mark.parametrize(("loss", "lora_r"), [("sigmoid", 0), ("ipo", 0), ("simpo", 0), ("sigmoid", 8)])
+def test_per_step_losses_and_rewards_equal_trls(tmp_path: Path, loss: str, lora_r: int) -> None:
+    # With LoRA, both sides seed the same adapters (`benchmarks.common.seeded_adapters`) and score the reference with
+    # them disabled. (At a larger learning rate both sides drift apart, the full model's too: see the README.)
+    s = dataclasses.replace(setup(tmp_path, loss), lora_r=lora_r)
     ours, trl = run_side("pandallm", s, in_process=True), run_side("trl", s, in_process=True)
     assert len(ours["losses"]) == len(trl["losses"]) == 4
     torch.testing.assert_close(ours["losses"], trl["losses"], rtol=0, atol=2e-3)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         torch.testing.assert_close(ours["metrics"][name], trl["metrics"][name], rtol=0, atol=1e-3)
     # The curves move: the comparison is not between two runs that did nothing.
-    assert abs(ours["losses"][-1] - ours["losses"][0]) > 1e-2
+    assert abs(ours["losses"][-1] - ours["losses"][0]) > (4e-3 if lora_r else 1e-2)
