@@ -125,6 +125,32 @@ def test_a_stop_between_the_records_and_the_state_is_resumed_exactly(tmp_path: P
     assert store.path.read_text().count("\n") == 2  # cut back to the requests the state counts
 
 
+def test_an_output_that_is_not_a_generators_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", SEEDS)  # the user's data (or the seed tasks) given as --output
+    before = data.read_bytes()
+    with pytest.raises(ConfigError, match=r"train.jsonl' exists and is not the output of an earlier run"):
+        ResumableOutput(str(data)).load()
+    data.with_name("train.jsonl.state.json").write_text('{"requests_done": 1}')  # a state beside foreign lines
+    with pytest.raises(DataFormatError, match=r"train.jsonl:1: field 'request': not a record of this generator"):
+        ResumableOutput(str(data)).load()
+    assert data.read_bytes() == before
+    with pytest.raises(ConfigError, match="is a directory"):
+        ResumableOutput(str(tmp_path)).load()
+    store = ResumableOutput(str(tmp_path / "out.jsonl"))
+    store.append(0, [{"instruction": "a"}])
+    store.state.write_text("{")  # a damaged state: named, not a bare JSONDecodeError
+    with pytest.raises(ConfigError, match=r"out.jsonl.state.json: not a state file"):
+        store.load()
+
+
+def test_a_stop_before_the_first_state_update_is_resumed(tmp_path: Path) -> None:
+    store = ResumableOutput(str(tmp_path / "out.jsonl"))
+    store.append(0, [{"instruction": "a"}])
+    store.state.write_text('{"requests_done": 0}')  # as a stop after request 0's records, before its state, leaves it
+    assert store.load() == ([], 0)
+    assert store.path.read_text() == ""
+
+
 def canned(prompts: list[str], seed: int, special: bool = True) -> list[tuple[str, bool]]:
     """A model that answers every self-instruct request with two new tasks, named by the request's seed."""
     topic = TOPICS[seed % 1_000_003 % len(TOPICS)]

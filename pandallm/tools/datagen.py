@@ -9,7 +9,9 @@ from `seed` and i alone, so a resumed run makes the requests the stopped one wou
 Lines of Alpaca records (`{"instruction", "input", "output"}`, with `request` and the generator's own fields), which
 `pandallm fit` trains on directly; the requests done are in `<output>.state.json`, replaced in one step after each
 request's records are appended and synced. A record of a request the state does not count (a stop between the two
-writes), and a torn last line, are cut off on resume, and that request is made again.
+writes), and a torn last line, are cut off on resume, and that request is made again. The state is written before
+the first record, so an existing `--output` without one is not this generator's (a data file, the seed tasks) and is
+refused, never cut.
 """
 
 from __future__ import annotations
@@ -157,18 +159,32 @@ class ResumableOutput:
         self.state = self.path.with_name(self.path.name + ".state.json")
 
     def load(self) -> tuple[list[dict], int]:
-        """The records of the requests done, and their number; what a stop left beyond them is cut off."""
-        done = json.loads(self.state.read_text())["requests_done"] if self.state.is_file() else 0
+        """The records of the requests done, and their number; what a stop left beyond them is cut off.
+
+        Only a file this class wrote is cut: one without its state file (the user's data, the seed tasks given
+        as `--output` too) or with lines that are not its records is refused, never truncated."""
+        if self.path.is_dir():
+            raise ConfigError(f"--output '{self.path}' is a directory: give the JSON Lines file to write")
+        done = self._requests_done()
         if not self.path.is_file():
             return [], 0
+        if not self.state.is_file() and self.path.stat().st_size > 0:
+            raise ConfigError(
+                f"--output '{self.path}' exists and is not the output of an earlier run (it has no "
+                f"{self.state.name}, which a run writes beside it): give a new file, or move this one away"
+            )
         kept, size = [], 0
         with self.path.open("rb") as f:
-            for raw in f:
+            for line, raw in enumerate(f, start=1):
                 try:
                     record = json.loads(raw)
                 except json.JSONDecodeError:
+                    if raw.endswith(b"\n"):  # a whole line that is not JSON: not a torn write of ours
+                        raise DataFormatError(self.path, line, None, "not a record of this generator") from None
                     break  # a torn last line
-                if not raw.endswith(b"\n") or record.get("request", done) >= done:
+                if not isinstance(record, dict) or not isinstance(record.get("request"), int):
+                    raise DataFormatError(self.path, line, "request", "not a record of this generator (no request)")
+                if not raw.endswith(b"\n") or record["request"] >= done:
                     break
                 kept.append(record)
                 size += len(raw)
@@ -177,15 +193,32 @@ class ResumableOutput:
                 f.truncate(size)
         return kept, done
 
-    def append(self, request: int, records: list[dict]) -> None:
-        from pandallm.checkpoint.atomic import swap_in
+    def _requests_done(self) -> int:
+        if not self.state.is_file():
+            return 0
+        try:
+            done = json.loads(self.state.read_text())["requests_done"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.state}: not a state file of this generator ({e}): remove it and --output") from e
+        if not isinstance(done, int) or done < 0:
+            raise ConfigError(f"{self.state}: requests_done is {done!r}, not a count of requests")
+        return done
 
+    def append(self, request: int, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.state.is_file():
+            # The state comes first, so that an output without one is known not to be this generator's (`load`).
+            self._write_state(request)
         lines = "".join(json.dumps({**r, "request": request}, ensure_ascii=False) + "\n" for r in records)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+        self._write_state(request + 1)
+
+    def _write_state(self, requests_done: int) -> None:
+        from pandallm.checkpoint.atomic import swap_in
+
         tmp = self.state.with_name(self.state.name + ".tmp")
-        tmp.write_text(json.dumps({"requests_done": request + 1}))
+        tmp.write_text(json.dumps({"requests_done": requests_done}))
         swap_in(tmp, self.state)
