@@ -133,6 +133,18 @@ def test_the_walker_finds_compressed_and_parquet_sources(tmp_path: Path) -> None
     assert "e.txt.gz" not in [p.name for p in find_data_files(tmp_path, "instruction_tuning_data_dir")]
 
 
+def test_a_source_compressed_in_a_way_pandallm_does_not_read_is_named_not_skipped(tmp_path: Path) -> None:
+    # It was left out without a word: a directory of .jsonl.gz and .jsonl.bz2 shards trained on half of them.
+    for name in ("a.jsonl.gz", "b.jsonl.bz2", "c.json.xz", "d.parquet.gz", "notes.csv.bz2", "e.txt.bz2"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"cannot read 3 source\(s\)") as error:
+        find_data_files(tmp_path, "instruction_tuning_data_dir")
+    for name, packed in (("b.jsonl.bz2", ".bz2"), ("c.json.xz", ".xz"), ("d.parquet.gz", ".gz")):
+        assert f"{name} (compressed as {packed}, which pandallm does not read" in str(error.value)
+    with pytest.raises(DatasetError, match=r"cannot read 4 source\(s\).*e.txt.bz2"):  # a text corpus too
+        find_data_files(tmp_path, "pretraining_data_dir", text=True)
+
+
 def test_a_streamed_corpus_of_compressed_and_parquet_files_reads_every_document_once(tmp_path: Path) -> None:
     """The streaming test's corpus, as .jsonl.gz + .parquet + .txt.zst: the same documents reach the consumers."""
     words = ["river", "tea", "mountain", "city"]
