@@ -129,6 +129,14 @@ def quantize(
         raise ConfigError(f"--group_size {group_size}: a positive number of weights, or -1 for one per channel")
     if not 0 < damp_percent < 1:
         raise ConfigError(f"--damp_percent {damp_percent}: a fraction between 0 and 1 (GPTQ's default 0.01)")
+    if Path(output).resolve() == source.resolve():
+        # An export passes `check_export_target`, and the output replaces its directory: the unquantized model would
+        # be deleted once the quantized one is written.
+        raise ConfigError(f"--output '{output}' is --model's directory; write the quantized model elsewhere")
+    for option, value, least in (("num_samples", num_samples, 1), ("eval_samples", eval_samples, 1),
+                                 ("max_seq_length", max_seq_length, 2)):  # fmt: skip
+        if value < least:
+            raise ConfigError(f"--{option} {value}: at least {least}")
     check_export_target(output)
     recipe = _recipe(bits, group_size, damp_percent, desc_act)
     texts = calibration_texts(calibration, config)
