@@ -125,6 +125,23 @@ def test_a_missing_path_is_listed_among_the_errors(tmp_path: Path, capsys) -> No
     assert f"{good}: 1 valid records (pandallm 1), 0 errors" in out.err  # read after the first missing path
 
 
+def test_a_directory_without_readable_sources_is_listed_among_the_errors(tmp_path: Path, capsys) -> None:
+    # It ended the check (exit 2) before the other paths were read.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "b.jsonl.bz2").write_bytes(b"")
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input": "Hi", "target": "Hello"}])
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(tmp_path / "empty"), str(tmp_path / "shards"), str(good)])
+    assert exit_.value.code == 1
+    out = capsys.readouterr()
+    assert [line.split(" holds")[0].split(": cannot")[0] for line in out.out.splitlines()] == [
+        f"data '{tmp_path / 'empty'}'",
+        f"data '{tmp_path / 'shards'}'",
+    ]
+    assert f"{good}: 1 valid records (pandallm 1), 0 errors" in out.err
+
+
 def test_a_user_error_of_a_tool_is_one_line_on_the_command_line(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"input": "Hi", "target": "Hello"}])
     done = subprocess.run(

@@ -32,8 +32,9 @@ from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaErr
 
 
 def expand(names: list[str], errors: list[PandaError]) -> list[Path]:
-    """Files as given; directories (other than saved datasets) as the sources under them. A path that does not exist
-    is an error among the others (`errors`), not the end of the check."""
+    """Files as given; directories (other than saved datasets) as the sources under them. A path that does not exist,
+    and a directory with no sources or with unreadable ones, is an error among the others (`errors`), not the end of
+    the check."""
     paths: list[Path] = []
     for name in names:
         path = Path(name)
@@ -41,7 +42,14 @@ def expand(names: list[str], errors: list[PandaError]) -> list[Path]:
             errors.append(DatasetError(f"{path}: no such file or directory"))
             print(f"{path}: missing", file=sys.stderr)
             continue
-        paths += find_data_files(path, "data", text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
+        if not path.is_dir() or is_saved_dataset(path):
+            paths.append(path)
+            continue
+        try:
+            paths += find_data_files(path, "data", text=True)
+        except DatasetError as error:  # a directory without sources, or with unreadable ones: listed, as above
+            errors.append(error)
+            print(f"{path}: unreadable", file=sys.stderr)
     return paths
 
 
