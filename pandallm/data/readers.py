@@ -43,6 +43,8 @@ class _ZstdRaw(io.RawIOBase):
     """A zstd file's decompressed bytes. zstandard's own reader ends quietly at a truncated frame, which would drop
     the records after the cut without a word: this one checks that every frame it started was complete."""
 
+    CHUNK = 1 << 16  # compressed bytes read at a time
+
     def __init__(self, path: Path) -> None:
         import zstandard
 
@@ -57,11 +59,15 @@ class _ZstdRaw(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while not self._pending:
-            chunk = self._file.read(1 << 16)
+            chunk = self._file.read(self.CHUNK)
             if not chunk:
                 if not self._frame.eof and self._started:
                     raise EOFError("the zstd stream ends inside a frame")
                 return 0
+            if self._frame.eof:
+                # The last chunk ended exactly where a frame did (no `unused_data` to start the next one from): a
+                # finished decompressobj refuses more input, and a valid file would read as damaged.
+                self._frame = self._context.decompressobj()
             self._started = True
             self._pending = self._frame.decompress(chunk)
             while self._frame.eof and self._frame.unused_data:  # concatenated frames (zstd -c a b > c)

@@ -94,6 +94,18 @@ def test_a_truncated_compressed_file_is_an_error_not_a_shorter_corpus(tmp_path: 
     assert len(read_records(path)[1]) == 2 * len(INSTRUCTIONS) * 200
 
 
+def test_a_zstd_frame_that_ends_exactly_at_a_read_boundary_is_not_damage(tmp_path: Path, monkeypatch) -> None:
+    # `zstd -c a b > c` and pzstd write several frames; one ending exactly at the end of a 64 KiB read made the
+    # next read fail ("cannot use a decompressobj multiple times"), and the valid file was reported damaged.
+    from pandallm.data.readers import _ZstdRaw
+
+    first = compress(jsonl_bytes(INSTRUCTIONS), ".zst")
+    monkeypatch.setattr(_ZstdRaw, "CHUNK", len(first))  # the first frame fills the first read exactly
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(first + compress(jsonl_bytes(INSTRUCTIONS[:1]), ".zst"))
+    assert len(read_records(path)[1]) == len(INSTRUCTIONS) + 1
+
+
 def test_parquet_rows_are_records_numbered_from_one_with_nested_turns(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "train-00000-of-00001.parquet", CHATS * 3)
     kind, records = read_records(path)
