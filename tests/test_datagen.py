@@ -183,16 +183,34 @@ def test_self_instruct_keeps_filtered_tasks_resumes_and_writes_a_training_file(t
     assert instructions == [f"Explain {topic}." for topic in TOPICS]
 
 
+def test_a_resume_with_other_settings_is_refused(tmp_path: Path, monkeypatch) -> None:
+    # Request N's prompt and sampling follow from the settings: resumed with another --seed (or other seed tasks),
+    # the file silently mixed the requests of two different runs.
+    seeds = write_jsonl(tmp_path / "seed_tasks.jsonl", SEEDS)
+    monkeypatch.setattr(datagen.Generator, "complete", lambda self, *a, **k: canned(*a, **k))
+    out = tmp_path / "out.jsonl"
+    common = ["--model=llama-tiny", f"--tokenizer={TOKENIZER_DIR}", f"--output={out}", "--num_instructions=4"]
+    pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--max_requests=1"])
+    with pytest.raises(ConfigError, match=r"out.jsonl' was written with --seed 42; resuming with other settings"):
+        pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--seed=7"])
+    other = write_jsonl(tmp_path / "other.jsonl", SEEDS[:2])
+    with pytest.raises(ConfigError, match=r"was written with --seed_tasks '[0-9a-f]{16}'"):
+        pandallm(["self-instruct", *common, f"--seed_tasks={other}"])
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(seeds.read_bytes())  # the same tasks elsewhere, and more instructions asked for: resumed
+    pandallm(["self-instruct", *common, f"--seed_tasks={moved}", "--num_instructions=5"])
+
+
 def test_self_instruct_and_evol_instruct_run_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
     seeds = write_jsonl(tmp_path / "seed_tasks.jsonl", SEEDS[:2])
     model = ["--model=llama-tiny", f"--tokenizer={TOKENIZER_DIR}", f"--seed_tasks={seeds}", "--max_new_tokens=8"]
     out = tmp_path / "si.jsonl"
     pandallm(["self-instruct", *model, f"--output={out}", "--max_requests=2"])
-    assert json.loads(out.with_name("si.jsonl.state.json").read_text()) == {"requests_done": 2}
+    assert json.loads(out.with_name("si.jsonl.state.json").read_text())["requests_done"] == 2
     out = tmp_path / "evol.jsonl"
     pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=2", "--max_requests=1"])
     pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=1"])  # resumed: the one request left
-    assert json.loads(out.with_name("evol.jsonl.state.json").read_text()) == {"requests_done": 2}
+    assert json.loads(out.with_name("evol.jsonl.state.json").read_text())["requests_done"] == 2
     with pytest.raises(ConfigError, match="--rounds 0: at least 1"):
         pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=0"])
 

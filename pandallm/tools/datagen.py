@@ -16,6 +16,7 @@ refused, never cut.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -78,6 +79,12 @@ class Task:
 
     def record(self, **extra) -> dict:
         return {"instruction": self.instruction, "input": self.input, "output": self.output, **extra}
+
+
+def tasks_digest(tasks: list[Task]) -> str:
+    """The seed tasks' content, for the resume check: the same tasks moved to another path still resume."""
+    text = json.dumps([[t.instruction, t.input, t.output] for t in tasks], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_tasks(path: str, option: str = "--seed_tasks") -> list[Task]:
@@ -154,9 +161,13 @@ class Generator:
 class ResumableOutput:
     """The output JSON Lines file and its state (see the module docstring)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, settings: dict | None = None) -> None:
+        """`settings`: what decides each request's prompt and sampling (JSON values). They are kept in the state, and
+        a resume with other ones is refused: its requests would not be the ones the stopped run would have made, and
+        the file would mix two runs without a word."""
         self.path = Path(path)
         self.state = self.path.with_name(self.path.name + ".state.json")
+        self.settings = json.loads(json.dumps(settings or {}))  # as read back: tuples become lists
 
     def load(self) -> tuple[list[dict], int]:
         """The records of the requests done, and their number; what a stop left beyond them is cut off.
@@ -197,11 +208,20 @@ class ResumableOutput:
         if not self.state.is_file():
             return 0
         try:
-            done = json.loads(self.state.read_text())["requests_done"]
+            state = json.loads(self.state.read_text())
+            done = state["requests_done"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.state}: not a state file of this generator ({e}): remove it and --output") from e
         if not isinstance(done, int) or done < 0:
             raise ConfigError(f"{self.state}: requests_done is {done!r}, not a count of requests")
+        recorded = state.get("settings", self.settings)
+        changed = sorted(key for key in {*recorded, *self.settings} if recorded.get(key) != self.settings.get(key))
+        if changed:
+            was = ", ".join(f"--{key} {recorded.get(key)!r}" for key in changed)
+            raise ConfigError(
+                f"--output '{self.path}' was written with {was}; resuming with other settings would mix two runs in "
+                "one file: give them as they were, or a new --output"
+            )
         return done
 
     def append(self, request: int, records: list[dict]) -> None:
@@ -220,5 +240,5 @@ class ResumableOutput:
         from pandallm.checkpoint.atomic import swap_in
 
         tmp = self.state.with_name(self.state.name + ".tmp")
-        tmp.write_text(json.dumps({"requests_done": requests_done}))
+        tmp.write_text(json.dumps({"requests_done": requests_done, "settings": self.settings}))
         swap_in(tmp, self.state)
