@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,9 +160,21 @@ def first_byte(path: Path) -> bytes:
 
 def is_json_lines(path: Path) -> bool:
     """A `.jsonl` file, or a compressed `.json` file of one record per line: C4's shards and many dataset
-    repositories name their JSON Lines files `.json.gz`."""
+    repositories name their JSON Lines files `.json.gz`. A compressed `.json` whose first line is not a whole JSON
+    object (a pretty-printed document) is one JSON value, read as `.json` files are: read as JSON Lines, each of its
+    lines would be an error of its own, none saying what the file is."""
     suffix = logical_suffix(path)
-    return suffix == ".jsonl" or (suffix == ".json" and compression(path) is not None and first_byte(path) == b"{")
+    if suffix == ".jsonl":
+        return True
+    if suffix != ".json" or compression(path) is None or first_byte(path) != b"{":
+        return False
+    for _, raw in iter_lines(path):
+        if raw.strip():
+            try:
+                return isinstance(json.loads(raw.removeprefix(b"\xef\xbb\xbf")), dict)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                return False
+    return False
 
 
 def iter_parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -71,6 +71,17 @@ def test_a_gzipped_json_file_of_one_record_per_line_is_json_lines(tmp_path: Path
     )
 
 
+def test_a_gzipped_json_document_that_is_not_json_lines_is_one_value(tmp_path: Path) -> None:
+    # Sniffed as JSON Lines by its first byte '{', a pretty-printed object gave one "invalid JSON" per line.
+    path = tmp_path / "squad.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"data": DOCUMENTS}, indent=2).encode()))
+    with pytest.raises(DataFormatError, match=r"squad.json.gz:1: expected a JSON array of records"):
+        read_records(path)
+    records = [{"text": "a"}, {"text": "b"}]
+    path.write_bytes(gzip.compress(json.dumps(records, indent=2).encode()))  # a pretty-printed array: read as one
+    assert [r.text for r in read_records(path)[1]] == ["a", "b"]
+
+
 @pytest.mark.parametrize("kind", [".gz", ".zst"])
 def test_an_error_inside_a_compressed_file_names_the_file_and_line(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"bad.jsonl{kind}"
