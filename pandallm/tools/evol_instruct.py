@@ -23,10 +23,10 @@ import re
 import sys
 from collections import Counter
 
-from jsonargparse import auto_cli
 from tqdm import tqdm
 
 from pandallm.errors import ConfigError
+from pandallm.suggest import tool_cli
 from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, read_tasks, tasks_digest, word_count
 
 DEPTH = (
@@ -160,4 +160,4 @@ def evol_instruct(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(evol_instruct, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(evol_instruct, args, "pandallm evol-instruct", as_positional=False)

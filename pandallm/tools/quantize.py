@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse import auto_cli
 
 from pandallm.errors import ConfigError, DatasetError, ModelError
+from pandallm.suggest import tool_cli
 
 Bits = Literal[2, 3, 4, 8]
 
@@ -191,4 +191,4 @@ def quantize(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(quantize, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(quantize, args, "pandallm quantize", as_positional=False)

@@ -20,10 +20,10 @@ import re
 import sys
 from collections import Counter
 
-from jsonargparse import auto_cli
 from tqdm import tqdm
 
 from pandallm.errors import ConfigError
+from pandallm.suggest import tool_cli
 from pandallm.tools.datagen import (
     Generator,
     ResumableOutput,
@@ -188,4 +188,4 @@ def self_instruct(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(self_instruct, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(self_instruct, args, "pandallm self-instruct", as_positional=False)
