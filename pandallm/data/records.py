@@ -225,6 +225,8 @@ def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -
             f"{path}: unsupported source (expected a .json, .jsonl, .parquet or .txt file, optionally .gz or .zst "
             "compressed, or a directory written by Dataset.save_to_disk)"
         )
+    if path.is_dir():  # a partitioned Parquet dataset (`x.parquet/part-0.parquet`) or a misnamed directory
+        raise DatasetError(f"{path}: a directory, not a data file (nor a saved dataset): name the files in it")
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if suffix(path) == PARQUET_SUFFIX:

@@ -148,6 +148,13 @@ def test_a_parquet_file_is_read_a_row_group_at_a_time(tmp_path: Path, monkeypatc
     assert groups_read == [0, 1, 2]
 
 
+def test_a_directory_given_as_a_file_is_named_as_one(tmp_path: Path) -> None:
+    # Spark and pandas write a partitioned Parquet dataset as a directory `x.parquet/`: "no such file" misled.
+    (tmp_path / "x.parquet").mkdir()
+    with pytest.raises(DatasetError, match=r"x.parquet: a directory, not a data file"):
+        read_records(tmp_path / "x.parquet")
+
+
 def test_the_walker_finds_compressed_and_parquet_sources(tmp_path: Path) -> None:
     for name in ("a.jsonl.gz", "b.JSON.GZ", "c.jsonl.zst", "d.parquet", "e.txt.gz", "f.csv.gz", "g.gz"):
         (tmp_path / name).write_bytes(b"")
