@@ -112,6 +112,12 @@ def test_seed_tasks_in_both_layouts_and_a_bad_one_named(tmp_path: Path) -> None:
     assert tasks[2] == Task("把这句话翻译成英文。", "今天天气很好。", "The weather is nice today.")
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'instruction': expected a task"):
         read_tasks(str(write_jsonl(tmp_path / "bad.jsonl", [SEEDS[0], {"prompt": "x"}])))
+    # A list where a string belongs was shown to the model as its Python repr.
+    listed = {"instruction": "Sort these.", "instances": [{"input": [3, 1, 2], "output": "1 2 3"}]}
+    with pytest.raises(
+        DataFormatError, match=r"list.jsonl:1: field 'instances\[0\].input': expected a string, got list"
+    ):
+        read_tasks(str(write_jsonl(tmp_path / "list.jsonl", [listed])))
 
 
 def test_a_stop_between_the_records_and_the_state_is_resumed_exactly(tmp_path: Path) -> None:

@@ -101,7 +101,15 @@ def read_tasks(path: str, option: str = "--seed_tasks") -> list[Task]:
             raise DataFormatError(source, line, "instruction", "expected a task with an 'instruction' string")
         instances = value.get("instances")
         first = instances[0] if isinstance(instances, list) and instances and isinstance(instances[0], dict) else value
-        tasks.append(Task(value["instruction"].strip(), str(first.get("input") or ""), str(first.get("output") or "")))
+        where = "instances[0]." if first is not value else ""
+        fields = []
+        for field in ("input", "output"):
+            # `str()` of a list or an object would show the model its Python repr as a task's text.
+            text = first.get(field)
+            if text is not None and not isinstance(text, str):
+                raise DataFormatError(source, line, where + field, f"expected a string, got {type(text).__name__}")
+            fields.append(text or "")
+        tasks.append(Task(value["instruction"].strip(), *fields))
     if not tasks:
         raise DatasetError(f"{option} '{path}': holds no tasks")
     return tasks
