@@ -177,8 +177,15 @@ def parse_self_instruct(value: dict, path: Path, line: int) -> Several:
         where = f"instances[{i}]"
         if not isinstance(instance, dict):
             raise DataFormatError(path, line, where, f"expected an object, got {type(instance).__name__}")
-        extra = _string(instance, "input", path, line, required=False)
-        output = _nonempty(_string(instance, "output", path, line), f"{where}.output", path, line)
+        try:
+            extra = _string(instance, "input", path, line, required=False)
+            output = _string(instance, "output", path, line)
+        except DataFormatError as error:
+            # Named inside its instance: "field 'output': missing (found fields ['instances', 'instruction'])" sent
+            # the reader to the record's top level.
+            problem = "missing (each instance has an output)" if error.problem == "missing" else error.problem
+            raise DataFormatError(path, line, f"{where}.{error.field}", problem) from None
+        output = _nonempty(output, f"{where}.output", path, line)
         conversations.append((Turn("user", _join(instruction, extra)), Turn("assistant", output)))
     return Several(conversations)
 

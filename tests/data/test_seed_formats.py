@@ -137,6 +137,17 @@ ALPACA = {"instruction": "Say hi.", "input": "", "output": "Hi."}
             "mixed.jsonl:1: field 'conversations': expected a list of strings, got str",
         ),
         ({"instruction": "Say hi.", "instances": 3}, "self_instruct", "field 'instances': expected a list of {input"),
+        # A field of an instance, named inside it (it was "field 'output': missing (found fields ['instances', ...").
+        (
+            {"instruction": "Say hi.", "instances": [{"input": "", "output": "Hi."}, {"input": ""}]},
+            "auto",
+            "mixed.jsonl:1: field 'instances[1].output': missing (each instance has an output)",
+        ),
+        (
+            {"instruction": "Say hi.", "instances": [{"input": 3, "output": "Hi."}]},
+            "auto",
+            "mixed.jsonl:1: field 'instances[0].input': expected a string, got int",
+        ),
     ],
 )
 def test_a_record_not_of_the_files_seed_format_is_named(tmp_path: Path, first: dict, format: str, message: str) -> None:
@@ -186,7 +197,7 @@ def test_a_self_instruct_task_gives_one_conversation_per_instance(tmp_path: Path
         (1, "self_instruct", (user("Is the number even?"), bot("Give me a number."))),
     ]
     task["instances"][1]["output"] = None
-    with pytest.raises(DataFormatError, match=r"seed_tasks.jsonl:1: field 'output': missing"):
+    with pytest.raises(DataFormatError, match=r"seed_tasks.jsonl:1: field 'instances\[1\].output': missing"):
         read_records(write_jsonl(path, [task]))
 
 
