@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,14 @@ def test_a_user_error_of_a_tool_is_one_line_on_the_command_line(tmp_path: Path) 
     assert done.returncode == 2
     assert "pandallm data: error: --template and --template_dir render records with a tokenizer" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["lengths", "lengths.txt", "."])
+def test_a_histogram_path_that_is_not_a_png_file_is_refused(tmp_path: Path, monkeypatch, name: str) -> None:
+    # `lengths` was written as `lengths.png` while `lengths` was printed; `.txt` was a traceback after the reading.
+    words = save_word_tokenizer(tmp_path / "words")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": "Hi", "target": "Hello"}])
+    with pytest.raises(ConfigError, match=rf"--histogram '{re.escape(name)}': give the path of a .png file"):
+        main(["data", "stats", str(data), "--tokenizer", words, "--histogram", name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "words"]

@@ -162,6 +162,10 @@ def stats(
     `max_seq_length` of each kind, and the errors; the length histogram is saved to `histogram` if given."""
     from pandallm.tokenizer import load_tokenizer
 
+    if histogram is not None and (Path(histogram).is_dir() or Path(histogram).suffix.lower() != ".png"):
+        # matplotlib appends `.png` to a path without a suffix (`--histogram runs/x` wrote `runs/x.png` and printed
+        # `runs/x`) and refuses other suffixes with a traceback, after every record was read.
+        raise ConfigError(f"--histogram '{histogram}': give the path of a .png file to write")
     loaded = load_tokenizer(tokenizer)
     chosen = resolve_template(template, loaded, template_dir)
     errors: list[PandaError] = []
