@@ -142,6 +142,9 @@ def test_an_output_that_is_not_a_generators_is_refused_and_left_as_it_was(tmp_pa
     assert data.read_bytes() == before
     with pytest.raises(ConfigError, match="is a directory"):
         ResumableOutput(str(tmp_path)).load()
+    (tmp_path / "taken").write_text("a file")  # where the output's directory would be created
+    with pytest.raises(ConfigError, match=r"--output's directory '.*taken/sub': cannot be created"):
+        ResumableOutput(str(tmp_path / "taken" / "sub" / "out.jsonl")).load()
     store = ResumableOutput(str(tmp_path / "out.jsonl"))
     store.append(0, [{"instruction": "a"}])
     store.state.write_text("{")  # a damaged state: named, not a bare JSONDecodeError

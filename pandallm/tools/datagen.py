@@ -184,6 +184,10 @@ class ResumableOutput:
         as `--output` too) or with lines that are not its records is refused, never truncated."""
         if self.path.is_dir():
             raise ConfigError(f"--output '{self.path}' is a directory: give the JSON Lines file to write")
+        from pandallm.writable import check_writable
+
+        # Before the model is loaded and the first request made: a read-only place was a bare PermissionError then.
+        check_writable(self.path.parent, "--output's directory")
         done = self._requests_done()
         if not self.path.is_file():
             return [], 0
