@@ -208,6 +208,9 @@ def test_a_resume_with_other_settings_is_refused(tmp_path: Path, monkeypatch) ->
     moved = tmp_path / "moved.jsonl"
     moved.write_bytes(seeds.read_bytes())  # the same tasks elsewhere, and more instructions asked for: resumed
     pandallm(["self-instruct", *common, f"--seed_tasks={moved}", "--num_instructions=5"])
+    # The tokenizer by another spelling of its path is the same one: resumed, not refused.
+    common[1] = f"--tokenizer={TOKENIZER_DIR}/../{TOKENIZER_DIR.name}"
+    pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--num_instructions=6"])
 
 
 def test_self_instruct_and_evol_instruct_run_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:

@@ -81,6 +81,12 @@ class Task:
         return {"instruction": self.instruction, "input": self.input, "output": self.output, **extra}
 
 
+def located(name: str | None) -> str | None:
+    """A model or tokenizer as the resume check compares it: a local path resolved (`./m` and `m` are one model),
+    a preset or hub id as given."""
+    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
 def tasks_digest(tasks: list[Task]) -> str:
     """The seed tasks' content, for the resume check: the same tasks moved to another path still resume."""
     text = json.dumps([[t.instruction, t.input, t.output] for t in tasks], ensure_ascii=False)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pandallm.errors import ConfigError
 from pandallm.suggest import tool_cli
-from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, read_tasks, tasks_digest, word_count
+from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, located, read_tasks, tasks_digest, word_count
 
 DEPTH = (
     "I want you to act as a prompt rewriter. Rewrite the given prompt into a more complex version that well-known AI "
@@ -123,7 +123,7 @@ def evol_instruct(
     pool = [f"{t.instruction}\n\n{t.input}" if t.input.strip() else t.instruction for t in tasks]
     # What decides each request (the pool is restored by request number: other seed tasks would scramble it);
     # --rounds and --max_requests may change: they say where to stop.
-    settings = {"model": model, "tokenizer": tokenizer, "seed_tasks": tasks_digest(tasks),
+    settings = {"model": located(model), "tokenizer": located(tokenizer), "seed_tasks": tasks_digest(tasks),
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
     store = ResumableOutput(output, settings)
     records, request = store.load()

@@ -29,6 +29,7 @@ from pandallm.tools.datagen import (
     ResumableOutput,
     Similarity,
     Task,
+    located,
     read_tasks,
     tasks_digest,
     word_count,
@@ -152,7 +153,7 @@ def self_instruct(
     seeds = read_tasks(seed_tasks)
     max_requests = 10 * num_instructions if max_requests is None else max_requests
     # What decides each request; --num_instructions and --max_requests may change: they say where to stop.
-    settings = {"model": model, "tokenizer": tokenizer, "seed_tasks": tasks_digest(seeds),
+    settings = {"model": located(model), "tokenizer": located(tokenizer), "seed_tasks": tasks_digest(seeds),
                 "num_prompt_tasks": num_prompt_tasks, "num_machine_tasks": num_machine_tasks,
                 "rouge_threshold": rouge_threshold, "english_only": english_only, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
