@@ -72,9 +72,17 @@ def report(result: Plan, trainer: Any, datamodule: Any) -> str:
     padded = "" if datamodule.packing or datamodule.streaming else ", before padding"
     per_epoch = datamodule.num_train_batches(trainer.world_size)
     epochs = "" if math.isinf(per_epoch) else f"; {math.ceil(per_epoch / trainer.accumulate_grad_batches)} per epoch"
+    checked = "the config, the data and the model check out"
+    if datamodule.streaming:
+        # A streamed corpus is read only as training reaches it (it may be larger than a dry run should read): saying
+        # that the data checks out would promise what a malformed record hours into the run then breaks.
+        checked = (
+            "the config and the model check out, and the streamed files were found; their records are read only as "
+            "training reaches them (`pandallm data check DIR` checks every one first)"
+        )
     return "\n".join(
         [
-            "pandallm fit --dry_run: the config, the data and the model check out; nothing was trained",
+            f"pandallm fit --dry_run: {checked}; nothing was trained",
             f"  optimizer steps: {result.steps:,}{epochs}",
             f"  tokens per optimizer step: about {result.tokens_per_step:,.0f} ({result.rows_per_step} rows of "
             f"{datamodule.train_batch_size} x {trainer.world_size} device(s) x {trainer.accumulate_grad_batches} "

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 _UNKNOWN = [
     re.compile(r"unrecognized arguments: (?P<keys>.+)$", re.MULTILINE),
@@ -49,13 +52,31 @@ def _closest(word: str, candidates: list[str], n: int) -> list[str]:
     return [c for score, c in scored if score >= scored[0][0] - 0.03]
 
 
-def explain(message: str, valid: list[str]) -> str:
-    """`message`, and for each unknown key in it the nearest valid keys."""
+def explain(message: str, valid: list[str], prefix: str = "") -> str:
+    """`message`, and for each unknown key in it the nearest valid keys, written with `prefix` (`--` for a tool's
+    options, which have no config file to be keys of)."""
     hints = []
     for key in unknown_keys(message):
         close = nearest(key, valid)
         if close:
-            hints.append(f"'{key}': did you mean {' or '.join(f'`{c}`' for c in close)}?")
+            hints.append(f"'{prefix}{key}': did you mean {' or '.join(f'`{prefix}{c}`' for c in close)}?")
         else:
-            hints.append(f"'{key}' is no option, and none is close to it")
+            hints.append(f"'{prefix}{key}' is no option, and none is close to it")
     return "\n".join([message.strip(), *hints])
+
+
+def tool_cli(function: Callable[..., Any], args: list[str] | None, prog: str, **kwargs: Any) -> Any:
+    """jsonargparse's `auto_cli` for a tool command, whose parse errors read as `fit`'s do: `pandallm TOOL: error:
+    MESSAGE` with the nearest valid options, instead of the whole usage under the name `__main__.py`."""
+    from jsonargparse import ArgumentParser, auto_cli  # here: `pandallm --help` starts without it
+
+    class ToolParser(ArgumentParser):
+        def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+            if not self.exit_on_error:  # jsonargparse parsing inside a parse: it handles the error
+                super().error(message, ex)
+            keys = [action.dest for action in self._actions if action.option_strings and action.dest != "help"]
+            print(f"{prog}: error: {explain(message, keys, '--')}", file=sys.stderr)
+            print(f"({prog} --help lists the options)", file=sys.stderr)
+            sys.exit(2)
+
+    return auto_cli(function, args=args, parser_class=ToolParser, prog=prog, allow_abbrev=False, **kwargs)

@@ -46,6 +46,25 @@ def test_a_misspelled_key_names_the_nearest_valid_key_without_the_usage(capsys, 
         assert "usage:" not in err and len(err.splitlines()) <= 4
 
 
+@pytest.mark.parametrize(
+    ("command", "given", "nearest"),
+    [
+        ("self-instruct", "--num_instruction=5", "--num_instructions"),
+        ("quantize", "--group_sise=64", "--group_size"),
+        ("extend-vocab", "--user_symbol=s.json", "--user_symbols"),
+    ],
+)
+def test_a_misspelled_tool_option_names_the_nearest_without_the_usage(capsys, command, given, nearest) -> None:
+    # The tools printed their whole usage, under the name `__main__.py`, and no suggestion.
+    with pytest.raises(SystemExit) as exit_:
+        main([command, given])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pandallm {command}: error: unrecognized arguments: {given.split('=')[0]}")
+    assert f"did you mean `{nearest}`?" in err
+    assert "usage:" not in err and "__main__" not in err and len(err.splitlines()) <= 4
+
+
 def test_notices_that_ask_nothing_are_dropped_and_the_others_kept() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_a_missing_path_is_listed_among_the_errors(tmp_path: Path, capsys) -> No
     assert f"{good}: 1 valid records (pandallm 1), 0 errors" in out.err  # read after the first missing path
 
 
+def test_a_directory_without_readable_sources_is_listed_among_the_errors(tmp_path: Path, capsys) -> None:
+    # It ended the check (exit 2) before the other paths were read.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "b.jsonl.bz2").write_bytes(b"")
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input": "Hi", "target": "Hello"}])
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "check", str(tmp_path / "empty"), str(tmp_path / "shards"), str(good)])
+    assert exit_.value.code == 1
+    out = capsys.readouterr()
+    assert [line.split(" holds")[0].split(": cannot")[0] for line in out.out.splitlines()] == [
+        f"data '{tmp_path / 'empty'}'",
+        f"data '{tmp_path / 'shards'}'",
+    ]
+    assert f"{good}: 1 valid records (pandallm 1), 0 errors" in out.err
+
+
 def test_a_user_error_of_a_tool_is_one_line_on_the_command_line(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"input": "Hi", "target": "Hello"}])
     done = subprocess.run(
@@ -137,3 +155,14 @@ def test_a_user_error_of_a_tool_is_one_line_on_the_command_line(tmp_path: Path) 
     assert done.returncode == 2
     assert "pandallm data: error: --template and --template_dir render records with a tokenizer" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["lengths", "lengths.txt", "."])
+def test_a_histogram_path_that_is_not_a_png_file_is_refused(tmp_path: Path, monkeypatch, name: str) -> None:
+    # `lengths` was written as `lengths.png` while `lengths` was printed; `.txt` was a traceback after the reading.
+    words = save_word_tokenizer(tmp_path / "words")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input": "Hi", "target": "Hello"}])
+    with pytest.raises(ConfigError, match=rf"--histogram '{re.escape(name)}': give the path of a .png file"):
+        main(["data", "stats", str(data), "--tokenizer", words, "--histogram", name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "words"]

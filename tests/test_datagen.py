@@ -112,6 +112,12 @@ def test_seed_tasks_in_both_layouts_and_a_bad_one_named(tmp_path: Path) -> None:
     assert tasks[2] == Task("把这句话翻译成英文。", "今天天气很好。", "The weather is nice today.")
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: field 'instruction': expected a task"):
         read_tasks(str(write_jsonl(tmp_path / "bad.jsonl", [SEEDS[0], {"prompt": "x"}])))
+    # A list where a string belongs was shown to the model as its Python repr.
+    listed = {"instruction": "Sort these.", "instances": [{"input": [3, 1, 2], "output": "1 2 3"}]}
+    with pytest.raises(
+        DataFormatError, match=r"list.jsonl:1: field 'instances\[0\].input': expected a string, got list"
+    ):
+        read_tasks(str(write_jsonl(tmp_path / "list.jsonl", [listed])))
 
 
 def test_a_stop_between_the_records_and_the_state_is_resumed_exactly(tmp_path: Path) -> None:
@@ -123,6 +129,35 @@ def test_a_stop_between_the_records_and_the_state_is_resumed_exactly(tmp_path: P
     records, done = store.load()
     assert (done, [r["instruction"] for r in records]) == (2, ["a", "b"])
     assert store.path.read_text().count("\n") == 2  # cut back to the requests the state counts
+
+
+def test_an_output_that_is_not_a_generators_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", SEEDS)  # the user's data (or the seed tasks) given as --output
+    before = data.read_bytes()
+    with pytest.raises(ConfigError, match=r"train.jsonl' exists and is not the output of an earlier run"):
+        ResumableOutput(str(data)).load()
+    data.with_name("train.jsonl.state.json").write_text('{"requests_done": 1}')  # a state beside foreign lines
+    with pytest.raises(DataFormatError, match=r"train.jsonl:1: field 'request': not a record of this generator"):
+        ResumableOutput(str(data)).load()
+    assert data.read_bytes() == before
+    with pytest.raises(ConfigError, match="is a directory"):
+        ResumableOutput(str(tmp_path)).load()
+    (tmp_path / "taken").write_text("a file")  # where the output's directory would be created
+    with pytest.raises(ConfigError, match=r"--output's directory '.*taken/sub': cannot be created"):
+        ResumableOutput(str(tmp_path / "taken" / "sub" / "out.jsonl")).load()
+    store = ResumableOutput(str(tmp_path / "out.jsonl"))
+    store.append(0, [{"instruction": "a"}])
+    store.state.write_text("{")  # a damaged state: named, not a bare JSONDecodeError
+    with pytest.raises(ConfigError, match=r"out.jsonl.state.json: not a state file"):
+        store.load()
+
+
+def test_a_stop_before_the_first_state_update_is_resumed(tmp_path: Path) -> None:
+    store = ResumableOutput(str(tmp_path / "out.jsonl"))
+    store.append(0, [{"instruction": "a"}])
+    store.state.write_text('{"requests_done": 0}')  # as a stop after request 0's records, before its state, leaves it
+    assert store.load() == ([], 0)
+    assert store.path.read_text() == ""
 
 
 def canned(prompts: list[str], seed: int, special: bool = True) -> list[tuple[str, bool]]:
@@ -157,16 +192,37 @@ def test_self_instruct_keeps_filtered_tasks_resumes_and_writes_a_training_file(t
     assert instructions == [f"Explain {topic}." for topic in TOPICS]
 
 
+def test_a_resume_with_other_settings_is_refused(tmp_path: Path, monkeypatch) -> None:
+    # Request N's prompt and sampling follow from the settings: resumed with another --seed (or other seed tasks),
+    # the file silently mixed the requests of two different runs.
+    seeds = write_jsonl(tmp_path / "seed_tasks.jsonl", SEEDS)
+    monkeypatch.setattr(datagen.Generator, "complete", lambda self, *a, **k: canned(*a, **k))
+    out = tmp_path / "out.jsonl"
+    common = ["--model=llama-tiny", f"--tokenizer={TOKENIZER_DIR}", f"--output={out}", "--num_instructions=4"]
+    pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--max_requests=1"])
+    with pytest.raises(ConfigError, match=r"out.jsonl' was written with --seed 42; resuming with other settings"):
+        pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--seed=7"])
+    other = write_jsonl(tmp_path / "other.jsonl", SEEDS[:2])
+    with pytest.raises(ConfigError, match=r"was written with --seed_tasks '[0-9a-f]{16}'"):
+        pandallm(["self-instruct", *common, f"--seed_tasks={other}"])
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(seeds.read_bytes())  # the same tasks elsewhere, and more instructions asked for: resumed
+    pandallm(["self-instruct", *common, f"--seed_tasks={moved}", "--num_instructions=5"])
+    # The tokenizer by another spelling of its path is the same one: resumed, not refused.
+    common[1] = f"--tokenizer={TOKENIZER_DIR}/../{TOKENIZER_DIR.name}"
+    pandallm(["self-instruct", *common, f"--seed_tasks={seeds}", "--num_instructions=6"])
+
+
 def test_self_instruct_and_evol_instruct_run_end_to_end_with_a_tiny_model(tmp_path: Path) -> None:
     seeds = write_jsonl(tmp_path / "seed_tasks.jsonl", SEEDS[:2])
     model = ["--model=llama-tiny", f"--tokenizer={TOKENIZER_DIR}", f"--seed_tasks={seeds}", "--max_new_tokens=8"]
     out = tmp_path / "si.jsonl"
     pandallm(["self-instruct", *model, f"--output={out}", "--max_requests=2"])
-    assert json.loads(out.with_name("si.jsonl.state.json").read_text()) == {"requests_done": 2}
+    assert json.loads(out.with_name("si.jsonl.state.json").read_text())["requests_done"] == 2
     out = tmp_path / "evol.jsonl"
     pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=2", "--max_requests=1"])
     pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=1"])  # resumed: the one request left
-    assert json.loads(out.with_name("evol.jsonl.state.json").read_text()) == {"requests_done": 2}
+    assert json.loads(out.with_name("evol.jsonl.state.json").read_text())["requests_done"] == 2
     with pytest.raises(ConfigError, match="--rounds 0: at least 1"):
         pandallm(["evol-instruct", *model, f"--output={out}", "--rounds=0"])
 

@@ -11,7 +11,7 @@ import pytest
 from pandallm.cli import cli
 from pandallm.errors import DataFormatError
 from pandallm.tools.estimate import estimate_memory
-from tests.conftest import tiny_fit_args
+from tests.conftest import DOCUMENTS, tiny_fit_args, write_jsonl
 
 
 def test_a_dry_run_prints_steps_tokens_parameters_and_memory_and_trains_nothing(tmp_path: Path, capsys) -> None:
@@ -48,3 +48,14 @@ def test_a_dry_run_fails_on_bad_data_as_the_run_would(tmp_path: Path) -> None:
     (tmp_path / "it" / "a.jsonl").write_text('{"input": "x"}\n')
     with pytest.raises(DataFormatError, match=r"a.jsonl:1"):
         cli(["fit", *args, "--dry_run"])
+
+
+def test_a_streaming_dry_run_does_not_claim_to_have_checked_the_records(tmp_path: Path, capsys) -> None:
+    # It said "the data ... check out" over a corpus it never read: a malformed last line passed the dry run.
+    write_jsonl(tmp_path / "pt" / "a.jsonl", [*DOCUMENTS, {"text": 5}])
+    stream = ["--data.instruction_tuning_data_dir=null", f"--data.pretraining_data_dir={tmp_path / 'pt'}"]
+    stream += ["--data.streaming=true", "--data.val_files=[]", "--trainer.max_steps=2"]
+    cli(["fit", *tiny_fit_args(tmp_path), *stream, "--dry_run"])
+    shown = capsys.readouterr().out
+    assert "the config, the data and the model check out" not in shown
+    assert "their records are read only as training reaches them (`pandallm data check DIR`" in shown

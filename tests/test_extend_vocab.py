@@ -196,6 +196,8 @@ def test_llmbox_user_defined_symbols_layout_is_read_as_the_list(tmp_path) -> Non
         ConfigError, match=r"user_defined_symbols\.json': entry 1 \(\"two words\"\) contains whitespace"
     ):
         read_symbols(str(tmp_path / "user_defined_symbols.json"))
+    with pytest.raises(ConfigError, match=r"--user_symbols '.*': a directory, not the JSON file of symbols"):
+        read_symbols(str(tmp_path))  # it said "no such file"
 
 
 def test_a_vocab_size_the_corpus_cannot_fill_is_refused(tmp_path) -> None:

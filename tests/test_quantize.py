@@ -58,6 +58,13 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, checkpoint: Path) 
         quantize(str(checkpoint), str(tmp_path / "q"), group_size=0)
     with pytest.raises(ConfigError, match="--damp_percent 1.5: a fraction"):
         quantize(str(checkpoint), str(tmp_path / "q"), damp_percent=1.5)
+    # The export's own directory passes the export-target check: quantizing into it deleted the unquantized model.
+    with pytest.raises(ConfigError, match="is --model's directory; write the quantized model elsewhere"):
+        quantize(str(checkpoint), str(checkpoint) + "/")
+    with pytest.raises(ConfigError, match="--num_samples 0: at least 1"):
+        quantize(str(checkpoint), str(tmp_path / "q"), num_samples=0)
+    with pytest.raises(ConfigError, match="--max_seq_length 1: at least 2"):  # one token predicts nothing
+        quantize(str(checkpoint), str(tmp_path / "q"), max_seq_length=1)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds more than an earlier export"):

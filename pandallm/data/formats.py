@@ -334,8 +334,9 @@ def _seed_formats() -> tuple[Format, ...]:
 
     return (
         Format("oasst", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("all"), None, s.no_single_prompt),
-        # Matches nothing, so never detected: chosen by `data.oasst_paths: best` for tree files, or named as a format.
-        Format("oasst_best", "instruction", OASST_FIELDS, lambda _: False, s.oasst_paths("best")),
+        # Never detected (`oasst`, before it, matches the same trees): chosen by `data.oasst_paths: best` or named. It
+        # matches trees so that a malformed tree's own error is reported, not "an oasst record in an oasst_best file".
+        Format("oasst_best", "instruction", OASST_FIELDS, s.is_oasst_tree, s.oasst_paths("best")),
         Format("lima", "instruction", ("conversations[str]",), s.is_lima, s.parse_lima, s.is_lima, s.lima_prompt),
         Format(
             "flan",

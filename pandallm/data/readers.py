@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ class _ZstdRaw(io.RawIOBase):
     """A zstd file's decompressed bytes. zstandard's own reader ends quietly at a truncated frame, which would drop
     the records after the cut without a word: this one checks that every frame it started was complete."""
 
+    CHUNK = 1 << 16  # compressed bytes read at a time
+
     def __init__(self, path: Path) -> None:
         import zstandard
 
@@ -57,11 +60,15 @@ class _ZstdRaw(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while not self._pending:
-            chunk = self._file.read(1 << 16)
+            chunk = self._file.read(self.CHUNK)
             if not chunk:
                 if not self._frame.eof and self._started:
                     raise EOFError("the zstd stream ends inside a frame")
                 return 0
+            if self._frame.eof:
+                # The last chunk ended exactly where a frame did (no `unused_data` to start the next one from): a
+                # finished decompressobj refuses more input, and a valid file would read as damaged.
+                self._frame = self._context.decompressobj()
             self._started = True
             self._pending = self._frame.decompress(chunk)
             while self._frame.eof and self._frame.unused_data:  # concatenated frames (zstd -c a b > c)
@@ -153,9 +160,21 @@ def first_byte(path: Path) -> bytes:
 
 def is_json_lines(path: Path) -> bool:
     """A `.jsonl` file, or a compressed `.json` file of one record per line: C4's shards and many dataset
-    repositories name their JSON Lines files `.json.gz`."""
+    repositories name their JSON Lines files `.json.gz`. A compressed `.json` whose first line is not a whole JSON
+    object (a pretty-printed document) is one JSON value, read as `.json` files are: read as JSON Lines, each of its
+    lines would be an error of its own, none saying what the file is."""
     suffix = logical_suffix(path)
-    return suffix == ".jsonl" or (suffix == ".json" and compression(path) is not None and first_byte(path) == b"{")
+    if suffix == ".jsonl":
+        return True
+    if suffix != ".json" or compression(path) is None or first_byte(path) != b"{":
+        return False
+    for _, raw in iter_lines(path):
+        if raw.strip():
+            try:
+                return isinstance(json.loads(raw.removeprefix(b"\xef\xbb\xbf")), dict)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                return False
+    return False
 
 
 def iter_parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pandallm.data.formats import FORMATS, Format, RecordKind, Turn, detect, detect_prompt, parse, parse_prompt
 from pandallm.data.preference_formats import Judged, Pair
 from pandallm.data.readers import (
+    COMPRESSIONS,
     PARQUET_SUFFIX,
     is_json_lines,
     iter_lines,
@@ -143,7 +144,9 @@ def find_data_files(directory: str | Path, option: str, text: bool = False) -> l
         )
     if not found:
         kinds = ".json, .jsonl or .txt files" if text else ".json or .jsonl files"
-        raise DatasetError(f"{option} '{directory}' holds no {kinds} or saved datasets")
+        raise DatasetError(
+            f"{option} '{directory}' holds no {kinds} (plain, .gz or .zst), .parquet files or saved datasets"
+        )
     return sorted(found)
 
 
@@ -175,6 +178,9 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[str]]
                 seen.add(identity)
                 pending.append(path)
             elif suffix(path) not in suffixes and path.suffix:
+                packed = _unread_compression(path, suffixes)
+                if packed:  # `a.jsonl.bz2` beside `b.jsonl.gz`: data, which skipping would drop without a word
+                    unreadable.append(f"{path} (compressed as {packed}, which pandallm does not read: use .gz or .zst)")
                 continue  # not a source, readable or not
             elif path.is_symlink() and not path.exists():
                 # Without a suffix, it may have led to a directory of sources.
@@ -185,6 +191,21 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> tuple[list[Path], list[str]]
                 else:
                     unreadable.append(f"{path} (no permission to read)")
     return found, unreadable
+
+
+# Compressions of data files that pandallm does not decompress (`readers.COMPRESSIONS` are the ones it does).
+UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lzma", ".lz4", ".br", ".zip", ".7z")
+
+
+def _unread_compression(path: Path, suffixes: tuple[str, ...]) -> str | None:
+    """The compression suffix of a source of a wanted kind that pandallm cannot read (`a.jsonl.bz2`, and a
+    compressed `.parquet`, whose pages are compressed inside it); None for anything else (`notes.csv.gz`)."""
+    names = [s.lower() for s in path.suffixes]
+    if len(names) < 2 or names[-2] not in suffixes:
+        return None
+    if names[-1] in UNREAD_COMPRESSIONS or (names[-2] == PARQUET_SUFFIX and names[-1] in COMPRESSIONS):
+        return names[-1]
+    return None
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -204,6 +225,8 @@ def iter_json_values(path: Path, skipped: list[DataFormatError] | None = None) -
             f"{path}: unsupported source (expected a .json, .jsonl, .parquet or .txt file, optionally .gz or .zst "
             "compressed, or a directory written by Dataset.save_to_disk)"
         )
+    if path.is_dir():  # a partitioned Parquet dataset (`x.parquet/part-0.parquet`) or a misnamed directory
+        raise DatasetError(f"{path}: a directory, not a data file (nor a saved dataset): name the files in it")
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     if suffix(path) == PARQUET_SUFFIX:

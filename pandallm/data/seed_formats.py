@@ -34,6 +34,18 @@ class Several(tuple):
     """The conversations of one record that holds more than one (a message tree, a task with several instances)."""
 
 
+def _required(value: dict, field: str, kind: type, expected: str, path: Path, line: int):
+    """`value[field]`, of type `kind`. A record of another layout (a stray line in a file whose first record fixed
+    the format, or a file read with a format named in the config) lacks the field: that is a `missing` error, which
+    the reader turns into what the record is instead, never a bare KeyError; a string where a list belongs would
+    otherwise be read a character at a time."""
+    if value.get(field) is None:
+        raise DataFormatError(path, line, field, "missing")
+    if not isinstance(value[field], kind):
+        raise DataFormatError(path, line, field, f"expected {expected}, got {type(value[field]).__name__}")
+    return value[field]
+
+
 def _through_last_reply(turns: list[Turn]) -> Conversation | None:
     """The turns up to the last non-empty assistant reply (the turns after it train nothing); None if there is none."""
     last = max((i for i, t in enumerate(turns) if t.role == "assistant" and t.content.strip()), default=None)
@@ -81,7 +93,7 @@ def oasst_paths(policy: OasstPaths) -> Callable[[dict, Path, int], Several]:
 
     def parse(value: dict, path: Path, line: int) -> Several:
         conversations: list[Conversation] = []
-        pending = [("prompt", value["prompt"], [])]
+        pending = [("prompt", _required(value, "prompt", dict, "a message object", path, line), [])]
         while pending:
             where, node, before = pending.pop()
             turns = [*before, _message(node, where, path, line)]
@@ -121,7 +133,7 @@ def is_lima(value: dict) -> bool:
 
 def _lima_turns(value: dict, path: Path, line: int) -> list[Turn]:
     turns = []
-    for i, text in enumerate(value["conversations"]):
+    for i, text in enumerate(_required(value, "conversations", list, "a list of strings", path, line)):
         if not isinstance(text, str):
             raise DataFormatError(path, line, f"conversations[{i}]", f"expected a string, got {type(text).__name__}")
         turns.append(Turn("user" if i % 2 == 0 else "assistant", text))
@@ -157,7 +169,7 @@ def is_self_instruct(value: dict) -> bool:
 
 def parse_self_instruct(value: dict, path: Path, line: int) -> Several:
     instruction = _nonempty(_string(value, "instruction", path, line), "instruction", path, line)
-    instances = value["instances"]
+    instances = _required(value, "instances", list, "a list of {input, output} objects", path, line)
     if not instances:
         raise DataFormatError(path, line, "instances", "is empty: a task needs at least one {input, output}")
     conversations = []
@@ -165,8 +177,15 @@ def parse_self_instruct(value: dict, path: Path, line: int) -> Several:
         where = f"instances[{i}]"
         if not isinstance(instance, dict):
             raise DataFormatError(path, line, where, f"expected an object, got {type(instance).__name__}")
-        extra = _string(instance, "input", path, line, required=False)
-        output = _nonempty(_string(instance, "output", path, line), f"{where}.output", path, line)
+        try:
+            extra = _string(instance, "input", path, line, required=False)
+            output = _string(instance, "output", path, line)
+        except DataFormatError as error:
+            # Named inside its instance: "field 'output': missing (found fields ['instances', 'instruction'])" sent
+            # the reader to the record's top level.
+            problem = "missing (each instance has an output)" if error.problem == "missing" else error.problem
+            raise DataFormatError(path, line, f"{where}.{error.field}", problem) from None
+        output = _nonempty(output, f"{where}.output", path, line)
         conversations.append((Turn("user", _join(instruction, extra)), Turn("assistant", output)))
     return Several(conversations)
 

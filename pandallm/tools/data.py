@@ -32,8 +32,9 @@ from pandallm.errors import ConfigError, DataFormatError, DatasetError, PandaErr
 
 
 def expand(names: list[str], errors: list[PandaError]) -> list[Path]:
-    """Files as given; directories (other than saved datasets) as the sources under them. A path that does not exist
-    is an error among the others (`errors`), not the end of the check."""
+    """Files as given; directories (other than saved datasets) as the sources under them. A path that does not exist,
+    and a directory with no sources or with unreadable ones, is an error among the others (`errors`), not the end of
+    the check."""
     paths: list[Path] = []
     for name in names:
         path = Path(name)
@@ -41,7 +42,14 @@ def expand(names: list[str], errors: list[PandaError]) -> list[Path]:
             errors.append(DatasetError(f"{path}: no such file or directory"))
             print(f"{path}: missing", file=sys.stderr)
             continue
-        paths += find_data_files(path, "data", text=True) if path.is_dir() and not is_saved_dataset(path) else [path]
+        if not path.is_dir() or is_saved_dataset(path):
+            paths.append(path)
+            continue
+        try:
+            paths += find_data_files(path, "data", text=True)
+        except DatasetError as error:  # a directory without sources, or with unreadable ones: listed, as above
+            errors.append(error)
+            print(f"{path}: unreadable", file=sys.stderr)
     return paths
 
 
@@ -154,6 +162,10 @@ def stats(
     `max_seq_length` of each kind, and the errors; the length histogram is saved to `histogram` if given."""
     from pandallm.tokenizer import load_tokenizer
 
+    if histogram is not None and (Path(histogram).is_dir() or Path(histogram).suffix.lower() != ".png"):
+        # matplotlib appends `.png` to a path without a suffix (`--histogram runs/x` wrote `runs/x.png` and printed
+        # `runs/x`) and refuses other suffixes with a traceback, after every record was read.
+        raise ConfigError(f"--histogram '{histogram}': give the path of a .png file to write")
     loaded = load_tokenizer(tokenizer)
     chosen = resolve_template(template, loaded, template_dir)
     errors: list[PandaError] = []

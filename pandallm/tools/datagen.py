@@ -9,11 +9,14 @@ from `seed` and i alone, so a resumed run makes the requests the stopped one wou
 Lines of Alpaca records (`{"instruction", "input", "output"}`, with `request` and the generator's own fields), which
 `pandallm fit` trains on directly; the requests done are in `<output>.state.json`, replaced in one step after each
 request's records are appended and synced. A record of a request the state does not count (a stop between the two
-writes), and a torn last line, are cut off on resume, and that request is made again.
+writes), and a torn last line, are cut off on resume, and that request is made again. The state is written before
+the first record, so an existing `--output` without one is not this generator's (a data file, the seed tasks) and is
+refused, never cut.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -78,6 +81,18 @@ class Task:
         return {"instruction": self.instruction, "input": self.input, "output": self.output, **extra}
 
 
+def located(name: str | None) -> str | None:
+    """A model or tokenizer as the resume check compares it: a local path resolved (`./m` and `m` are one model),
+    a preset or hub id as given."""
+    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
+def tasks_digest(tasks: list[Task]) -> str:
+    """The seed tasks' content, for the resume check: the same tasks moved to another path still resume."""
+    text = json.dumps([[t.instruction, t.input, t.output] for t in tasks], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def read_tasks(path: str, option: str = "--seed_tasks") -> list[Task]:
     """Self-Instruct's `seed_tasks.jsonl` (`instruction`, `instances: [{input, output}]`: the first instance) or
     Alpaca records (`instruction`, `input`, `output`), in any file pandallm reads."""
@@ -92,7 +107,15 @@ def read_tasks(path: str, option: str = "--seed_tasks") -> list[Task]:
             raise DataFormatError(source, line, "instruction", "expected a task with an 'instruction' string")
         instances = value.get("instances")
         first = instances[0] if isinstance(instances, list) and instances and isinstance(instances[0], dict) else value
-        tasks.append(Task(value["instruction"].strip(), str(first.get("input") or ""), str(first.get("output") or "")))
+        where = "instances[0]." if first is not value else ""
+        fields = []
+        for field in ("input", "output"):
+            # `str()` of a list or an object would show the model its Python repr as a task's text.
+            text = first.get(field)
+            if text is not None and not isinstance(text, str):
+                raise DataFormatError(source, line, where + field, f"expected a string, got {type(text).__name__}")
+            fields.append(text or "")
+        tasks.append(Task(value["instruction"].strip(), *fields))
     if not tasks:
         raise DatasetError(f"{option} '{path}': holds no tasks")
     return tasks
@@ -152,23 +175,45 @@ class Generator:
 class ResumableOutput:
     """The output JSON Lines file and its state (see the module docstring)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, settings: dict | None = None) -> None:
+        """`settings`: what decides each request's prompt and sampling (JSON values). They are kept in the state, and
+        a resume with other ones is refused: its requests would not be the ones the stopped run would have made, and
+        the file would mix two runs without a word."""
         self.path = Path(path)
         self.state = self.path.with_name(self.path.name + ".state.json")
+        self.settings = json.loads(json.dumps(settings or {}))  # as read back: tuples become lists
 
     def load(self) -> tuple[list[dict], int]:
-        """The records of the requests done, and their number; what a stop left beyond them is cut off."""
-        done = json.loads(self.state.read_text())["requests_done"] if self.state.is_file() else 0
+        """The records of the requests done, and their number; what a stop left beyond them is cut off.
+
+        Only a file this class wrote is cut: one without its state file (the user's data, the seed tasks given
+        as `--output` too) or with lines that are not its records is refused, never truncated."""
+        if self.path.is_dir():
+            raise ConfigError(f"--output '{self.path}' is a directory: give the JSON Lines file to write")
+        from pandallm.writable import check_writable
+
+        # Before the model is loaded and the first request made: a read-only place was a bare PermissionError then.
+        check_writable(self.path.parent, "--output's directory")
+        done = self._requests_done()
         if not self.path.is_file():
             return [], 0
+        if not self.state.is_file() and self.path.stat().st_size > 0:
+            raise ConfigError(
+                f"--output '{self.path}' exists and is not the output of an earlier run (it has no "
+                f"{self.state.name}, which a run writes beside it): give a new file, or move this one away"
+            )
         kept, size = [], 0
         with self.path.open("rb") as f:
-            for raw in f:
+            for line, raw in enumerate(f, start=1):
                 try:
                     record = json.loads(raw)
                 except json.JSONDecodeError:
+                    if raw.endswith(b"\n"):  # a whole line that is not JSON: not a torn write of ours
+                        raise DataFormatError(self.path, line, None, "not a record of this generator") from None
                     break  # a torn last line
-                if not raw.endswith(b"\n") or record.get("request", done) >= done:
+                if not isinstance(record, dict) or not isinstance(record.get("request"), int):
+                    raise DataFormatError(self.path, line, "request", "not a record of this generator (no request)")
+                if not raw.endswith(b"\n") or record["request"] >= done:
                     break
                 kept.append(record)
                 size += len(raw)
@@ -177,15 +222,41 @@ class ResumableOutput:
                 f.truncate(size)
         return kept, done
 
-    def append(self, request: int, records: list[dict]) -> None:
-        from pandallm.checkpoint.atomic import swap_in
+    def _requests_done(self) -> int:
+        if not self.state.is_file():
+            return 0
+        try:
+            state = json.loads(self.state.read_text())
+            done = state["requests_done"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.state}: not a state file of this generator ({e}): remove it and --output") from e
+        if not isinstance(done, int) or done < 0:
+            raise ConfigError(f"{self.state}: requests_done is {done!r}, not a count of requests")
+        recorded = state.get("settings", self.settings)
+        changed = sorted(key for key in {*recorded, *self.settings} if recorded.get(key) != self.settings.get(key))
+        if changed:
+            was = ", ".join(f"--{key} {recorded.get(key)!r}" for key in changed)
+            raise ConfigError(
+                f"--output '{self.path}' was written with {was}; resuming with other settings would mix two runs in "
+                "one file: give them as they were, or a new --output"
+            )
+        return done
 
+    def append(self, request: int, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.state.is_file():
+            # The state comes first, so that an output without one is known not to be this generator's (`load`).
+            self._write_state(request)
         lines = "".join(json.dumps({**r, "request": request}, ensure_ascii=False) + "\n" for r in records)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+        self._write_state(request + 1)
+
+    def _write_state(self, requests_done: int) -> None:
+        from pandallm.checkpoint.atomic import swap_in
+
         tmp = self.state.with_name(self.state.name + ".tmp")
-        tmp.write_text(json.dumps({"requests_done": request + 1}))
+        tmp.write_text(json.dumps({"requests_done": requests_done, "settings": self.settings}))
         swap_in(tmp, self.state)

@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> Estimate:
     rest = [arg for config in options.config for arg in ("--config", config)] + rest
     if options.gpu_memory_gib is not None and options.gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu_memory_gib {options.gpu_memory_gib:g}: give the memory of one GPU in GiB, above 0")
+    if options.devices is not None and options.devices < 1:  # 0 or -2 printed "over -2 rank(s)" and a wrong total
+        raise ConfigError(f"--devices {options.devices}: give the number of devices per node, at least 1")
     if options.architecture is not None and options.architecture not in PRESETS:
         raise ConfigError(f"--architecture '{options.architecture}': expected one of {list(PRESETS)}")
     run = run_of(_parsed_fit_config(rest), options.architecture, options.devices)

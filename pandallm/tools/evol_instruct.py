@@ -23,11 +23,11 @@ import re
 import sys
 from collections import Counter
 
-from jsonargparse import auto_cli
 from tqdm import tqdm
 
 from pandallm.errors import ConfigError
-from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, read_tasks, word_count
+from pandallm.suggest import tool_cli
+from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, located, read_tasks, tasks_digest, word_count
 
 DEPTH = (
     "I want you to act as a prompt rewriter. Rewrite the given prompt into a more complex version that well-known AI "
@@ -119,8 +119,13 @@ def evol_instruct(
     """
     if rounds < 1:
         raise ConfigError(f"--rounds {rounds}: at least 1")
-    pool = [f"{t.instruction}\n\n{t.input}" if t.input.strip() else t.instruction for t in read_tasks(seed_tasks)]
-    store = ResumableOutput(output)
+    tasks = read_tasks(seed_tasks)
+    pool = [f"{t.instruction}\n\n{t.input}" if t.input.strip() else t.instruction for t in tasks]
+    # What decides each request (the pool is restored by request number: other seed tasks would scramble it);
+    # --rounds and --max_requests may change: they say where to stop.
+    settings = {"model": located(model), "tokenizer": located(tokenizer), "seed_tasks": tasks_digest(tasks),
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
+    store = ResumableOutput(output, settings)
     records, request = store.load()
     for record in records:  # the pool as the stopped run left it
         pool[record["request"] % len(pool)] = record["instruction"]
@@ -155,4 +160,4 @@ def evol_instruct(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(evol_instruct, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(evol_instruct, args, "pandallm evol-instruct", as_positional=False)

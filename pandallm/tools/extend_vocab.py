@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jsonargparse import auto_cli
-
 from pandallm.data.records import find_data_files, read_utf8, suffix
 from pandallm.errors import ConfigError, DatasetError
+from pandallm.suggest import tool_cli
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.sentencepiece_merge import (
     append_added_tokens,
@@ -187,4 +186,4 @@ def extend_vocab(
 
 
 def main(args: list[str] | None = None) -> None:
-    auto_cli(extend_vocab, args=args, as_positional=False, allow_abbrev=False)
+    tool_cli(extend_vocab, args, "pandallm extend-vocab", as_positional=False)

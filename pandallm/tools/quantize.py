@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse import auto_cli
 
 from pandallm.errors import ConfigError, DatasetError, ModelError
+from pandallm.suggest import tool_cli
 
 Bits = Literal[2, 3, 4, 8]
 
@@ -129,6 +129,14 @@ def quantize(
         raise ConfigError(f"--group_size {group_size}: a positive number of weights, or -1 for one per channel")
     if not 0 < damp_percent < 1:
         raise ConfigError(f"--damp_percent {damp_percent}: a fraction between 0 and 1 (GPTQ's default 0.01)")
+    if Path(output).resolve() == source.resolve():
+        # An export passes `check_export_target`, and the output replaces its directory: the unquantized model would
+        # be deleted once the quantized one is written.
+        raise ConfigError(f"--output '{output}' is --model's directory; write the quantized model elsewhere")
+    for option, value, least in (("num_samples", num_samples, 1), ("eval_samples", eval_samples, 1),
+                                 ("max_seq_length", max_seq_length, 2)):  # fmt: skip
+        if value < least:
+            raise ConfigError(f"--{option} {value}: at least {least}")
     check_export_target(output)
     recipe = _recipe(bits, group_size, damp_percent, desc_act)
     texts = calibration_texts(calibration, config)
@@ -183,4 +191,4 @@ def quantize(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(quantize, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(quantize, args, "pandallm quantize", as_positional=False)

@@ -20,11 +20,20 @@ import re
 import sys
 from collections import Counter
 
-from jsonargparse import auto_cli
 from tqdm import tqdm
 
 from pandallm.errors import ConfigError
-from pandallm.tools.datagen import Generator, ResumableOutput, Similarity, Task, read_tasks, word_count
+from pandallm.suggest import tool_cli
+from pandallm.tools.datagen import (
+    Generator,
+    ResumableOutput,
+    Similarity,
+    Task,
+    located,
+    read_tasks,
+    tasks_digest,
+    word_count,
+)
 
 HEADER = (
     "You are asked to come up with a set of diverse task instructions, each with an optional input and the output "
@@ -143,7 +152,12 @@ def self_instruct(
         raise ConfigError("--num_prompt_tasks and --num_instructions must be at least 1")
     seeds = read_tasks(seed_tasks)
     max_requests = 10 * num_instructions if max_requests is None else max_requests
-    store = ResumableOutput(output)
+    # What decides each request; --num_instructions and --max_requests may change: they say where to stop.
+    settings = {"model": located(model), "tokenizer": located(tokenizer), "seed_tasks": tasks_digest(seeds),
+                "num_prompt_tasks": num_prompt_tasks, "num_machine_tasks": num_machine_tasks,
+                "rouge_threshold": rouge_threshold, "english_only": english_only, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p, "seed": seed}  # fmt: skip
+    store = ResumableOutput(output, settings)
     records, request = store.load()
     machine = [Task(r["instruction"], r["input"], r["output"]) for r in records]
     similarity = Similarity([t.instruction for t in (*seeds, *machine)])
@@ -175,4 +189,4 @@ def self_instruct(
 
 
 def main(args: list[str] | None = None) -> dict:
-    return auto_cli(self_instruct, args=args, as_positional=False, allow_abbrev=False)
+    return tool_cli(self_instruct, args, "pandallm self-instruct", as_positional=False)

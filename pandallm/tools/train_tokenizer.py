@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
-from jsonargparse import auto_cli
 
 from pandallm.data.records import find_data_files, read_records
 from pandallm.errors import DatasetError
+from pandallm.suggest import tool_cli
 from pandallm.tokenizer import load_tokenizer
 
 
@@ -81,4 +81,4 @@ def train_tokenizer(
 
 
 def main(args: list[str] | None = None) -> None:
-    auto_cli(train_tokenizer, args=args, allow_abbrev=False)
+    tool_cli(train_tokenizer, args, "pandallm train-tokenizer")

@@ -71,6 +71,17 @@ def test_a_gzipped_json_file_of_one_record_per_line_is_json_lines(tmp_path: Path
     )
 
 
+def test_a_gzipped_json_document_that_is_not_json_lines_is_one_value(tmp_path: Path) -> None:
+    # Sniffed as JSON Lines by its first byte '{', a pretty-printed object gave one "invalid JSON" per line.
+    path = tmp_path / "squad.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"data": DOCUMENTS}, indent=2).encode()))
+    with pytest.raises(DataFormatError, match=r"squad.json.gz:1: expected a JSON array of records"):
+        read_records(path)
+    records = [{"text": "a"}, {"text": "b"}]
+    path.write_bytes(gzip.compress(json.dumps(records, indent=2).encode()))  # a pretty-printed array: read as one
+    assert [r.text for r in read_records(path)[1]] == ["a", "b"]
+
+
 @pytest.mark.parametrize("kind", [".gz", ".zst"])
 def test_an_error_inside_a_compressed_file_names_the_file_and_line(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"bad.jsonl{kind}"
@@ -92,6 +103,18 @@ def test_a_truncated_compressed_file_is_an_error_not_a_shorter_corpus(tmp_path: 
         list(lazy_records(path))
     path.write_bytes(whole + whole)  # two frames / members, concatenated as `cat a.gz b.gz` writes them
     assert len(read_records(path)[1]) == 2 * len(INSTRUCTIONS) * 200
+
+
+def test_a_zstd_frame_that_ends_exactly_at_a_read_boundary_is_not_damage(tmp_path: Path, monkeypatch) -> None:
+    # `zstd -c a b > c` and pzstd write several frames; one ending exactly at the end of a 64 KiB read made the
+    # next read fail ("cannot use a decompressobj multiple times"), and the valid file was reported damaged.
+    from pandallm.data.readers import _ZstdRaw
+
+    first = compress(jsonl_bytes(INSTRUCTIONS), ".zst")
+    monkeypatch.setattr(_ZstdRaw, "CHUNK", len(first))  # the first frame fills the first read exactly
+    path = tmp_path / "frames.jsonl.zst"
+    path.write_bytes(first + compress(jsonl_bytes(INSTRUCTIONS[:1]), ".zst"))
+    assert len(read_records(path)[1]) == len(INSTRUCTIONS) + 1
 
 
 def test_parquet_rows_are_records_numbered_from_one_with_nested_turns(tmp_path: Path) -> None:
@@ -125,12 +148,31 @@ def test_a_parquet_file_is_read_a_row_group_at_a_time(tmp_path: Path, monkeypatc
     assert groups_read == [0, 1, 2]
 
 
+def test_a_directory_given_as_a_file_is_named_as_one(tmp_path: Path) -> None:
+    # Spark and pandas write a partitioned Parquet dataset as a directory `x.parquet/`: "no such file" misled.
+    (tmp_path / "x.parquet").mkdir()
+    with pytest.raises(DatasetError, match=r"x.parquet: a directory, not a data file"):
+        read_records(tmp_path / "x.parquet")
+
+
 def test_the_walker_finds_compressed_and_parquet_sources(tmp_path: Path) -> None:
     for name in ("a.jsonl.gz", "b.JSON.GZ", "c.jsonl.zst", "d.parquet", "e.txt.gz", "f.csv.gz", "g.gz"):
         (tmp_path / name).write_bytes(b"")
     found = [p.name for p in find_data_files(tmp_path, "pretraining_data_dir", text=True)]
     assert found == ["a.jsonl.gz", "b.JSON.GZ", "c.jsonl.zst", "d.parquet", "e.txt.gz"]
     assert "e.txt.gz" not in [p.name for p in find_data_files(tmp_path, "instruction_tuning_data_dir")]
+
+
+def test_a_source_compressed_in_a_way_pandallm_does_not_read_is_named_not_skipped(tmp_path: Path) -> None:
+    # It was left out without a word: a directory of .jsonl.gz and .jsonl.bz2 shards trained on half of them.
+    for name in ("a.jsonl.gz", "b.jsonl.bz2", "c.json.xz", "d.parquet.gz", "notes.csv.bz2", "e.txt.bz2"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"cannot read 3 source\(s\)") as error:
+        find_data_files(tmp_path, "instruction_tuning_data_dir")
+    for name, packed in (("b.jsonl.bz2", ".bz2"), ("c.json.xz", ".xz"), ("d.parquet.gz", ".gz")):
+        assert f"{name} (compressed as {packed}, which pandallm does not read" in str(error.value)
+    with pytest.raises(DatasetError, match=r"cannot read 4 source\(s\).*e.txt.bz2"):  # a text corpus too
+        find_data_files(tmp_path, "pretraining_data_dir", text=True)
 
 
 def test_a_streamed_corpus_of_compressed_and_parquet_files_reads_every_document_once(tmp_path: Path) -> None:

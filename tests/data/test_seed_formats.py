@@ -108,10 +108,52 @@ def test_the_data_module_reads_the_shipped_gzipped_trees_with_either_policy(tmp_
         ({"prompt": msg("prompter", "Q")}, "prompt", "the tree holds no assistant reply to train on"),
     ],
 )
-def test_a_malformed_tree_names_the_message(tmp_path: Path, tree: dict, field: str, problem: str) -> None:
+@pytest.mark.parametrize("policy", ["all", "best"])
+def test_a_malformed_tree_names_the_message(tmp_path: Path, tree: dict, field: str, problem: str, policy) -> None:
+    # Under `best` the error was "an oasst record in a file of oasst_best records", hiding the field at fault.
     path = write_jsonl(tmp_path / "trees.jsonl", [TREE, {"message_tree_id": "t2", **tree}])
     with pytest.raises(DataFormatError, match=re.escape(f"trees.jsonl:2: field '{field}': {problem}")):
-        read_records(path)
+        read_records(path, oasst_paths=policy)
+
+
+ALPACA = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+
+@pytest.mark.parametrize(
+    ("first", "format", "message"),
+    [
+        # A stray record of another layout after the first (which fixed the format): a bare KeyError before.
+        (TREE, "auto", "mixed.jsonl:2: a alpaca record"),
+        ({"instruction": "Say hi.", "instances": [{"input": "", "output": "Hi."}]}, "auto", "mixed.jsonl:2: a alpaca"),
+        # A format named in the config that the file's records are not in.
+        (ALPACA, "oasst", "mixed.jsonl:1: field 'prompt': missing (found fields ['input', 'instruction', 'output']"),
+        (ALPACA, "oasst_best", "mixed.jsonl:1: field 'prompt': missing"),
+        (ALPACA, "lima", "mixed.jsonl:1: field 'conversations': missing"),
+        (ALPACA, "self_instruct", "mixed.jsonl:1: field 'instances': missing"),
+        # A string where a list belongs: LIMA's was read a character per turn.
+        (
+            {"conversations": "Q?A."},
+            "lima",
+            "mixed.jsonl:1: field 'conversations': expected a list of strings, got str",
+        ),
+        ({"instruction": "Say hi.", "instances": 3}, "self_instruct", "field 'instances': expected a list of {input"),
+        # A field of an instance, named inside it (it was "field 'output': missing (found fields ['instances', ...").
+        (
+            {"instruction": "Say hi.", "instances": [{"input": "", "output": "Hi."}, {"input": ""}]},
+            "auto",
+            "mixed.jsonl:1: field 'instances[1].output': missing (each instance has an output)",
+        ),
+        (
+            {"instruction": "Say hi.", "instances": [{"input": 3, "output": "Hi."}]},
+            "auto",
+            "mixed.jsonl:1: field 'instances[0].input': expected a string, got int",
+        ),
+    ],
+)
+def test_a_record_not_of_the_files_seed_format_is_named(tmp_path: Path, first: dict, format: str, message: str) -> None:
+    path = write_jsonl(tmp_path / "mixed.jsonl", [first, ALPACA])
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        read_records(path, format=format)
 
 
 def test_lima_conversations_alternate_from_the_user(tmp_path: Path) -> None:
@@ -155,7 +197,7 @@ def test_a_self_instruct_task_gives_one_conversation_per_instance(tmp_path: Path
         (1, "self_instruct", (user("Is the number even?"), bot("Give me a number."))),
     ]
     task["instances"][1]["output"] = None
-    with pytest.raises(DataFormatError, match=r"seed_tasks.jsonl:1: field 'output': missing"):
+    with pytest.raises(DataFormatError, match=r"seed_tasks.jsonl:1: field 'instances\[1\].output': missing"):
         read_records(write_jsonl(path, [task]))
 
 

@@ -116,6 +116,7 @@ def test_the_command_reads_a_recipe_and_says_whether_it_fits(capsys) -> None:
     [
         (["--architecture", "llama-8b"], ConfigError, r"--architecture 'llama-8b': expected one of"),
         (["--gpu_memory_gib", "0"], ConfigError, r"--gpu_memory_gib 0: give the memory of one GPU"),
+        (["--devices", "-2"], ConfigError, r"--devices -2: give the number of devices per node, at least 1"),
         (["--model.model_name_or_path", "./absent"], ModelError, r"model.model_name_or_path '\./absent'"),
     ],
 )
