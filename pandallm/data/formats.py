@@ -255,6 +255,7 @@ def _has(*fields: str) -> Callable[[dict], bool]:
 CHAT_FIELDS = frozenset(
     {"instruction", "input", "output", "target", "response", "conversations", "messages"}
     | {"role", "message_id", "parent_id", "message_tree_id", "replies"}
+    | {"inputs", "targets", "instances"}  # Flan, Self-Instruct: a record with one of them alone is no document either
 )
 # Layouts pandallm does not read, by the fields that give them away: what a record of each is, and what to do.
 UNSUPPORTED_LAYOUTS = (

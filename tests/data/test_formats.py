@@ -288,13 +288,19 @@ def test_data_check_refuses_chat_fields_beside_text_and_keeps_metadata(tmp_path:
 
     path = write_jsonl(
         tmp_path / "mixed.jsonl",
-        [OASST_ROW, {"text": "Q: hi", "output": "A: hello"}, {"text": "Hi.", "role": "user"}],
+        [
+            OASST_ROW,
+            {"text": "Q: hi", "output": "A: hello"},
+            {"text": "Hi.", "role": "user"},
+            {"text": "Translate: hi", "inputs": "Translate: hi"},  # half a Flan record: its targets missing
+        ],
     )
     errors = check([str(path)])
     assert [(e.line, str(e).split(": ", 1)[1][:38]) for e in errors] == [
         (1, "this record looks like an OpenAssistan"),
         (2, "this record has fields of an instructi"),
         (3, "this record has fields of an instructi"),
+        (4, "this record has fields of an instructi"),
     ]
     assert "(['output'])" in str(errors[1]) and "(['role'], role 'user')" in str(errors[2])
     # Corpora keep metadata beside the text (Cosmopedia its generation `prompt`): still documents.
