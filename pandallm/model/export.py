@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pandallm.checkpoint.atomic import swap_in
 from pandallm.console import no_progress_bars
 from pandallm.data.template import tokenizer_template
 from pandallm.errors import ConfigError
@@ -113,20 +115,23 @@ def save_hf(
     gives it: `tokenizer(prompt)` in plain transformers starts with BOS, as every training row does, and its chat
     template is `chat_template` (the one the run trained with) when given.
     """
-    directory = Path(directory)
+
+    def write(tmp: Path) -> None:
+        with no_progress_bars():  # "Writing model shards", for one shard
+            model.save_pretrained(tmp, **kwargs)
+        inference_tokenizer(tokenizer, chat_template).save_pretrained(tmp)
+
+    return replace_directory(Path(directory), write)
+
+
+def replace_directory(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a directory with `write(tmp)` under a temporary name beside it, then swap it in for `directory` (an
+    earlier export at most, never anything else: `check_export_target`) as one step: a kill mid-write leaves the
+    previous export intact rather than a directory of half-written shards. Exports and quantized models alike."""
     check_export_target(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with no_progress_bars():  # "Writing model shards", for one shard
-        model.save_pretrained(tmp, **kwargs)
-    inference_tokenizer(tokenizer, chat_template).save_pretrained(tmp)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old)
-    else:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(directory)
+    shutil.rmtree(tmp, ignore_errors=True)  # a write a kill interrupted
+    write(tmp)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    swap_in(tmp, directory)
     return directory

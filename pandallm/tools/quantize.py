@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Literal
@@ -117,7 +116,7 @@ def quantize(
         max_seq_length: Tokens per text, for calibration and perplexity.
         seed: The draw of the calibration and held-out texts.
     """
-    from pandallm.model.export import check_export_target
+    from pandallm.model.export import check_export_target, replace_directory
 
     source = Path(model)
     if (source / "adapter_config.json").is_file():
@@ -161,13 +160,9 @@ def quantize(
     oneshot(
         model=original, dataset=rows, recipe=recipe, max_seq_length=max_seq_length, num_calibration_samples=len(rows)
     )
-    target = Path(output)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    original.save_pretrained(tmp, save_compressed=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)  # an earlier export at most (check_export_target)
-    tmp.rename(target)
+    target = replace_directory(
+        Path(output), lambda tmp: (original.save_pretrained(tmp, save_compressed=True), tokenizer.save_pretrained(tmp))
+    )
     quantized = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=False).eval()  # as a user loads it
     after = perplexity(quantized, tokenizer, held_out, max_seq_length)
     report = {
