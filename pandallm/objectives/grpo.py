@@ -44,7 +44,7 @@ from pandallm.generate.options import GenerationOptions
 from pandallm.objectives.base import Objective, Stage, Terms
 from pandallm.objectives.logps import token_logps
 from pandallm.rl.rewards import Rewards, record_fields
-from pandallm.rl.rollout import completion_rows, rollout_seed, sample
+from pandallm.rl.rollout import Rollout, completion_rows, rollout_seed, sample
 from pandallm.rl.samples import log_samples
 from pandallm.tokenizer import padding_id
 
@@ -200,6 +200,36 @@ class GRPO(Objective):
         trainer = module._trainer
         step = trainer.global_step if trainer is not None else 0
         num = self.num_generations
+        rollout = self.rollout(module, batch, stage, step)
+        prompts = [prompt for prompt in batch["prompt"] for _ in range(num)]
+        where = [place for place in batch["where"] for _ in range(num)]
+        rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
+        fields = record_fields(batch["record"], batch["reference"], num)
+        per_reward = self._rewards.score(prompts, rollout.completions, fields, where, rows, len(module.tokenizer))
+        rewards = per_reward @ self._rewards.weights()
+        if stage == "train" and self.log_samples_every_n_steps and step % self.log_samples_every_n_steps == 0:
+            shown = []
+            for i, completion in enumerate(rollout.completions):
+                scores = {name: per_reward[i, j].item() for j, name in enumerate(self._rewards.names)}
+                shown.append({"prompt": prompts[i], "completion": completion, "reward": rewards[i].item(), **scores})
+            log_samples(trainer, step, shown)
+        terms = self.policy_terms(module, rollout, group_advantages(rewards, num, self.scale_rewards))
+        grouped = rewards.view(-1, num)
+        zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(num)
+        metrics = {
+            "reward": rewards.sum(),
+            "reward_sq": (rewards**2).sum(),
+            "frac_reward_zero_std": zero_std.sum(),
+        }
+        for j, name in enumerate(self._rewards.names):
+            metrics[f"rewards/{name}"] = per_reward[:, j].sum()
+            metrics[f"rewards/{name}_sq"] = (per_reward[:, j] ** 2).sum()
+        device = terms.loss_sum.device
+        terms.metrics.update({name: value.to(device).double() for name, value in metrics.items()})
+        return terms
+
+    def rollout(self, module: PandaLLM, batch: dict[str, Any], stage: Stage, step: int) -> Rollout:
+        """`num_generations` completions of each prompt of the batch, sampled from the policy, as training rows."""
         tokenizer = module.tokenizer
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         options = GenerationOptions(
@@ -209,71 +239,45 @@ class GRPO(Objective):
             top_k=0,
             seed=rollout_seed(seed, stage, step, module.global_rank, batch["index"].tolist()),
         )
-        new_tokens = sample(
-            module.model, tokenizer, batch["input_ids"], batch["attention_mask"], num, options, self.max_new_tokens
-        )
-        rollout = completion_rows(
-            batch["input_ids"],
-            batch["attention_mask"],
-            new_tokens,
-            num,
-            tokenizer.eos_token_id,
-            padding_id(tokenizer),
-            tokenizer,
-        )
-        prompts = [prompt for prompt in batch["prompt"] for _ in range(num)]
-        where = [place for place in batch["where"] for _ in range(num)]
-        rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
-        fields = record_fields(batch["record"], batch["reference"], num)
-        per_reward = self._rewards.score(prompts, rollout.completions, fields, where, rows, len(tokenizer))
-        rewards = per_reward @ self._rewards.weights()
-        advantages = group_advantages(rewards, num, self.scale_rewards)
+        num = self.num_generations
+        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        new_tokens = sample(module.model, tokenizer, prompt_ids, prompt_mask, num, options, self.max_new_tokens)
+        eos, pad = tokenizer.eos_token_id, padding_id(tokenizer)
+        return completion_rows(prompt_ids, prompt_mask, new_tokens, num, eos, pad, tokenizer)
+
+    def policy_terms(self, module: PandaLLM, rollout: Rollout, advantages: torch.Tensor) -> Terms:
+        """The loss of a rollout's completions with their advantages (N,), and the metrics of the policy on them."""
         ref_logps = None
         if self.beta > 0:
             scored = {"input_ids": rollout.input_ids, "position_ids": rollout.position_ids, "labels": rollout.labels}
-            ref_logps = module.reference_scores.token_scores(module, scored)
-
+            ref_logps = module.reference_scores.token_scores(module, scored, self.temperature)
         logits = module(rollout.input_ids, rollout.position_ids)
+        if self.temperature != 1.0:
+            # The probabilities the completions were sampled from (TRL scores at the sampling temperature too).
+            logits = logits / self.temperature
         logps, mask = token_logps(logits, rollout.labels)
-        device = logps.device
         losses, kl, clipped = token_losses(
             logps,
             logps.detach(),  # generated by this very policy: pi_old is pi (see the module docstring)
-            advantages.to(device=device, dtype=logps.dtype),
+            advantages.to(device=logps.device, dtype=logps.dtype),
             self.epsilon,
             self.beta,
             ref_logps,
         )
         loss, units = loss_sum(losses, mask, self.loss_type, self.max_new_tokens)
-
-        if stage == "train" and self.log_samples_every_n_steps and step % self.log_samples_every_n_steps == 0:
-            shown = []
-            for i, completion in enumerate(rollout.completions):
-                scores = {name: per_reward[i, j].item() for j, name in enumerate(self._rewards.names)}
-                shown.append({"prompt": prompts[i], "completion": completion, "reward": rewards[i].item(), **scores})
-            log_samples(trainer, step, shown)
-
-        grouped = rewards.view(-1, num)
-        zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(num)
         maskf = mask.to(logps.dtype)
         metrics = {
-            "reward": rewards.sum(),
-            "reward_sq": (rewards**2).sum(),
             "completion_length": rollout.lengths.sum(),
             "truncated": rollout.truncated.sum(),
-            "frac_reward_zero_std": zero_std.sum(),
             "clip_ratio": (clipped * maskf).sum(),
             "entropy": entropy_sum(logits.detach(), mask),
-            "completions": torch.tensor(len(rewards)),
+            "completions": torch.tensor(len(rollout.lengths)),
             "tokens": mask.sum(),
         }
-        for j, name in enumerate(self._rewards.names):
-            metrics[f"rewards/{name}"] = per_reward[:, j].sum()
-            metrics[f"rewards/{name}_sq"] = (per_reward[:, j] ** 2).sum()
         if kl is not None:
             metrics["kl"] = (kl.detach() * maskf).sum()
-        metrics = {name: torch.as_tensor(value, device=device).double() for name, value in metrics.items()}
-        return Terms(loss, units.to(device), metrics)
+        metrics = {name: torch.as_tensor(value).to(logps.device).double() for name, value in metrics.items()}
+        return Terms(loss, units.to(logps.device), metrics)
 
     # ---- the logs ----------------------------------------------------------------------------------------------
 
