@@ -230,6 +230,14 @@ class GRPO(Objective):
 
     def rollout(self, module: PandaLLM, batch: dict[str, Any], stage: Stage, step: int) -> Rollout:
         """`num_generations` completions of each prompt of the batch, sampled from the policy, as training rows."""
+        from pandallm.model.parallel import shards_parameters  # here: pandallm.model imports the objectives
+
+        if module._trainer is not None and shards_parameters(module.trainer.strategy):
+            raise ConfigError(
+                "model.objective GRPO samples with Hugging Face `generate`, which needs the whole model on each rank; "
+                "FSDP and DeepSpeed ZeRO-3 shard it: use trainer.strategy ddp or deepspeed_stage_2 (with LoRA for "
+                "large models)"
+            )
         tokenizer = module.tokenizer
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         options = GenerationOptions(
