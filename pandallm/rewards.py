@@ -53,10 +53,10 @@ def format_match(completions: list[str], pattern: str = r"#### -?\d", **_: Any) 
     return [float(compiled.search(completion) is not None) for completion in completions]
 
 
-def length(completions: list[str], target: int = 200, **_: Any) -> list[float]:
-    """1.0 for a completion of `target` characters, falling linearly to 0.0 at 0 and at twice `target`: a pull
-    toward a length (too short and too long both cost)."""
-    return [max(0.0, 1.0 - abs(len(completion) - target) / target) for completion in completions]
+def length(completions: list[str], chars: int = 200, **_: Any) -> list[float]:
+    """1.0 for a completion of `chars` characters, falling linearly to 0.0 at 0 and at twice `chars`: a pull toward a
+    length (too short and too long both cost)."""
+    return [max(0.0, 1.0 - abs(len(completion) - chars) / chars) for completion in completions]
 
 
 def ends_with(completions: list[str], word: str = "indeed", **_: Any) -> list[float]:

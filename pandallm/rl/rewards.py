@@ -8,9 +8,9 @@
 A function is called as TRL calls its reward functions, `f(prompts=[...], completions=[...], **fields)`, once per
 batch: `prompts` the prompt texts, `completions` the completions' texts, and every field of the records (a list per
 field, one value per completion, None where a record lacks it), with `reference` (the record's own reply, or None)
-and the entry's `kwargs`. It returns one number per completion. A model is any Hugging Face
-`AutoModelForSequenceClassification` directory with one label: the `hf/` export of a pandallm `RewardModel` run, or
-another LLaMA reward model.
+and the entry's `kwargs` (which win over a record field of the same name). It returns one number per completion.
+A model is any Hugging Face `AutoModelForSequenceClassification` directory with one label: the `hf/` export of a
+pandallm `RewardModel` run, or another LLaMA reward model.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ class Rewards:
         columns = []
         for reward in self.rewards:
             if reward.function is not None:
-                values = reward.function(prompts=prompts, completions=completions, **fields, **reward.kwargs)
+                # The entry's own `kwargs` win over a record field of the same name (a `target` of pandallm records).
+                values = reward.function(prompts=prompts, completions=completions, **{**fields, **reward.kwargs})
                 columns.append(checked_values(values, reward.name, len(completions), where))
             else:
                 columns.append(self.scorers[reward.name].score(rows["input_ids"], rows["attention_mask"], vocab_size))

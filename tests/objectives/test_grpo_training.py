@@ -112,7 +112,7 @@ def length_prompts(root: Path) -> dict[str, str]:
     return {"instruction_tuning_data_dir": str(root / "rl"), "pretraining_data_dir": "null"}
 
 
-LENGTH_REWARD = '[{function: "pandallm.rewards:length", kwargs: {target: 12}}]'
+LENGTH_REWARD = '[{function: "pandallm.rewards:length", kwargs: {chars: 12}}]'
 
 
 def test_lora_grpo_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
@@ -143,6 +143,32 @@ def test_lora_grpo_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     ]
     a, b = (load_file(found[-1]) for found in exports)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two processes of their own: 25-50 s on two cores, past the default suite's budget for GRPO
+def test_two_process_ddp_grpo_samples_every_group_on_its_own_rank(tmp_path: Path) -> None:
+    # Samples written every step: only rank 0 writes them, and every rank takes part in Lightning's broadcast of the
+    # log directory (rank 0 alone waited on it forever).
+    grpo = [
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.max_steps=2",
+        "--data.per_device_train_batch_size=2",
+        "--model.use_lora=true",
+        "--model.objective=GRPO",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.num_generations=3",
+        "--model.objective.max_new_tokens=4",
+        "--model.objective.beta=0.1",
+        "--model.objective.log_samples_every_n_steps=1",
+    ]
+    fit(tmp_path, "ddp", length_prompts(tmp_path), *grpo)
+    [log_dir] = (tmp_path / "ddp").glob("version_*")
+    assert len(metric_column(log_dir, "train/reward")) == 2
+    samples = [json.loads(line) for line in (log_dir / "rollouts.jsonl").read_text().splitlines()]
+    # Rank 0's 2 prompts x 3 completions per step, each prompt's group together.
+    assert [s["step"] for s in samples] == [0] * 6 + [1] * 6
+    assert all(len({s["prompt"] for s in samples[i : i + 3]}) == 1 for i in range(0, 12, 3))
 
 
 def test_lora_grpo_uses_the_base_with_adapters_disabled_as_its_reference(tmp_path: Path) -> None:

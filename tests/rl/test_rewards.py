@@ -34,7 +34,7 @@ def test_ready_made_rewards() -> None:
     assert answer_match(completions, reference=["#### 7", "#### 7", "#### 7", None]) == [1.0, 0.0, 1.0, 0.0]
     assert format_match(completions, pattern=r"#### -?\d+\s*$") == [1.0, 0.0, 0.0, 0.0]
     assert ends_with(completions, word="Indeed") == [0.0, 0.0, 1.0, 0.0]
-    assert length(["a" * 10, "a" * 5, "", "a" * 30], target=10) == [1.0, 0.5, 0.0, 0.0]
+    assert length(["a" * 10, "a" * 5, "", "a" * 30], chars=10) == [1.0, 0.5, 0.0, 0.0]
 
 
 def test_function_results_are_checked() -> None:
