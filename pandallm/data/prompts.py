@@ -41,7 +41,10 @@ def read_rl_prompts(path: Path, skipped: list[DataFormatError] | None) -> list[t
     """The prompt records of one source and each record's own fields; malformed ones raise, or with `skipped` are
     left out and listed there."""
     if suffix(path) == ".txt":
-        raise DatasetError(f"{path}: prompts for RL are instruction or {{'prompt': ...}} records, not plain text")
+        raise DatasetError(
+            f"{path}: plain text; prompts for RL are instruction or {{'prompt': ...}} records (.json, .jsonl, saved "
+            "datasets): set data.pretraining_data_dir: null"
+        )
     fmt, found = None, []
     for line, value in iter_values(path, skipped):
         try:
@@ -86,7 +89,8 @@ def tokenize_rl_prompts(
                 "input_ids": row["input_ids"],
                 "prompt": prompt_text(prompt),
                 "reference": prompt.reference,
-                "record": json.dumps(value, ensure_ascii=False),
+                # default=str: a saved dataset's row may hold values JSON has no type for (timestamps)
+                "record": json.dumps(value, ensure_ascii=False, default=str),
                 "where": f"{prompt.path}:{prompt.line}",
             }
         )

@@ -7,8 +7,9 @@
 
 A function is called as TRL calls its reward functions, `f(prompts=[...], completions=[...], **fields)`, once per
 batch: `prompts` the prompt texts, `completions` the completions' texts, and every field of the records (a list per
-field, one value per completion, None where a record lacks it), with `reference` (the record's own reply, or None)
-and the entry's `kwargs` (which win over a record field of the same name). It returns one number per completion.
+field, one value per completion, None where a record lacks it; `prompt` and `completion` left out, as TRL leaves
+them), with `reference` (the record's own reply, or None) and the entry's `kwargs` (which win over a record field of
+the same name). It returns one number per completion.
 A model is any Hugging Face `AutoModelForSequenceClassification` directory with one label: the `hf/` export of a
 pandallm `RewardModel` run, or another LLaMA reward model.
 """
@@ -189,8 +190,9 @@ class Rewards:
 
 def record_fields(records: list[dict[str, Any]], references: list[str | None], repeat: int) -> dict[str, list[Any]]:
     """Every field of the records as a list (None where a record lacks it), each value repeated for the `repeat`
-    completions of its prompt, with `reference`; `prompts` and `completions` are the call's own."""
-    names = sorted({key for record in records for key in record} - {"prompts", "completions"})
+    completions of its prompt, with `reference`. `prompts` and `completions` are the call's own, and as TRL does, a
+    record's `prompt` and `completion` fields are not passed again (the completion, if any, is the `reference`)."""
+    names = sorted({key for record in records for key in record} - {"prompts", "completions", "prompt", "completion"})
     fields = {name: [record.get(name) for record in records] for name in names}
     fields["reference"] = list(references)
     return {name: [value for value in values for _ in range(repeat)] for name, values in fields.items()}
