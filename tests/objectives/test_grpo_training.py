@@ -18,7 +18,7 @@ from pandallm.errors import ConfigError, DataFormatError, RewardError
 from pandallm.model.loss import causal_lm_loss_sum
 from pandallm.model.module import PandaLLM
 from tests.conftest import TOKENIZER_DIR, metric_column, write_jsonl
-from tests.test_resume import fit, losses
+from tests.test_resume import assert_resume_is_exact, fit, losses
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +143,23 @@ def test_lora_grpo_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     ]
     a, b = (load_file(found[-1]) for found in exports)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # three processes more, past the default suite's budget for GRPO: the LoRA resume test stays in it
+def test_full_grpo_resume_after_sigkill_is_exact(tmp_path: Path, sft_model: Path) -> None:
+    # Full training with a KL term: the reference, a frozen copy of the starting model, is loaded again from its
+    # directory on resume.
+    assert_resume_is_exact(
+        tmp_path,
+        length_prompts(tmp_path),
+        3,
+        f"--model.model_name_or_path={sft_model}",
+        "--model.objective=GRPO",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.num_generations=2",
+        "--model.objective.max_new_tokens=4",
+        "--model.objective.beta=0.1",
+    )
 
 
 @pytest.mark.slow  # two processes of their own: 25-50 s on two cores, past the default suite's budget for GRPO
