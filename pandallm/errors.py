@@ -41,3 +41,8 @@ class ConfigError(PandaError):
 
 class StorageError(PandaError):
     """A file or directory cannot be written: no space left, a read-only file system. The message names it."""
+
+
+class RewardError(PandaError):
+    """A reward function or reward model gave what a reward cannot be: the wrong number of values, a value that is not
+    a finite number. The message names the function and the record."""

@@ -30,6 +30,7 @@ from pandallm.data.pairs import (
     tokenize_pairs,
 )
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
+from pandallm.data.prompts import PROMPT_FEATURES, collate_rl_prompts, read_rl_prompts, tokenize_rl_prompts
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
 from pandallm.data.sampling import EpochSampler, TrainingOrder
 from pandallm.data.seed_formats import OasstPaths
@@ -110,7 +111,8 @@ class PandaDataModule(L.LightningDataModule):
             tokenizer: Linked from the model's tokenizer (`model.tokenizer`, else `model.model_name_or_path`).
             special_tokens: Linked from `model.special_tokens`: the tokenizer's special-token overrides.
             rows: Linked from `model.objective`: what every training and validation record must be and becomes:
-                `sequences` (instruction records and documents), `pairs` (preference pairs) or `unpaired` (KTO).
+                `sequences` (instruction records and documents), `pairs` (preference pairs), `unpaired` (KTO) or
+                `prompts` (instruction or `{"prompt"}` records read as prompts: GRPO; pandallm.data.prompts).
             instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
                 `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
             pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
@@ -348,6 +350,8 @@ class PandaDataModule(L.LightningDataModule):
 
     @property
     def _collate(self) -> Callable:
+        if self.rows == "prompts":
+            return collate_rl_prompts
         return collate_rows if self.rows == "sequences" else collate_pairs
 
     def train_sources(self) -> dict[str, Files]:
@@ -431,13 +435,17 @@ class PandaDataModule(L.LightningDataModule):
                 "overlong_records": self.overlong_records,
                 "packing": self.packing,
                 "bad_records": [self.bad_records, self.max_bad_fraction],
+                # Prompt rows are built from the same files as SFT's rows: keyed apart (other keys stay as they were).
+                **({"rows": self.rows} if self.rows == "prompts" else {}),
             }
         )
         stored, self.data_notes = load_or_build_with_notes(self.cache_dir, key, partial(self._build, sources))
         self.cache_entry = Path(self.cache_dir) / key
         self._built_here = self._built_here or bool(self.data_notes.get("built"))
         # Empty splits are not stored (`datasets` cannot load a split of zero shards back).
-        features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(self.rows, ROW_FEATURES)
+        features = {"pairs": PAIR_FEATURES, "unpaired": UNPAIRED_FEATURES, "prompts": PROMPT_FEATURES}.get(
+            self.rows, ROW_FEATURES
+        )
         empty = Dataset.from_dict({name: [] for name in features}, features=features)
         train_parts = [stored.get(group_split("train", i), empty) for i in range(len(sources["train"]))]
         self.train_source_names = list(train)
@@ -452,6 +460,8 @@ class PandaDataModule(L.LightningDataModule):
         return datasets
 
     def _tokens(self, rows: Dataset) -> int:
+        if self.rows == "prompts":
+            return sum(len(ids) for ids in rows["input_ids"])
         return pair_tokens(rows) if self.rows != "sequences" else sum(len(ids) for ids in rows["input_ids"])
 
     def _expected_kind(self, kind: RecordKind | None) -> RecordKind | None:
@@ -460,6 +470,8 @@ class PandaDataModule(L.LightningDataModule):
         return ROW_KINDS.get(self.rows, kind)
 
     def _build(self, sources: dict[str, list[Files]], scratch: Path) -> tuple[DatasetDict, dict]:
+        if self.rows == "prompts":
+            return self._build_prompts(sources)
         records: dict[str, list[dict[RecordKind, list]]] = {
             split: [{kind: [] for kind in get_args(RecordKind)} for _ in groups] for split, groups in sources.items()
         }
@@ -511,6 +523,47 @@ class PandaDataModule(L.LightningDataModule):
                 if rows is not None:
                     built[name] = rows
                     note["rows"], note["tokens"] = len(rows), self._tokens(rows)
+        return DatasetDict(built), notes
+
+    def _build_prompts(self, sources: dict[str, list[Files]]) -> tuple[DatasetDict, dict]:
+        """Prompt rows (online RL, `pandallm.data.prompts`) of every split, with the notes `_build` keeps."""
+        skipped: list[DataFormatError] | None = [] if self.bad_records == "skip" else None
+        read = {
+            split: [[found for _, path in files for found in read_rl_prompts(path, skipped)] for files in groups]
+            for split, groups in sources.items()
+        }
+        left_out = skipped or []
+        num_valid = sum(len(group) for groups in read.values() for group in groups)
+        if left_out:
+            self._check_skipped(left_out, num_valid)
+        if self.val_fraction > 0:
+            for index, group in enumerate(read["train"]):
+                read["train"][index], held_out = hold_out(group, self.val_fraction, self.seed)
+                read["validation"][0] += held_out
+        notes: dict = {
+            "groups": {},
+            "records": num_valid + len(left_out),
+            "skipped": len(left_out),
+            "skipped_examples": [str(error) for error in left_out[:10]],
+        }
+        built = {}
+        drop = self.overlong_records == "drop"
+        for split, groups in read.items():
+            for index, records in enumerate(groups):
+                if not records:
+                    continue
+                name = group_split(split, index)
+                rows, overlong = tokenize_rl_prompts(
+                    records, self.chat_template, self.tokenizer, self.max_seq_length, drop
+                )
+                notes["groups"][name] = {
+                    "records": {"prompts": len(records)},
+                    "overlong": {"prompts": overlong},
+                    "rows": len(rows),
+                    "tokens": self._tokens(rows),
+                }
+                if len(rows):
+                    built[name] = rows
         return DatasetDict(built), notes
 
     def _tokenize(self, name: str, by_kind: dict[RecordKind, list], scratch: Path, note: dict) -> Dataset | None:

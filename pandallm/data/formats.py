@@ -26,8 +26,9 @@ T = TypeVar("T")
 RecordKind = Literal["instruction", "pretraining", "preference", "unpaired"]
 # The rows an objective trains on, which the data module builds from records (`data.rows`, linked from
 # `model.objective`): `sequences` from instruction records and documents (`input_ids`, `labels`, `position_ids`),
-# `pairs` from preference pairs (two sequences each), `unpaired` from judged continuations (KTO).
-RowKind = Literal["sequences", "pairs", "unpaired"]
+# `pairs` from preference pairs (two sequences each), `unpaired` from judged continuations (KTO), `prompts` from
+# instruction records or `{"prompt"}` records, read as prompts to generate from (online RL: `pandallm.data.prompts`).
+RowKind = Literal["sequences", "pairs", "unpaired", "prompts"]
 Role = Literal["system", "user", "assistant"]
 
 # Names a `from` (ShareGPT) or `role` (OpenAI) value may take, by the role it means. ShareGPT dumps use

@@ -33,6 +33,7 @@ LABELS = {
     "instruction": "instruction records",
     "pretraining": "documents",
     "preference": "preference pairs",
+    "prompts": "prompts",
     "unpaired": "judged completions",
 }
 

@@ -155,7 +155,8 @@ class PandaLLM(L.LightningModule):
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
             objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
-                default), `DPO`, `SimPO`, `ORPO`, `KTO` or `RewardModel`, with their options under `init_args`.
+                default), `DPO`, `SimPO`, `ORPO`, `KTO`, `RewardModel` or `GRPO` (online RL from rewards), with their
+                options under `init_args`.
         """
         super().__init__()
         # The objective is recorded as its settings (plain values), not as an object: checkpoints load weights-only.

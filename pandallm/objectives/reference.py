@@ -25,7 +25,7 @@ import torch
 
 from pandallm.errors import ConfigError, ModelError
 from pandallm.model.parallel import shards_parameters
-from pandallm.objectives.logps import sequence_logps
+from pandallm.objectives.logps import sequence_logps, token_logps
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -51,6 +51,14 @@ class ReferenceScores:
         with self._as_reference(module) as forward:
             logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return sequence_logps(logits, batch["labels"])[0]
+
+    @torch.no_grad()
+    def token_scores(self, module: PandaLLM, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log-probability of each trained token of a batch's rows, (rows, seq), its logits divided
+        by `temperature` (online RL: GRPO)."""
+        with self._as_reference(module) as forward:
+            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"])[0]
 
     @contextlib.contextmanager
     def _as_reference(self, module: PandaLLM):
