@@ -113,3 +113,20 @@ def test_help_into_a_closed_pipe_ends_without_a_traceback() -> None:
     done = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 1
+
+
+def test_each_package_imports_first_in_a_fresh_process() -> None:
+    # A circular import shows only in the order that starts it: `import pandallm.objectives` first failed while
+    # every test (which imports the CLI first) passed.
+    packages = sorted(
+        p.parent.relative_to(REPO).as_posix().replace("/", ".") for p in REPO.glob("pandallm/*/__init__.py")
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", f"import {name}"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for name in packages
+    }
+    failed = {name: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for name, p in started.items()}
+    assert {name: err for name, err in failed.items() if started[name].returncode} == {}
