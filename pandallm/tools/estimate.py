@@ -155,6 +155,9 @@ def _parsed_fit_config(args: list[str]) -> Any:
     from pandallm.lightning_cli import PandaCLI, cli
 
     class ParseOnly(PandaCLI):
+        def init_parser(self, **kwargs: Any) -> Any:
+            return super().init_parser(**{**kwargs, "prog": "pandallm estimate"})  # errors name this command
+
         def instantiate_classes(self) -> None:
             pass
 

@@ -123,3 +123,11 @@ def test_the_command_reads_a_recipe_and_says_whether_it_fits(capsys) -> None:
 def test_bad_options_are_named(args: list[str], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         main(["--config", "recipes/llama7b.yaml", *args])
+
+
+def test_a_misspelled_fit_option_is_named_under_this_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--config", "recipes/tiny.yaml", "--trainer.max_step", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("pandallm estimate: error: unrecognized arguments: --trainer.max_step 3")
+    assert "did you mean `trainer.max_steps`?" in err
