@@ -43,6 +43,9 @@ class Setup:
     compile: bool = False
     gradient_checkpointing: bool = False
     strategy: str | None = None  # pandallm side only: `--trainer.strategy`, as a class name or JSON
+    loss_impl: str = "auto"  # pandallm side only: `model.loss_impl` (full, chunked, liger, auto)
+    liger_kernels: bool = False  # pandallm side only: Liger's RMSNorm, RoPE and SwiGLU (CUDA)
+    activation_offloading: bool = False  # pandallm side only (CUDA)
 
 
 def cli_args(s: Setup, packing: bool) -> list[str]:
@@ -53,6 +56,9 @@ def cli_args(s: Setup, packing: bool) -> list[str]:
         f"--trainer.accumulate_grad_batches={s.accumulate}",
         f"--model.gradient_checkpointing={s.gradient_checkpointing}",
         f"--model.compile={s.compile}",  # each decoder layer; the HF side compiles its whole model (torch_compile)
+        f"--model.loss_impl={s.loss_impl}",
+        f"--model.liger_kernels={s.liger_kernels}",
+        f"--model.activation_offloading={s.activation_offloading}",
         f"--data.instruction_tuning_data_dir={s.instruction_dir or 'null'}",
         f"--data.pretraining_data_dir={s.pretraining_dir or 'null'}",
         f"--data.max_seq_length={s.seq}",
