@@ -56,7 +56,7 @@ def step_peak(
         return float(terms.loss_sum / terms.count)
 
     first_loss = step()  # optimizer state created, allocator warm
-    held = rss_mib("VmRSS")
+    held, first_peak = rss_mib("VmRSS"), rss_mib("VmHWM")
     reset_peak_rss()
     times = []
     for _ in range(steps):
@@ -69,8 +69,8 @@ def step_peak(
         "seq": seq,
         "first_loss": first_loss,
         "held_mib": round(held),
-        "step_peak_above_held_mib": round(rss_mib("VmHWM") - held),
-        "process_peak_mib": round(rss_mib("VmHWM")),
+        "step_peak_above_held_mib": round(rss_mib("VmHWM") - held) if steps else None,
+        "process_peak_mib": round(max(first_peak, rss_mib("VmHWM"))),  # the first step's included
         "step_s": [round(t, 4) for t in times],
     }
 
