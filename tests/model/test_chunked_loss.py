@@ -3,6 +3,7 @@ embeddings, preference objectives), and falls back to the full path where it can
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
@@ -156,3 +157,24 @@ def test_auto_is_chunked_on_the_cpu_and_liger_is_refused_there() -> None:
         module("liger")
     with pytest.raises(ConfigError, match="model.liger_kernels: Liger's kernels are Triton GPU kernels"):
         module("auto", liger_kernels=True)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="Liger's kernels need a CUDA GPU and liger-kernel",
+)
+def test_liger_loss_and_kernels_give_the_full_paths_step_on_the_gpu() -> None:
+    batch = {k: v.cuda() for k, v in packed_batch().items()}
+    results = []
+    for options in ({"loss_impl": "full"}, {"loss_impl": "liger"}, {"loss_impl": "liger", "liger_kernels": True}):
+        torch.manual_seed(0)
+        m = PandaLLM(model_name_or_path="llama-tiny", tokenizer=str(TOKENIZER_DIR), **options)
+        m._device_of_run = lambda: torch.device("cuda")
+        m.configure_model()
+        m.cuda()
+        results.append(step_of(m, batch))
+    (full_loss, full_grads), *others = results
+    for loss, grads in others:
+        torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
