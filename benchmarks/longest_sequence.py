@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128_256)
     parser.add_argument("--start", type=int, default=2048)
     parser.add_argument("--max-seq", type=int, default=32_768)
+    parser.add_argument("--results-dir", default=None, help="default benchmarks/results")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     options = parser.parse_args()
     child = argparse.Namespace(vocab=options.vocab, batch=1, steps=0)  # the first step's peak is the process's
@@ -50,6 +51,7 @@ def main() -> None:
     write_result(
         f"longest_sequence_cpu_{options.budget_gib:g}gib",
         {"options": vars(options), "load_average_at_start": load_at_start, "results": results},
+        options.results_dir,
     )
 
 

@@ -6,7 +6,8 @@ A llama-tiny (hidden 64, 2 layers) with a Llama 3-sized vocabulary of 128,256 tr
 `--seq` tokens, every token trained (pretraining), through `PandaLLM` and the SFT objective with `model.loss_impl`
 `full` and then `chunked`, each in its own process, the order alternating between rounds. Measured per process: the
 peak resident memory of the steps above what the process holds after a first (warm-up) step, which is the memory of
-the step's transient tensors (logits, activations, gradients), and the median step time. glibc's mmap threshold is
+the step's transient tensors (logits, activations, gradients), and the median step time, wall and CPU (the process's
+CPU time over every thread, which other work on a shared machine disturbs least). glibc's mmap threshold is
 fixed as in `benchmarks.memory_estimate`, so that freed tensors do not stay resident.
 
 `step_peak` (one step) is also used by `benchmarks.longest_sequence`.
@@ -58,11 +59,12 @@ def step_peak(
     first_loss = step()  # optimizer state created, allocator warm
     held, first_peak = rss_mib("VmRSS"), rss_mib("VmHWM")
     reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "loss_impl": module.loss_path,
         "checkpointing": checkpointing,
@@ -72,6 +74,7 @@ def step_peak(
         "step_peak_above_held_mib": round(rss_mib("VmHWM") - held) if steps else None,
         "process_peak_mib": round(max(first_peak, rss_mib("VmHWM"))),  # the first step's included
         "step_s": [round(t, 4) for t in times],
+        "step_cpu_s": [round(t, 4) for t in cpu_times],  # every thread's: what other work on the machine disturbs least
     }
 
 
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--results-dir", default=None, help="default benchmarks/results")
     parser.add_argument("--child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
@@ -131,26 +135,30 @@ def main() -> None:
             "step_peak_mib_median": statistics.median(peaks),
             "step_ms_min": round(min(times) * 1000, 1),
             "step_ms_median": round(statistics.median(times) * 1000, 1),
+            "step_cpu_ms_median": round(statistics.median(t for r in found for t in r["step_cpu_s"]) * 1000, 1),
             "first_loss": found[0]["first_loss"],
         }
     memory_ratio = summary["full"]["step_peak_mib_median"] / summary["chunked"]["step_peak_mib_median"]
     time_ratio = summary["chunked"]["step_ms_median"] / summary["full"]["step_ms_median"]
+    cpu_ratio = summary["chunked"]["step_cpu_ms_median"] / summary["full"]["step_cpu_ms_median"]
     print(
         f"one fp32 logits tensor: {logits_mib(options):,.0f} MiB; step peak full / chunked: {memory_ratio:.1f}x "
-        f"smaller; step time chunked / full: {time_ratio:.3f} (medians); first losses "
+        f"smaller; step time chunked / full: {time_ratio:.3f} wall, {cpu_ratio:.3f} CPU (medians); first losses "
         f"{summary['full']['first_loss']:.6f} / {summary['chunked']['first_loss']:.6f}"
     )
     write_result(
         f"loss_memory_v{options.vocab}_s{options.seq}",
         {
-            "options": {k: v for k, v in vars(options).items() if k != "child"},
+            "options": {k: v for k, v in vars(options).items() if k not in ("child", "results_dir")},
             "load_average_at_start": load_at_start,
             "logits_fp32_mib": round(logits_mib(options)),
             "summary": summary,
             "memory_ratio_full_over_chunked": round(memory_ratio, 2),
             "time_ratio_chunked_over_full": round(time_ratio, 3),
+            "cpu_time_ratio_chunked_over_full": round(cpu_ratio, 3),
             "runs": runs,
         },
+        options.results_dir,
     )
 
 
