@@ -3,6 +3,7 @@ Trainer, on one GPU. Random-init models (nothing can be downloaded): throughput 
 
     python -m benchmarks.gpu [--runs mfu lora qlora] [--steps 20] [--warmup 5] [--packing] [--compile]
     python -m benchmarks.gpu --runs zero2 zero3 zero3_offload fsdp fsdp2     # the strategies, on the 1B config
+    python -m benchmarks.gpu --runs loss memory_7b longest_1b     # issue 17: the loss paths, Liger, compile
     python -m benchmarks.gpu --dry-run      # CPU, tiny config, 2 steps, in one process: checks the script
     python -m benchmarks.gpu --tiny         # the same tiny config on the GPU (QLoRA included)
 
@@ -18,8 +19,16 @@ Trainer, on one GPU. Random-init models (nothing can be downloaded): throughput 
   tokens/s and peak GPU memory of pandallm (packed if `--packing`) against the HF Trainer + peft (padded), on
   Alpaca-like instruction records, each side in its own process.
 
-A chunked or fused cross-entropy is not measured: pandallm has none (`pandallm/model/loss.py` computes the full
-logits' cross-entropy in fp32).
+- `loss`: the `mfu` run once per entry of LOSS_VARIANTS: `model.loss_impl` full, chunked and liger, Liger's other
+  kernels (`model.liger_kernels`), `model.compile`; tokens/s, MFU and peak GPU memory of each.
+- `memory_7b`: pandallm's 7B LoRA and QLoRA runs (no HF side) once per entry of MEMORY_VARIANTS: the full logits,
+  the chunked loss, and the chunked loss with checkpointing and activation offloading; peak GPU memory.
+- `longest_1b`: the 1B full fine-tune at batch 1 with checkpointing, offloading and the chunked loss (and with the
+  full logits and checkpointing only, for comparison), the sequence doubling from 4,096 until a run fails (out of
+  memory) or reaches `--max-seq-1b`: the longest sequence that fits on this GPU.
+
+The `--dry-run` runs every variant on the CPU that can run there, and records the others as skipped with the reason
+(Liger's kernels and activation offloading are GPU-only).
 """
 
 from __future__ import annotations
@@ -75,6 +84,49 @@ STRATEGIES = {
         "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
     },
 }
+
+
+# `Setup` fields of each variant of the `loss` run (the 1B config, bf16-mixed).
+LOSS_VARIANTS = {
+    "full": {"loss_impl": "full"},
+    "chunked": {"loss_impl": "chunked"},
+    "liger_ce": {"loss_impl": "liger"},
+    "liger_ce_kernels": {"loss_impl": "liger", "liger_kernels": True},
+    "chunked_compile": {"loss_impl": "chunked", "compile": True},
+    "liger_ce_kernels_compile": {"loss_impl": "liger", "liger_kernels": True, "compile": True},
+}
+# `Setup` fields of each variant of the `memory_7b` run.
+MEMORY_VARIANTS = {
+    "full": {"loss_impl": "full"},
+    "chunked": {"loss_impl": "chunked"},
+    "chunked_checkpointing_offload": {
+        "loss_impl": "chunked",
+        "gradient_checkpointing": True,
+        "activation_offloading": True,
+    },
+}
+# `Setup` fields of each setting of the `longest_1b` search.
+LONGEST_VARIANTS = {
+    "full_checkpointing": {"loss_impl": "full", "gradient_checkpointing": True},
+    "chunked_checkpointing_offload": {
+        "loss_impl": "chunked",
+        "gradient_checkpointing": True,
+        "activation_offloading": True,
+    },
+}
+
+
+def skipped_on(device: str, variant: dict) -> str | None:
+    """Why `variant` cannot run on `device`, or None."""
+    from pandallm.model.head import liger_unavailable
+
+    if variant.get("loss_impl") == "liger" or variant.get("liger_kernels"):
+        reason = liger_unavailable(torch.device(device))
+        if reason:
+            return reason
+    if variant.get("activation_offloading") and device != "cuda":
+        return "activation offloading moves GPU activations to CPU memory: nothing to offload on the CPU"
+    return None
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -137,17 +189,28 @@ def write_documents(directory: Path, tokens_needed: int) -> Path:
     return directory
 
 
-def mfu_run(work: Path, options: argparse.Namespace, peak: float, strategy: str | None = None) -> dict:
-    """The 1B config's full training (under `strategy`, one of STRATEGIES; default: Lightning's single device)."""
-    config, seq = (TINY, 64) if options.tiny else (LLAMA_1B, 2048)
+def mfu_run(
+    work: Path,
+    options: argparse.Namespace,
+    peak: float,
+    strategy: str | None = None,
+    seq: int | None = None,
+    batch: int | None = None,
+    **variant,
+) -> dict:
+    """The 1B config's full training (under `strategy`, one of STRATEGIES; default: Lightning's single device), with
+    the `Setup` fields of `variant` (loss path, Liger, compile, checkpointing, offloading)."""
+    config, default_seq = (TINY, 64) if options.tiny else (LLAMA_1B, 2048)
+    seq = seq or default_seq
+    batch = batch or options.batch_1b
     dtype = torch.float32  # fp32 master weights: bf16-mixed computes in bf16
     init = random_checkpoint(config, work / "init-1b", dtype, options.device)
     setup = Setup(
         init=str(init),
         cache_dir=str(work / "cache"),
         rows_file=str(work / "rows-1b.json"),
-        pretraining_dir=str(write_documents(work / "docs", options.steps * options.batch_1b * seq * 2)),
-        batch=options.batch_1b,
+        pretraining_dir=str(write_documents(work / f"docs-{seq}", options.steps * batch * seq * 2)),
+        batch=batch,
         seq=seq,
         steps=options.steps,
         device=options.device,
@@ -155,6 +218,7 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float, strategy: str 
         compile=options.compile,
         strategy=json.dumps(STRATEGIES[strategy]) if strategy else None,
     )
+    setup = replace(setup, **variant)
     prepare_rows(setup)
     report = run_side("pandallm", setup, in_process=options.dry_run)
     tokens_per_s = steady_tokens_per_second(report, options.warmup)
@@ -163,7 +227,8 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float, strategy: str 
         "config": config,
         "seq": seq,
         "batch": setup.batch,
-        "compile": options.compile,
+        "compile": setup.compile,
+        "variant": variant,
         "tokens_per_second": tokens_per_s,
         "model_flops_per_second": achieved,
         "mfu": achieved / peak,
@@ -172,7 +237,9 @@ def mfu_run(work: Path, options: argparse.Namespace, peak: float, strategy: str 
     }
 
 
-def adapter_run(work: Path, options: argparse.Namespace, quant_bits: int) -> dict:
+def adapter_run(
+    work: Path, options: argparse.Namespace, quant_bits: int, variant: dict | None = None, hf_side: bool = True
+) -> dict:
     config = TINY if options.tiny else LLAMA_7B
     # The base in bf16 on a GPU (both sides train it so); fp32 on the CPU, where bf16 is not what users run.
     dtype = torch.bfloat16 if options.device == "cuda" else torch.float32
@@ -197,22 +264,88 @@ def adapter_run(work: Path, options: argparse.Namespace, quant_bits: int) -> dic
         precision="bf16-true" if options.device == "cuda" else "32-true",
         compile=options.compile,
     )
+    setup = replace(setup, **(variant or {}))
     prepare_rows(setup)
     result: dict = {}
-    for side, packing in (("pandallm", options.packing), ("hf", False)):
+    sides = (("pandallm", options.packing), ("hf", False)) if hf_side else (("pandallm", options.packing),)
+    for side, packing in sides:
         report = run_side(side, replace(setup, packing=packing), in_process=options.dry_run)
         result[side + ("_packed" if packing else "")] = {
             "tokens_per_second": steady_tokens_per_second(report, options.warmup),
             "peak_memory_mib": report.get("gpu_peak_mib", report["peak_rss_mib"]),
         }
-    mine, theirs = (result[label]["tokens_per_second"] for label in result)
-    result["ratio_vs_hf"] = mine / theirs
+    if hf_side:
+        mine, theirs = (result[label]["tokens_per_second"] for label in result)
+        result["ratio_vs_hf"] = mine / theirs
     return result
+
+
+def loss_runs(work: Path, options: argparse.Namespace, peak: float) -> dict:
+    """The `mfu` run per LOSS_VARIANTS entry (those that cannot run here recorded as skipped)."""
+    results = {}
+    for name, variant in LOSS_VARIANTS.items():
+        reason = skipped_on(options.device, variant)
+        if options.dry_run and variant.get("compile"):
+            reason = "compiled variants run on the GPU only: on two CPU cores compiling takes minutes"
+        if reason:
+            results[name] = {"skipped": reason}
+            print(f"loss {name:<26} skipped: {reason}")
+            continue
+        results[name] = r = mfu_run(work, options, peak, **variant)
+        print(
+            f"loss {name:<26}{r['tokens_per_second']:>10,.0f} tokens/s  MFU {r['mfu']:6.1%}"
+            f"{r['peak_memory_mib']:>10,} MiB"
+        )
+    return results
+
+
+def memory_runs(work: Path, options: argparse.Namespace) -> dict:
+    """pandallm's 7B LoRA and QLoRA per MEMORY_VARIANTS entry: peak memory and tokens/s."""
+    results = {}
+    for run, bits in (("lora", 0), ("qlora", 4)):
+        if bits and options.dry_run:
+            results[run] = {"skipped": "bitsandbytes' 4-bit base is not run on the CPU here"}
+            continue
+        for name, variant in MEMORY_VARIANTS.items():
+            reason = skipped_on(options.device, variant)
+            if reason:
+                results[f"{run}_{name}"] = {"skipped": reason}
+                print(f"7B {run} {name:<30} skipped: {reason}")
+                continue
+            r = adapter_run(work, options, bits, variant, hf_side=False)["pandallm" + ("_packed" * options.packing)]
+            results[f"{run}_{name}"] = r
+            print(f"7B {run} {name:<30}{r['tokens_per_second']:>10,.0f} tokens/s{r['peak_memory_mib']:>10,} MiB")
+    return results
+
+
+def longest_runs(work: Path, options: argparse.Namespace, peak: float) -> dict:
+    """The longest sequence (batch 1, doubling) each LONGEST_VARIANTS setting trains the 1B config on."""
+    results = {}
+    start, limit = (64, 256) if options.tiny else (4096, options.max_seq_1b)
+    for name, variant in LONGEST_VARIANTS.items():
+        reason = skipped_on(options.device, variant)
+        if reason:
+            results[name] = {"skipped": reason}
+            print(f"longest {name:<30} skipped: {reason}")
+            continue
+        tried, longest, seq = [], None, start
+        while seq <= limit:
+            try:
+                r = mfu_run(work, options, peak, seq=seq, batch=1, **variant)
+                tried.append({"seq": seq, "tokens_per_second": r["tokens_per_second"], "peak": r["peak_memory_mib"]})
+                longest = seq
+            except RuntimeError as e:  # the side's process failed: out of memory, as a rule
+                tried.append({"seq": seq, "failed": str(e)[-300:]})
+                break
+            seq *= 2
+        results[name] = {"longest": longest, "capped_at": limit if longest == limit else None, "tried": tried}
+        print(f"longest {name:<30} {longest} tokens" + (" (search capped)" if longest == limit else ""))
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    runs = ["mfu", "lora", "qlora", *STRATEGIES]
+    runs = ["mfu", "lora", "qlora", *STRATEGIES, "loss", "memory_7b", "longest_1b"]
     parser.add_argument("--runs", nargs="+", default=["mfu", "lora", "qlora"], choices=runs)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the throughput")
@@ -227,6 +360,7 @@ def main() -> None:
         action="store_true",
         help="torch.compile: model.compile (each layer) and the HF Trainer's torch_compile",
     )
+    parser.add_argument("--max-seq-1b", type=int, default=65536, help="where the longest_1b search stops")
     parser.add_argument("--workdir", default=".cache/benchmarks/gpu", help="random checkpoints are kept here")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, 2 timed steps")
     parser.add_argument("--tiny", action="store_true", help="the tiny config and 2 timed steps, on the GPU")
@@ -239,6 +373,7 @@ def main() -> None:
     if options.dry_run:
         # bitsandbytes' 4-bit base, DeepSpeed and Lightning's FSDP need a GPU: FSDP2 is the only strategy run here
         cpu_runs = [r for r in options.runs if r not in ("qlora", "fsdp") and not r.startswith("zero")]
+        options.steps = 2 if {"loss", "memory_7b", "longest_1b"} & set(cpu_runs) else options.steps
         options.device, options.precision, options.runs = "cpu", "32-true", cpu_runs
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU; --dry-run checks the script on the CPU")
@@ -249,7 +384,6 @@ def main() -> None:
     dtype, size = (torch.float32, 256) if options.dry_run else (torch.bfloat16, 256 if options.tiny else 8192)
     peak = matmul_peak_flops(options.device, dtype, size, repeats=5)
     results: dict = {"matmul_peak_tflops": peak / 1e12, "packing": options.packing, "compile": options.compile}
-    results["chunked_cross_entropy"] = "absent from pandallm (pandallm/model/loss.py); not measured"
     label = "tiny" if options.tiny else "1B"
     if "mfu" in options.runs:
         results["mfu_1b"] = mfu_run(work, options, peak)
@@ -273,6 +407,12 @@ def main() -> None:
                         f"{figures['peak_memory_mib']:>10,} MiB"
                     )
             print(f"7B {run}: pandallm / HF Trainer = {r['ratio_vs_hf']:.2f}")
+    if "loss" in options.runs:
+        results["loss_1b"] = loss_runs(work, options, peak)
+    if "memory_7b" in options.runs:
+        results["memory_7b"] = memory_runs(work, options)
+    if "longest_1b" in options.runs:
+        results["longest_1b"] = longest_runs(work, options, peak)
     print("written:", write_result("gpu", results, options.results_dir))
 
 

@@ -43,6 +43,9 @@ class Setup:
     compile: bool = False
     gradient_checkpointing: bool = False
     strategy: str | None = None  # pandallm side only: `--trainer.strategy`, as a class name or JSON
+    loss_impl: str = "auto"  # pandallm side only: `model.loss_impl` (full, chunked, liger, auto)
+    liger_kernels: bool = False  # pandallm side only: Liger's RMSNorm, RoPE and SwiGLU (CUDA)
+    activation_offloading: bool = False  # pandallm side only (CUDA)
 
 
 def cli_args(s: Setup, packing: bool) -> list[str]:
@@ -53,6 +56,9 @@ def cli_args(s: Setup, packing: bool) -> list[str]:
         f"--trainer.accumulate_grad_batches={s.accumulate}",
         f"--model.gradient_checkpointing={s.gradient_checkpointing}",
         f"--model.compile={s.compile}",  # each decoder layer; the HF side compiles its whole model (torch_compile)
+        f"--model.loss_impl={s.loss_impl}",
+        f"--model.liger_kernels={s.liger_kernels}",
+        f"--model.activation_offloading={s.activation_offloading}",
         f"--data.instruction_tuning_data_dir={s.instruction_dir or 'null'}",
         f"--data.pretraining_data_dir={s.pretraining_dir or 'null'}",
         f"--data.max_seq_length={s.seq}",
@@ -87,8 +93,9 @@ def prepare_rows(s: Setup) -> list[dict]:
     return rows
 
 
-def _report(times: list[float], tokens: list[int], losses: list[float], device: str) -> dict:
+def _report(times: list[float], tokens: list[int], losses: list[float], device: str, cpu: list[float]) -> dict:
     report = {"step_end_s": times, "step_tokens": tokens, "losses": losses, "peak_rss_mib": round(rss_mib("VmHWM"))}
+    report["step_end_cpu_s"] = cpu  # this process's CPU time (every thread) at each step's end
     if device == "cuda":
         report["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return report
@@ -107,6 +114,7 @@ def pandallm_side(s: Setup) -> dict:
     class Recorder(L.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.tokens: list[int] = []
             self.losses: list[float] = []
             self.window_tokens = 0
@@ -120,13 +128,14 @@ def pandallm_side(s: Setup) -> dict:
             self.losses.append(float(pl_module.step_loss))
             self.tokens.append(self.window_tokens)
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             self.window_tokens = 0
 
     recorder = Recorder()
     run.trainer.callbacks.append(recorder)
     with seeded_adapters():
         run.trainer.fit(module, dm)
-    return _report(recorder.times, recorder.tokens, recorder.losses, s.device)
+    return _report(recorder.times, recorder.tokens, recorder.losses, s.device, recorder.cpu)
 
 
 def hf_side(s: Setup) -> dict:
@@ -204,9 +213,11 @@ def hf_side(s: Setup) -> dict:
     class Recorder(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs) -> None:
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     recorder = Recorder()
     trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[recorder])
@@ -215,7 +226,7 @@ def hf_side(s: Setup) -> dict:
     # Step i trains rows [i * n, (i + 1) * n), n = batch x accumulate: the sequential sampler's order.
     n = s.batch * s.accumulate
     tokens = [sum(len(r["input_ids"]) for r in rows[i * n : (i + 1) * n]) for i in range(s.steps)]
-    return _report(recorder.times, tokens[: len(recorder.times)], losses, s.device)
+    return _report(recorder.times, tokens[: len(recorder.times)], losses, s.device, recorder.cpu)
 
 
 def run_side(side: str, s: Setup, in_process: bool = False) -> dict:
@@ -230,10 +241,12 @@ def run_side(side: str, s: Setup, in_process: bool = False) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def steady_tokens_per_second(report: dict, warmup: int) -> float:
+def steady_tokens_per_second(report: dict, warmup: int, clock: str = "step_end_s") -> float:
     """Non-pad tokens per second from the end of step `warmup` to the end of the last step: start-up (imports,
-    loading, data set-up) and the first, slower steps (allocator growth, lazy init) are left out."""
-    times, tokens = report["step_end_s"], report["step_tokens"]
+    loading, data set-up) and the first, slower steps (allocator growth, lazy init) are left out. `clock`:
+    `step_end_s` (wall time) or `step_end_cpu_s` (the process's CPU time: what other work on a shared machine
+    disturbs least)."""
+    times, tokens = report[clock], report["step_tokens"]
     if not 1 <= warmup < len(times):
         raise ValueError(f"warm-up of {warmup} steps leaves nothing to time in {len(times)} steps")
     return sum(tokens[warmup:]) / (times[-1] - times[warmup - 1])

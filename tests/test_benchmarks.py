@@ -57,3 +57,27 @@ def test_dpo_vs_trl_tiny(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "dpo_vs_trl.json").read_text())["models"]["llama-tiny"]
     assert len(result["losses"]["pandallm"]) == len(result["losses"]["trl"]) == 3
     assert set(result["tokens_per_second_median"]) == {"pandallm", "trl"}
+
+
+@pytest.mark.slow  # three processes that each import torch, transformers and Lightning: over a minute on two cores
+def test_loss_memory_and_longest_sequence_run_on_a_tiny_vocabulary(tmp_path: Path) -> None:
+    args = ["--vocab=512", "--seq=64", "--steps=1", "--rounds=1"]
+    run_module("benchmarks.loss_memory", *args, f"--results-dir={tmp_path}")
+    result = json.loads((tmp_path / "loss_memory_v512_s64.json").read_text())
+    assert result["summary"]["full"]["first_loss"] == pytest.approx(result["summary"]["chunked"]["first_loss"])
+    args = ["--vocab=512", "--start=64", "--max-seq=64", "--settings", "chunked_checkpointing"]
+    run_module("benchmarks.longest_sequence", *args, f"--results-dir={tmp_path}")
+    result = json.loads((tmp_path / "longest_sequence_cpu_8gib.json").read_text())["results"]
+    assert result["chunked_checkpointing"]["longest_within_budget"] == 64
+    assert result["chunked_checkpointing"]["search_capped_at_max_seq"]
+
+
+def test_gpu_benchmark_dry_run_of_the_loss_paths(tmp_path: Path) -> None:
+    runs = ["--runs", "loss", "memory_7b", "longest_1b"]
+    run_module("benchmarks.gpu", "--dry-run", *runs, f"--workdir={tmp_path}", f"--results-dir={tmp_path}")
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["loss_1b"]["chunked"]["tokens_per_second"] > 0 and result["loss_1b"]["full"]["mfu"] > 0
+    assert "Triton GPU kernels" in result["loss_1b"]["liger_ce"]["skipped"]
+    assert result["memory_7b"]["lora_chunked"]["peak_memory_mib"] > 0
+    assert "nothing to offload" in result["memory_7b"]["lora_chunked_checkpointing_offload"]["skipped"]
+    assert result["longest_1b"]["full_checkpointing"]["longest"] == 256

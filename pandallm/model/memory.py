@@ -9,7 +9,8 @@ Counted from the model's shape and the run's settings, in bytes:
 - activations: the tensors autograd saves for the backward pass, counted op by op for the LLaMA decoder layer as
   transformers writes it with `sdpa` attention (norms, projections, attention, SwiGLU); with gradient checkpointing,
   the layer inputs plus one layer's activations;
-- logits and loss: the logits, their fp32 copy for the softmax and its gradient;
+- logits and loss: the logits, their fp32 copy for the softmax and its gradient; with the chunked loss
+  (`model.loss_impl`), one chunk's of them, the head's fp32 gradient and the hidden states' gradient;
 - sharding (DeepSpeed ZeRO stages, FSDP) divides weights, gradients and optimizer state by the ranks that share
   them, and offloading moves optimizer state (and parameters) to CPU memory.
 
@@ -107,6 +108,7 @@ class Run:
     deepspeed: bool = False  # half-precision weights and gradients, an fp32 master copy beside the optimizer state
     half_compute: bool = False  # the model runs in half precision without autocast (DeepSpeed; FSDP's mixed precision)
     device: str = "cuda"  # dropout keeps a one-byte mask on CUDA, a mask in the input's dtype on the CPU
+    loss_chunk_tokens: int | None = None  # the chunked loss's tokens per chunk; None: the full logits
 
     @property
     def tokens(self) -> int:
@@ -194,7 +196,14 @@ def activations(run: Run) -> float:
 
 def logits_and_loss(run: Run) -> float:
     a, _, _ = _dtype_bytes(run)
-    return run.tokens * run.shape.vocab * (a + 4 + 4)  # the logits, their fp32 copy (log-softmax), its gradient
+    s = run.shape
+    if run.loss_chunk_tokens is None:
+        return run.tokens * s.vocab * (a + 4 + 4)  # the logits, their fp32 copy (log-softmax), its gradient
+    # pandallm.model.chunked_loss: one chunk's logits, fp32 softmax and gradient in the matmul's dtype; the trained
+    # positions' hidden states and their gradient; the head's gradient accumulated in fp32 when the head trains.
+    chunk = min(run.tokens, run.loss_chunk_tokens) * s.vocab * (a + 4 + a)
+    head_trains = run.lora_r is None or "lm_head" in run.modules_to_save
+    return chunk + run.tokens * s.hidden * 2 * a + (4 * s.vocab * s.hidden if head_trains else 0)
 
 
 def _trainable(run: Run) -> float:

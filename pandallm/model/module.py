@@ -37,6 +37,9 @@ from pandallm.model.build import (
 from pandallm.model.compile import compile_decoder_layers
 from pandallm.model.delta import DEFAULT_REPLACED
 from pandallm.model.export import save_hf
+from pandallm.model.head import LossImpl, head_bypassed, resolve_loss_impl
+from pandallm.model.liger import apply_liger_kernels
+from pandallm.model.offload import offload_activations, offloads
 from pandallm.model.parallel import apply_fsdp2, fsdp_norm, fsdp_replicas
 from pandallm.model.peft import (
     DEFAULT_TARGET_MODULES,
@@ -81,7 +84,11 @@ class PandaLLM(L.LightningModule):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
+        activation_offloading: bool = False,
         compile: bool = False,
+        loss_impl: LossImpl = "auto",
+        loss_chunk_tokens: int | None = None,
+        liger_kernels: bool = False,
         delta_from: str | None = None,
         delta_replaces: list[str] = list(DEFAULT_REPLACED),  # noqa: B006 (jsonargparse reads it)
         use_lora: bool = False,
@@ -119,8 +126,19 @@ class PandaLLM(L.LightningModule):
             config_overrides: `LlamaConfig` fields to replace, e.g. `{num_hidden_layers: 2}`.
             attn_implementation: Attention kernel; `flash_attention_2` needs the flash-attn package and a GPU.
             gradient_checkpointing: Recompute activations in the backward pass (non-reentrant) to save memory.
+            activation_offloading: Keep the activations saved for the backward pass in CPU memory (with
+                `gradient_checkpointing`: each layer's input) instead of GPU memory (pandallm.model.offload); GPU
+                only: on the CPU it has no effect and is ignored with a warning.
             compile: torch.compile each decoder layer (pandallm.model.compile); the first steps are slower while it
                 compiles.
+            loss_impl: How the loss is computed from the decoder's output (pandallm.model.head): `chunked` projects
+                a chunk of trained tokens at a time and never builds the batch x seq x vocab logits, `full` builds
+                them, `liger` uses Liger's fused linear cross-entropy (CUDA), `auto` liger where it runs, else
+                chunked (else full, with the reason logged).
+            loss_chunk_tokens: Tokens per chunk of the chunked loss; default: as many as keep a chunk's fp32 logits
+                within 128 MiB (256 tokens of a 128k vocabulary).
+            liger_kernels: Liger's fused RMSNorm, RoPE and SwiGLU kernels in the decoder layers (CUDA,
+                `pip install pandallm[liger]`).
             delta_from: Base checkpoint that `model_name_or_path` holds delta weights of (PandaLLM's released
                 models): the weights trained from are base + delta.
             delta_replaces: Tensors that the delta stores whole rather than as a difference (PandaLLM's extended
@@ -200,6 +218,8 @@ class PandaLLM(L.LightningModule):
         self.step_loss: torch.Tensor | None = None  # of the last optimizer step: over its window and every rank
         self.step_metrics: dict[str, torch.Tensor] = {}  # the objective's metrics of the last optimizer step, likewise
         self._zero3_config: object | None = None  # see pandallm.model.zero.tell_transformers_zero3
+        self.loss_path = "full"  # `loss_impl` as resolved for the built model and strategy (`configure_model`)
+        self._offloads = False
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
         self.reference_scores = ReferenceScores()
@@ -266,6 +286,8 @@ class PandaLLM(L.LightningModule):
                     "stay at their initial mean. List embed_tokens and lm_head in model.modules_to_save to train them",
                     added,
                 )
+        if h.liger_kernels:
+            apply_liger_kernels(model, self._device_of_run())
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2, one unit per decoder layer
             if h.use_lora or h.use_quant:
                 raise ModelError("FSDP2 (ModelParallelStrategy) trains full models only; use DDP or DeepSpeed for LoRA")
@@ -275,6 +297,21 @@ class PandaLLM(L.LightningModule):
         # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
+        self._choose_loss_path()
+        self._offloads = offloads(h.activation_offloading, self._device_of_run(), h.gradient_checkpointing)
+
+    def _device_of_run(self) -> torch.device:
+        """The device the model trains on (the strategy's), before the weights are moved there."""
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else self.device
+
+    def _choose_loss_path(self) -> None:
+        if self.objective.head != "causal_lm":
+            return  # a score head: no vocabulary, the loss is the objective's own
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        self.loss_path, reason = resolve_loss_impl(self.hparams.loss_impl, self.model, strategy, self._device_of_run())
+        if reason is not None and self.global_rank == 0:
+            log.warning("pandallm: model.loss_impl %s: %s", self.hparams.loss_impl, reason)
 
     def build_starting_model(self, quant_bits: QuantBits | None = None) -> LlamaForCausalLM:
         """The model training starts from (a preset's random init, a checkpoint, base + delta, optionally
@@ -319,7 +356,15 @@ class PandaLLM(L.LightningModule):
         # padding; and with no mask, transformers reads document boundaries from `position_ids` (a restart at 0)
         # and keeps attention inside each document, on sdpa, eager and flash-attention alike. `use_cache=False`:
         # with a cache, transformers would not look for those boundaries.
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        with offload_activations(self._offloads and self.training):
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    def head_input(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's final (normed) hidden states (batch, seq, hidden) and the output head's weight (vocab,
+        hidden), the logits never built: what the chunked and fused losses project themselves (`loss_path`)."""
+        with head_bypassed(self.model) as head:
+            self.forward(input_ids, position_ids)
+        return head.hidden, head.weight
 
     # ---- the reference model of preference objectives (pandallm.objectives.reference) -----------------------------
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pandallm.errors import ConfigError
 from pandallm.objectives.base import Objective, Stage, Terms
-from pandallm.objectives.logps import sequence_logps
+from pandallm.objectives.logps import policy_sequence_logps
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -41,7 +41,7 @@ class PairObjective(Objective):
     @staticmethod
     def policy_logps(module: PandaLLM, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probabilities of each side's trained tokens, and their numbers: (2B,), (2B,)."""
-        return sequence_logps(module(batch["input_ids"], batch["position_ids"]), batch["labels"])
+        return policy_sequence_logps(module, batch)
 
     @staticmethod
     def reward_terms(

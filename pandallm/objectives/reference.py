@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pandallm.errors import ConfigError, ModelError
+from pandallm.model.chunked_loss import chunked_token_logps
+from pandallm.model.head import head_bypassed
 from pandallm.model.parallel import shards_parameters
 from pandallm.objectives.logps import sequence_logps, token_logps
 
@@ -48,9 +50,15 @@ class ReferenceScores:
     @torch.no_grad()
     def score(self, module: PandaLLM, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's summed log-probabilities of a batch's 2B sequences."""
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with self._as_reference(module) as forward:
-            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return sequence_logps(logits, batch["labels"])[0]
+            if module.loss_path == "full":
+                return sequence_logps(forward(**inputs).logits, batch["labels"])[0]
+            # As the policy's are (`model.loss_impl`): without the logits of every pair at once.
+            with head_bypassed(forward) as head:
+                forward(**inputs)
+        chunk_tokens = module.hparams.loss_chunk_tokens
+        return chunked_token_logps(head.hidden, head.weight, batch["labels"], chunk_tokens).sum(-1)
 
     @torch.no_grad()
     def token_scores(self, module: PandaLLM, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:

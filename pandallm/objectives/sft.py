@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pandallm.model.loss import causal_lm_loss_sum
+from pandallm.model.loss import lm_loss_sum
 from pandallm.objectives.base import Objective, Stage, Terms
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ class SFT(Objective):
     rows = "sequences"
 
     def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
-        loss_sum, count = causal_lm_loss_sum(module(batch["input_ids"], batch["position_ids"]), batch["labels"])
+        loss_sum, count = lm_loss_sum(module, batch)
         return Terms(loss_sum, count)
 
     def evaluation_logs(self, loss: float, metrics: dict[str, float]) -> dict[str, float]:

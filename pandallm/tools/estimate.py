@@ -119,6 +119,21 @@ def _world_size(trainer: Any, devices: int | None) -> int:
     return max(int(count), 1) * int(_get(trainer, "num_nodes", 1))
 
 
+def _loss_chunk_tokens(model: Any, strategy_fields: dict[str, Any], vocab: int) -> int | None:
+    """Tokens per chunk of the loss the run computes (`model.loss_impl`), None for the full logits: also where
+    pandallm falls back to them (pandallm.model.head: LoRA on lm_head, Lightning's FSDP, DeepSpeed ZeRO-3)."""
+    from pandallm.model.chunked_loss import chunk_tokens_for
+
+    falls_back = (
+        "lm_head" in (_get(model, "lora_target_modules", ()) or ())
+        or strategy_fields.get("sharding") == "zero3"
+        or (str(strategy_fields.get("sharding", "")).startswith("fsdp") and strategy_fields.get("half_compute"))
+    )
+    if str(_get(model, "loss_impl", "auto")) == "full" or falls_back:
+        return None
+    return chunk_tokens_for(vocab, _get(model, "loss_chunk_tokens", None))
+
+
 def run_of(config: Any, architecture: str | None = None, devices: int | None = None) -> Run:
     """The `Run` a parsed `pandallm fit` config describes."""
     model, data, trainer = config["model"], config["data"], config["trainer"]
@@ -127,8 +142,10 @@ def run_of(config: Any, architecture: str | None = None, devices: int | None = N
     by_strategy = fields.pop("gradient_checkpointing", False)
     checkpointing = bool(_get(model, "gradient_checkpointing", False)) or by_strategy
     use_lora = bool(_get(model, "use_lora", False))
+    shape = _shape(model, architecture)
     return Run(
-        shape=_shape(model, architecture),
+        loss_chunk_tokens=_loss_chunk_tokens(model, fields, shape.vocab),
+        shape=shape,
         micro_batch=int(_get(data, "per_device_train_batch_size", 1)),
         seq_len=int(_get(data, "max_seq_length", 2048)),
         precision=str(_get(trainer, "precision", "32-true")),

@@ -131,3 +131,18 @@ def test_a_misspelled_fit_option_is_named_under_this_command(capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("pandallm estimate: error: unrecognized arguments: --trainer.max_step 3")
     assert "did you mean `trainer.max_steps`?" in err
+
+
+def test_the_chunked_loss_counts_one_chunk_of_logits_and_falls_back_where_pandallm_does() -> None:
+    from pandallm.model.memory import logits_and_loss
+    from pandallm.tools.estimate import _loss_chunk_tokens
+
+    shape = Shape.of(LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, vocab_size=128_256))
+    full = logits_and_loss(Run(shape, 1, 2048, "32-true"))
+    chunked = logits_and_loss(Run(shape, 1, 2048, "32-true", loss_chunk_tokens=256))
+    assert full / chunked > 5  # 2,048 tokens' logits against 256 tokens' and the head's gradient
+    assert _loss_chunk_tokens({"loss_impl": "auto"}, {"sharding": "none"}, 128_256) == 256
+    assert _loss_chunk_tokens({"loss_impl": "full"}, {"sharding": "none"}, 128_256) is None
+    assert _loss_chunk_tokens({}, {"sharding": "fsdp_full", "half_compute": True}, 128_256) is None  # FSDP1
+    assert _loss_chunk_tokens({}, {"sharding": "fsdp_full"}, 128_256) == 256  # FSDP2
+    assert _loss_chunk_tokens({"lora_target_modules": ["lm_head"]}, {}, 128_256) is None
