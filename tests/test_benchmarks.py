@@ -24,6 +24,7 @@ def run_module(module: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # the dry run of the loss paths below runs the same script and its dry-run machinery by default
 def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     run_module("benchmarks.gpu", "--dry-run", f"--workdir={tmp_path}", f"--results-dir={tmp_path}")
     result = json.loads((tmp_path / "gpu.json").read_text())
@@ -50,6 +51,7 @@ def test_gpu_benchmark_tiny_on_gpu(tmp_path: Path) -> None:
     assert result["qlora_7b"]["hf"]["peak_memory_mib"] > 0
 
 
+@pytest.mark.slow  # its two sides (benchmarks.preference_sides) run by default in tests/objectives/test_trl_parity.py
 def test_dpo_vs_trl_tiny(tmp_path: Path) -> None:
     pytest.importorskip("trl", reason="TRL is the other side of this benchmark")
     args = ["--models=llama-tiny", "--steps=3", "--warmup=1", "--rounds=1", "--pairs=32", "--in-process"]

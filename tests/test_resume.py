@@ -105,6 +105,9 @@ def pretraining_data(root: Path) -> dict[str, str]:
     return {"instruction_tuning_data_dir": "null", "pretraining_data_dir": str(root / "pt")}
 
 
+# Covered in the default run by the signal test's single-process case and the kill during a checkpoint write, which
+# resume instruction data mid-epoch just as exactly.
+@pytest.mark.slow
 def test_resume_instruction_data_mid_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=5)
 
@@ -126,6 +129,7 @@ def test_resume_from_a_checkpoint_saved_by_validation_at_an_epochs_end_with_relo
     assert_resume_is_exact(tmp_path, data, 11, *per_epoch, *reload)
 
 
+@pytest.mark.slow  # packed documents resume in the default run within the mixture test and the DDP signal test
 def test_resume_pretraining_data_mid_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, pretraining_data(tmp_path), kill_step=5)
 
