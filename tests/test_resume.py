@@ -112,6 +112,7 @@ def test_resume_instruction_data_mid_epoch(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=5)
 
 
+@pytest.mark.slow  # by default, the reloaded-loaders test below resumes from a checkpoint at an epoch's last batch
 def test_resume_from_the_last_batch_of_an_epoch(tmp_path: Path) -> None:
     # 8 batches per epoch: killed after step 9, resumed from the step-8 checkpoint, the epoch's last batch.
     assert_resume_is_exact(tmp_path, instruction_data(tmp_path), kill_step=9)

@@ -149,6 +149,8 @@ def resolve_tasks(specs: list[str], workdir: Path, max_new_tokens: int) -> tuple
                 raise ConfigError(f"--tasks: no such task file '{spec}'")
             include.append(str(path.parent))
             tasks.append(_yaml_task_name(path))
+        elif path.name.lower().endswith(QUESTION_SUFFIXES) and not path.exists():
+            raise ConfigError(f"--tasks: no such question file '{spec}'")
         elif path.suffix or "/" in spec:
             raise ConfigError(
                 f"--tasks: '{spec}' is not a question file (.json, .jsonl, .parquet), a task .yaml or a directory"

@@ -96,8 +96,10 @@ def test_bad_questions_and_unknown_tasks_are_named(export: Path, tmp_path: Path)
         main(["lm-eval", "--model", str(export), "--tasks", f"[{mixed}]"])
     with pytest.raises(ConfigError, match=r"no harness task named 'no_such_task'"):
         main(["lm-eval", "--model", str(export), "--tasks", "[no_such_task]"])
-    with pytest.raises(ConfigError, match=r"'missing.jsonl' is not a question file"):
+    with pytest.raises(ConfigError, match=r"no such question file 'missing.jsonl'"):
         main(["lm-eval", "--model", str(export), "--tasks", "[missing.jsonl]"])
+    with pytest.raises(ConfigError, match=r"'notes.txt' is not a question file"):
+        main(["lm-eval", "--model", str(export), "--tasks", "[notes.txt]"])
 
 
 def test_a_harness_task_file_runs_from_its_path(export: Path, tmp_path: Path) -> None:
