@@ -20,6 +20,7 @@ from datasets import Dataset, Features, Value
 from datasets import Sequence as ArrowSequence
 from transformers import PreTrainedTokenizerBase
 
+from pandallm.data.collate import collate_prompts
 from pandallm.data.formats import detect_prompt, parse_prompt
 from pandallm.data.records import PromptRecord, iter_values, suffix
 from pandallm.data.template import ChatTemplate
@@ -109,20 +110,10 @@ def tokenize_rl_prompts(
 
 
 def collate_rl_prompts(rows: Sequence[dict], pad_id: int) -> dict:
-    """Left-padded prompts for generation, with their texts, references and records' fields."""
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, length - n :] = torch.as_tensor(row["input_ids"])
-        attention_mask[i, length - n :] = 1
+    """Left-padded prompts for generation (as predict's), with their rows, references and records' fields."""
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        **collate_prompts(rows, pad_id),
         "index": torch.as_tensor([row["index"] for row in rows]),
-        "prompt": [row["prompt"] for row in rows],
-        "reference": [row["reference"] for row in rows],
         "record": [json.loads(row["record"]) for row in rows],
         "where": [row["where"] for row in rows],
     }
