@@ -22,6 +22,7 @@ from pandallm.data.formats import Turn
 from pandallm.data.records import PromptRecord
 from pandallm.data.template import render_record, resolve_template
 from pandallm.data.tokenize import prompt_rows
+from pandallm.generate.arguments import add_device_argument, add_model_arguments, resolve_device
 from pandallm.generate.load import load_for_generation
 from pandallm.generate.options import GenerationOptions, decode, generate
 
@@ -30,11 +31,7 @@ USER, ASSISTANT = "user> ", "assistant> "
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pandallm chat", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument(
-        "--model", type=str, required=True, help="hf/ export, adapter dir, checkpoint, .gguf or hub id."
-    )
-    parser.add_argument("--base", type=str | None, default=None, help="Base of a PEFT adapter; default: its record.")
-    parser.add_argument("--tokenizer", type=str | None, default=None, help="Tokenizer; default: the model's.")
+    add_model_arguments(parser)
     parser.add_argument(
         "--template",
         type=str | None,
@@ -48,7 +45,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--max_seq_length", type=int | None, default=None, help="Prompt tokens kept (oldest cut); default: trained."
     )
-    parser.add_argument("--device", type=str, default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1.")
+    add_device_argument(parser)
     parser.add_argument("--show_prompt", type=bool, default=False, help="Print each rendered prompt before the reply.")
     parser.add_class_arguments(GenerationOptions, "generation")
     return parser
@@ -63,7 +60,7 @@ def chat(args: list[str]) -> None:
     spec = cfg.template or loaded.rendering.get("template", "auto")
     chosen = resolve_template(spec, tokenizer, cfg.template_dir or loaded.rendering.get("template_dir"))
     max_seq_length = cfg.max_seq_length or loaded.rendering.get("max_seq_length", 2048)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model = module.model.to(device)
     start = (Turn("system", cfg.system),) if cfg.system else ()
     turns = start

@@ -19,15 +19,12 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from pandallm.errors import ConfigError, PandaError
+from pandallm.generate.arguments import add_device_argument, add_model_arguments, resolve_device
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pandallm lm-eval", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument(
-        "--model", type=str, required=True, help="hf/ export, adapter dir, checkpoint, .gguf or hub id."
-    )
-    parser.add_argument("--base", type=str | None, default=None, help="Base of a PEFT adapter; default: its record.")
-    parser.add_argument("--tokenizer", type=str | None, default=None, help="Tokenizer; default: the model's.")
+    add_model_arguments(parser)
     parser.add_argument(
         "--tasks",
         type=list[str],
@@ -41,7 +38,7 @@ def build_parser() -> ArgumentParser:
         "--max_new_tokens", type=int, default=64, help="Tokens generated per answer of a question file."
     )
     parser.add_argument("--apply_chat_template", type=bool, default=False, help="Prompt through the chat template.")
-    parser.add_argument("--device", type=str, default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1.")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=1234, help="The harness's seeds (few-shot draws, sampling).")
     parser.add_argument("--output", type=str | None, default=None, help="Write the results (and each answer) as JSON.")
     return parser
@@ -55,8 +52,6 @@ def run(cfg: Any) -> dict[str, Any]:
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ConfigError("pandallm lm-eval needs lm-evaluation-harness: pip install 'pandallm[eval]'") from error
-    import torch
-
     from pandallm.eval.harness import resolve_tasks
     from pandallm.generate.load import load_for_generation
 
@@ -66,9 +61,9 @@ def run(cfg: Any) -> dict[str, Any]:
         # The tasks first: a malformed question file fails before a model is loaded.
         tasks, include = resolve_tasks(cfg.tasks, Path(workdir), cfg.max_new_tokens)
         loaded = load_for_generation(cfg.model, "--model", cfg.base, cfg.tokenizer)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        device = resolve_device(cfg.device)
         model = loaded.module.model.to(device).eval()
-        lm = HFLM(pretrained=model, tokenizer=loaded.module.tokenizer, batch_size=cfg.batch_size, device=device)
+        lm = HFLM(pretrained=model, tokenizer=loaded.module.tokenizer, batch_size=cfg.batch_size, device=str(device))
         manager = TaskManager(include_path=include or None)
         unknown = [t for t in tasks if isinstance(t, str) and t not in manager.all_tasks]
         if unknown:
