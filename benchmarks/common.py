@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning
 import numpy as np
@@ -134,6 +136,16 @@ def trainer_args(device: str, steps: int, init: str, learning_rate: float) -> li
 REPO = Path(__file__).resolve().parents[1]
 # This checkout's pandallm, for the processes that the benchmarks start, whatever else is installed.
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def run_side_in_child(module: str, side: str, setup: Any) -> dict:
+    """`python -m module side '<setup as JSON>'` in a fresh process (its peak memory is then its own): the report it
+    prints last, as a dict."""
+    command = [sys.executable, "-m", module, side, json.dumps(dataclasses.asdict(setup))]
+    done = subprocess.run(command, cwd=REPO, env=CHILD_ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark side {side} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rss_mib(field: str = "VmHWM") -> float:

@@ -13,19 +13,17 @@ difference can only come from the training itself.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
-    CHILD_ENV,
-    REPO,
     prepare_in_order,
     rss_mib,
+    run_side_in_child,
     seeded_adapters,
     seeded_peft_model,
     trainer_args,
@@ -263,11 +261,7 @@ def run_side(side: str, s: PairSetup, in_process: bool = False) -> dict:
     """Run one side in a fresh process (its peak memory is then its own); `in_process`: here."""
     if in_process:
         return pandallm_side(s) if side == "pandallm" else trl_side(s)
-    command = [sys.executable, "-m", "benchmarks.preference_sides", side, json.dumps(asdict(s))]
-    done = subprocess.run(command, cwd=REPO, env=CHILD_ENV, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark side {side} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_side_in_child("benchmarks.preference_sides", side, s)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,20 @@ peak memory; `steady_tokens_per_second` turns that into a throughput past start-
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import CHILD_ENV, REPO, rss_mib, seeded_adapters, seeded_peft_model, trainer_args
+from benchmarks.common import (
+    rss_mib,
+    run_side_in_child,
+    seeded_adapters,
+    seeded_peft_model,
+    trainer_args,
+)
 
 
 @dataclass(frozen=True)
@@ -234,11 +239,7 @@ def run_side(side: str, s: Setup, in_process: bool = False) -> dict:
     saves a process start-up (the smoke tests) but reports this process's peak."""
     if in_process:
         return pandallm_side(s) if side == "pandallm" else hf_side(s)
-    command = [sys.executable, "-m", "benchmarks.sides", side, json.dumps(asdict(s))]
-    done = subprocess.run(command, cwd=REPO, env=CHILD_ENV, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark side {side} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_side_in_child("benchmarks.sides", side, s)
 
 
 def steady_tokens_per_second(report: dict, warmup: int, clock: str = "step_end_s") -> float:
