@@ -58,19 +58,21 @@ def run(cfg: Any) -> dict[str, Any]:
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise ConfigError("--batch_size, --max_new_tokens and --limit are at least 1")
     with tempfile.TemporaryDirectory(prefix="pandallm-lm-eval-") as workdir:
-        # The tasks first: a malformed question file fails before a model is loaded.
+        # The tasks first: a malformed question file or an unknown task name fails before a model is loaded.
         tasks, include = resolve_tasks(cfg.tasks, Path(workdir), cfg.max_new_tokens)
-        loaded = load_for_generation(cfg.model, "--model", cfg.base, cfg.tokenizer)
-        device = resolve_device(cfg.device)
-        model = loaded.module.model.to(device).eval()
-        lm = HFLM(pretrained=model, tokenizer=loaded.module.tokenizer, batch_size=cfg.batch_size, device=str(device))
-        manager = TaskManager(include_path=include or None)
-        unknown = [t for t in tasks if isinstance(t, str) and t not in manager.all_tasks]
+        named = [t for t in tasks if isinstance(t, str)]
+        # The harness's own task index (thousands of YAML files, seconds to read) only where a task is named.
+        manager = TaskManager(include_path=include or None, include_defaults=bool(named))
+        unknown = [t for t in named if t not in manager.all_tasks]
         if unknown:
             raise ConfigError(
                 f"--tasks: no harness task named {', '.join(map(repr, unknown))} (`lm_eval ls tasks` lists them; a "
                 "question file or a task .yaml is given by its path)"
             )
+        loaded = load_for_generation(cfg.model, "--model", cfg.base, cfg.tokenizer)
+        device = resolve_device(cfg.device)
+        model = loaded.module.model.to(device).eval()
+        lm = HFLM(pretrained=model, tokenizer=loaded.module.tokenizer, batch_size=cfg.batch_size, device=str(device))
         try:
             results = simple_evaluate(
                 model=lm,
