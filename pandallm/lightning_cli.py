@@ -3,6 +3,7 @@ it, Lightning with it, only for these four commands)."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,6 +53,18 @@ def objective_rows(objective: Namespace) -> str:
     return objective_class(objective.class_path, "model.objective").rows
 
 
+def objective_passes(objective: Namespace) -> int:
+    """Optimizer steps per rollout of an online RL objective (its `passes_option`), 1 for every other objective."""
+    cls = objective_class(objective.class_path, "model.objective")
+    if cls.passes_option is None:
+        return 1
+    init_args = objective.get("init_args") or {}
+    value = init_args.get(cls.passes_option) if hasattr(init_args, "get") else None
+    if value is None:
+        value = inspect.signature(cls.__init__).parameters[cls.passes_option].default
+    return int(value)
+
+
 class PandaParser(LightningArgumentParser):
     """A parse error as `pandallm fit: error: MESSAGE`, with the valid keys nearest to a misspelled one, instead of
     argparse's usage (a hundred lines of options) before the message."""
@@ -75,6 +88,7 @@ class PandaCLI(LightningCLI):
         parser.link_arguments("model.special_tokens", "data.special_tokens")
         # The rows the data module builds are the ones the objective trains on.
         parser.link_arguments("model.objective", "data.rows", compute_fn=objective_rows)
+        parser.link_arguments("model.objective", "data.rollout_passes", compute_fn=objective_passes)
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         # Generation, its metrics, and choosing the model by them: pandallm.generate, pandallm.callbacks.

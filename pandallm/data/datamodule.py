@@ -32,7 +32,7 @@ from pandallm.data.pairs import (
 from pandallm.data.position import ResumableDataLoader, StreamLoader, trained_position
 from pandallm.data.prompts import PROMPT_FEATURES, collate_rl_prompts, read_rl_prompts, tokenize_rl_prompts
 from pandallm.data.records import Record, RecordKind, TxtSplit, find_data_files, read_prompts, read_records
-from pandallm.data.sampling import EpochSampler, TrainingOrder
+from pandallm.data.sampling import EpochSampler, Repeat, TrainingOrder
 from pandallm.data.seed_formats import OasstPaths
 from pandallm.data.sharding import rank_positions
 from pandallm.data.sources import Files, evaluation_files, ordered_ratios, row_ratios, training_sources
@@ -74,6 +74,7 @@ class PandaDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         special_tokens: SpecialTokens | None = None,
         rows: RowKind = "sequences",
+        rollout_passes: int = 1,
         instruction_tuning_data_dir: str | None = "dataset/instruction_tuning",
         pretraining_data_dir: str | None = "dataset/pretraining",
         train_files: list[str] | None = None,
@@ -113,6 +114,9 @@ class PandaDataModule(L.LightningDataModule):
             rows: Linked from `model.objective`: what every training and validation record must be and becomes:
                 `sequences` (instruction records and documents), `pairs` (preference pairs), `unpaired` (KTO) or
                 `prompts` (instruction or `{"prompt"}` records read as prompts: GRPO; pandallm.data.prompts).
+            rollout_passes: Linked from `model.objective` (PPO's `ppo_epochs`, GRPO's `num_iterations`): optimizer
+                steps taken over each rollout; above 1, every optimizer step's rows of a rank are read that many times
+                in a row (pandallm.data.sampling, "Repetition").
             instruction_tuning_data_dir: Instruction / chat records (`.json` arrays, `.jsonl`, directories saved by
                 `Dataset.save_to_disk`) in any instruction format (README, "Data formats"); null: none.
             pretraining_data_dir: Documents (`{"title", "content"}` or `{"text"}` records, `.txt` files, saved
@@ -182,6 +186,12 @@ class PandaDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.special_tokens = special_tokens
         self.rows = rows
+        if rollout_passes < 1 or (rollout_passes > 1 and rows != "prompts"):
+            raise DatasetError(
+                f"data.rollout_passes must be 1, or above 1 for prompt rows (online RL) only, got {rollout_passes} "
+                f"for {rows}"
+            )
+        self.rollout_passes = rollout_passes
         self.data_dirs: dict[RecordKind, str | None] = {
             "instruction": instruction_tuning_data_dir,
             "pretraining": pretraining_data_dir,
@@ -666,7 +676,25 @@ class PandaDataModule(L.LightningDataModule):
         if self.streaming:
             return math.inf
         rows_per_rank = math.ceil(self.training_order.length / world_size)
+        repeat = self._repeat()
+        if repeat is not None:
+            rows_per_rank = repeat.rows(rows_per_rank)
         return math.ceil(rows_per_rank / self.train_batch_size)
+
+    def _repeat(self) -> Repeat | None:
+        """How the training rows repeat for the optimizer steps of each rollout (`rollout_passes`), or None."""
+        if self.rollout_passes == 1:
+            return None
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return Repeat(self.train_batch_size * accumulate, self.rollout_passes)
+
+    def _trained_rows_per_epoch(self) -> int:
+        """Rows of an epoch as training reads them, all ranks together (repetitions included)."""
+        repeat = self._repeat()
+        if repeat is None:
+            return self.training_order.length
+        _, world_size = self._rank_and_world()
+        return repeat.rows(math.ceil(self.training_order.length / world_size)) * world_size
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -712,7 +740,7 @@ class PandaDataModule(L.LightningDataModule):
         # first (Lightning's loop, or an early `estimated_stepping_batches`), the loop's loader starts there.
         if self._resume_position is not None and self._resume_position[0] >= epoch:
             epoch, rows_read = self._resume_position
-        sampler = EpochSampler(self.training_order, rank, world_size, epoch, rows_read)
+        sampler = EpochSampler(self.training_order, rank, world_size, epoch, rows_read, self._repeat())
         return ResumableDataLoader(
             self.datasets["train"],
             batch_size=self.train_batch_size,
@@ -766,7 +794,7 @@ class PandaDataModule(L.LightningDataModule):
             "epoch": epoch,
             "rows_read": batches * batch_rows,
             "batch_rows": batch_rows,
-            "rows_per_epoch": self.training_order.length,
+            "rows_per_epoch": self._trained_rows_per_epoch(),
         }
 
     def _stream_state(self) -> dict[str, Any]:
@@ -797,12 +825,13 @@ class PandaDataModule(L.LightningDataModule):
                 f"the checkpoint stopped mid-epoch with {state_dict['batch_rows']} rows per global batch (batch size "
                 f"x ranks); this run has {batch_rows}. Resume it with the same, or from a checkpoint at an epoch's end"
             )
-        if self.mix_ratios is None and state_dict.get("rows_per_epoch") not in (None, self.training_order.length):
+        rows_per_epoch = self._trained_rows_per_epoch()
+        if self.mix_ratios is None and state_dict.get("rows_per_epoch") not in (None, rows_per_epoch):
             log.warning(
                 "pandallm data: the checkpoint's epochs had %s rows, this run's have %d: the resumed epoch's order "
                 "is not the one the run was in",
                 state_dict["rows_per_epoch"],
-                self.training_order.length,
+                rows_per_epoch,
             )
         self._resume_position = (epoch, rows_read)
         log.info("pandallm data: resuming in epoch %d after %d rows", epoch, rows_read)

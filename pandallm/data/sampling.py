@@ -13,6 +13,11 @@ source is walked through a chain of seeded permutations of its rows, epoch after
 that contributes fewer rows than it holds is read whole over the following epochs before any row repeats, and one
 that contributes more repeats each row as evenly as possible. The mixed rows are then shuffled together.
 
+Repetition (online RL: PPO's `ppo_epochs`, GRPO's `num_iterations`): each optimizer step's rows of a rank (a
+window of batch size x accumulation rows) are read `times` times in a row, so that as many optimizer steps train on
+the completions sampled once for them (`pandallm.rl.buffer`). The rank's rows are first padded to whole windows by
+wrapping around, as shards are, so that every window is complete and a step never mixes two rollouts.
+
 Sharding: the epoch order is cut into strided per-rank shards (see `pandallm.data.sharding`): rank r reads
 positions r, r + W, r + 2W, ... The k-th global batch is therefore positions [kWB, (k+1)WB) of the order,
 whatever the number of ranks, and `rows_read` counts positions of the epoch order, not rows of one rank.
@@ -134,6 +139,24 @@ class TrainingOrder:
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Repeat:
+    """Each window of `window` consecutive rows of a rank, read `times` times in a row (see the module docstring)."""
+
+    window: int
+    times: int
+
+    def rows(self, rows: int) -> int:
+        """Rows read in place of `rows`: padded to whole windows, each read `times` times."""
+        return math.ceil(rows / self.window) * self.window * self.times
+
+    def apply(self, positions: np.ndarray) -> np.ndarray:
+        if not len(positions):
+            return positions
+        padded = np.resize(positions, self.rows(len(positions)) // self.times)
+        return np.repeat(padded.reshape(-1, self.window), self.times, axis=0).reshape(-1)
+
+
 class EpochSampler(Sampler[int]):
     """Rank `rank`'s rows of each epoch of a `TrainingOrder`, from a given place.
 
@@ -144,8 +167,17 @@ class EpochSampler(Sampler[int]):
     the run resumed in.
     """
 
-    def __init__(self, order: TrainingOrder, rank: int, world_size: int, epoch: int = 0, rows_read: int = 0) -> None:
+    def __init__(
+        self,
+        order: TrainingOrder,
+        rank: int,
+        world_size: int,
+        epoch: int = 0,
+        rows_read: int = 0,
+        repeat: Repeat | None = None,
+    ) -> None:
         self.order = order
+        self.repeat = repeat
         self.rank = rank
         self.world_size = world_size
         self.epoch = epoch
@@ -155,11 +187,15 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.order.length / self.world_size)
+        rows = math.ceil(self.order.length / self.world_size)
+        return self.repeat.rows(rows) if self.repeat is not None else rows
 
     def __iter__(self) -> Iterator[int]:
         positions = rank_positions(self.order.epoch(self.epoch), self.rank, self.world_size)
+        if self.repeat is not None:
+            positions = self.repeat.apply(positions)
         resumed_epoch, rows_read = self.resume
-        # Rows already read by all ranks together, as this rank's share of them (see the module docstring).
+        # Rows already read by all ranks together, as this rank's share of them (see the module docstring); with a
+        # repetition, rows of the repeated stream, which is what training reads.
         skip = rows_read // self.world_size if self.epoch == resumed_epoch else 0
         return map(int, positions[skip:])

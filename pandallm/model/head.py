@@ -47,14 +47,16 @@ def _head_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 @contextlib.contextmanager
-def head_bypassed(model: nn.Module) -> Iterator[HeadInput]:
-    """While active, forwards of `model` give the head no position to project; its input and weight are captured."""
+def head_bypassed(model: nn.Module, bypass: bool = True) -> Iterator[HeadInput]:
+    """While active, forwards of `model` give the head no position to project; its input and weight are captured.
+    Without `bypass`, the head projects every position as usual and its input is captured all the same (what a
+    value head beside the language-model head reads: PPO)."""
     captured = HeadInput()
 
-    def take_input(module: nn.Linear, args: tuple) -> tuple:
+    def take_input(module: nn.Linear, args: tuple) -> tuple | None:
         (hidden,) = args
         captured.hidden, captured.weight = hidden, module.weight
-        return (hidden[..., :0, :],)
+        return (hidden[..., :0, :],) if bypass else None
 
     handles = [linear.register_forward_pre_hook(take_input) for linear in _head_linears(model)]
     try:

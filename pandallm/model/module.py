@@ -58,6 +58,8 @@ from pandallm.objectives.reference import ReferenceScores
 from pandallm.optim.optimizers import OptimizerName, build_optimizer, decay_groups
 from pandallm.optim.resume import apply_settings, changed_settings, restored_length
 from pandallm.optim.schedules import ScheduleName, run_steps, schedule_from
+from pandallm.rl import buffer as rollout_buffer
+from pandallm.rl.buffer import RolloutBuffer
 from pandallm.special_tokens import SpecialTokens, carry_special_ids
 from pandallm.tokenizer import check_fits, load_tokenizer
 
@@ -173,8 +175,8 @@ class PandaLLM(L.LightningModule):
             nonfinite: A NaN or infinite loss or gradient norm: `error` stops every rank with an error naming the
                 step; `skip` drops that step's update (weights and optimizer state unchanged) and counts it.
             objective: What is trained (pandallm.objectives): `SFT` (instruction tuning and pretraining, the
-                default), `DPO`, `SimPO`, `ORPO`, `KTO`, `RewardModel` or `GRPO` (online RL from rewards), with their
-                options under `init_args`.
+                default), `DPO`, `SimPO`, `ORPO`, `KTO`, `RewardModel`, `GRPO` or `PPO` (online RL from rewards), with
+                their options under `init_args`.
         """
         super().__init__()
         # The objective is recorded as its settings (plain values), not as an object: checkpoints load weights-only.
@@ -223,6 +225,10 @@ class PandaLLM(L.LightningModule):
         self.skipped_steps = 0
         self._changed_optimizer_settings: list[str] = []
         self.reference_scores = ReferenceScores()
+        # Online RL: the rollouts that the next optimizer steps train on again (PPO's `ppo_epochs`).
+        self.rollouts = RolloutBuffer()
+        # Modules the objective trains beside the model (PPO's value head), built with it in `configure_model`.
+        self.heads = torch.nn.ModuleDict()
 
     @classmethod
     def from_arguments(cls, arguments: dict[str, Any]) -> PandaLLM:
@@ -297,6 +303,7 @@ class PandaLLM(L.LightningModule):
         # from_pretrained returns a model in eval mode, where transformers skips activation checkpointing; the
         # trainer switches to eval and back for validation itself.
         self.model = model.train()
+        self.heads.update(self.objective.trained_modules(model.config))
         self._choose_loss_path()
         self._offloads = offloads(h.activation_offloading, self._device_of_run(), h.gradient_checkpointing)
 
@@ -536,6 +543,10 @@ class PandaLLM(L.LightningModule):
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
         if self.reference_scores.scores:
             checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
+        passes = self.objective.passes
+        if passes > 1 and self._trainer is not None and self.trainer.global_step % passes:
+            # Saved between two optimizer steps of one rollout: the steps left train on it (every rank's).
+            checkpoint["pandallm"]["rollouts"] = rollout_buffer.gathered_state(self)
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
 
@@ -553,6 +564,8 @@ class PandaLLM(L.LightningModule):
         self.reference_scores.load_state_dict(checkpoint["pandallm"].get("reference_scores", {}))
         # What follows concerns a resumed `fit` only (not `validate`, `test`, `predict` or `pandallm export`).
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting:
+            rollout_buffer.restore(self, checkpoint["pandallm"].get("rollouts", {}), where)
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
         saved = checkpoint.get("hyper_parameters", {})
         self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []

@@ -7,8 +7,9 @@ below; `model.objective: {class_path: pandallm.objectives.NAME}` (or `--model.ob
 from pandallm.objectives.base import Objective, Terms
 from pandallm.objectives.grpo import GRPO
 from pandallm.objectives.kto import KTO
+from pandallm.objectives.ppo import PPO
 from pandallm.objectives.preference import DPO, ORPO, SimPO
 from pandallm.objectives.reward import RewardModel
 from pandallm.objectives.sft import SFT
 
-__all__ = ["DPO", "GRPO", "KTO", "ORPO", "SFT", "Objective", "RewardModel", "SimPO", "Terms"]
+__all__ = ["DPO", "GRPO", "KTO", "ORPO", "PPO", "SFT", "Objective", "RewardModel", "SimPO", "Terms"]

@@ -55,6 +55,18 @@ class Objective:
     metric_counts: ClassVar[dict[str, str]] = {}
     # Whether a stopped run needs this objective's reference log-probabilities from the checkpoint (`reference`).
     uses_reference: ClassVar[bool] = False
+    # The option counting the optimizer steps taken over each rollout (online RL: `ppo_epochs`), linked to
+    # `data.rollout_passes`, which repeats the rows for them; None: every batch is trained on once.
+    passes_option: ClassVar[str | None] = None
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.passes_option is None else int(getattr(self, self.passes_option))
+
+    def trained_modules(self, config: Any) -> dict[str, torch.nn.Module]:
+        """Modules the objective trains beside the model, built once the model is (PPO's value head), by name; they
+        live in `PandaLLM.heads`, are optimized and checkpointed with the model, and are not exported with it."""
+        return {}
 
     def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
         raise NotImplementedError

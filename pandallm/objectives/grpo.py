@@ -9,10 +9,11 @@ division when `scale_rewards` is false, as Dr. GRPO has it); and the loss of eac
     -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * KL,    ratio = pi(t) / pi_old(t)
 
 with `KL = exp(ref - logp) - (ref - logp) - 1` (Schulman's k3 estimator) to the reference model: the base with its
-LoRA adapters disabled, or a frozen copy of the starting model (`beta: 0` needs none). Completions are generated and
-trained in the same step, so pi_old is the policy itself (detached): the ratio is 1 and its gradient the policy
-gradient, as in TRL with one iteration per generation (`num_iterations: 1`, its default); `epsilon` is kept in the
-loss for that reason, and its clip fraction logged.
+LoRA adapters disabled, or a frozen copy of the starting model (`beta: 0` needs none). pi_old is the policy that
+sampled the completions: with `num_iterations: 1` (TRL's default) they are generated and trained in the same step, so
+pi_old is the policy itself (detached), the ratio is 1 and its gradient the policy gradient; with `num_iterations: k`,
+k optimizer steps train on each rollout (`pandallm.objectives.online`), the later ones against the first one's
+log-probabilities, where `epsilon` clips.
 
 The unit of the loss, over which `PandaLLM` averages the accumulated window of every rank, depends on `loss_type`
 (TRL's names):
@@ -33,26 +34,20 @@ directory (and to a wandb table).
 
 from __future__ import annotations
 
-import math
-import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from pandallm.errors import ConfigError
-from pandallm.generate.options import GenerationOptions
-from pandallm.objectives.base import Objective, Stage, Terms
+from pandallm.objectives.base import Stage, Terms
 from pandallm.objectives.logps import token_logps
-from pandallm.rl.rewards import Rewards, record_fields
-from pandallm.rl.rollout import Rollout, completion_rows, rollout_seed, sample
-from pandallm.rl.samples import log_samples
-from pandallm.tokenizer import padding_id
+from pandallm.objectives.online import ROLLOUT_METRICS, OnlineRL, check_options, entropy_sum
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
 
 LossType = Literal["grpo", "dr_grpo", "dapo"]
-PER_COMPLETION = ("reward", "reward_sq", "completion_length", "truncated", "frac_reward_zero_std")
+PER_COMPLETION = (*ROLLOUT_METRICS, "frac_reward_zero_std")
 PER_TOKEN = ("clip_ratio", "entropy")
 
 
@@ -104,22 +99,10 @@ def loss_sum(
     return per_token.sum(), mask.sum().long()
 
 
-def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The summed entropy of the policy's next-token distributions at the trained positions (a row at a time: one
-    row's softmax more in memory, not the batch's)."""
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    with torch.no_grad():
-        for row, row_mask in zip(logits, mask, strict=True):
-            logp = torch.log_softmax(row[row_mask].float(), dim=-1)
-            total += -(logp.exp() * logp).sum().double()
-    return total
-
-
-class GRPO(Objective):
+class GRPO(OnlineRL):
     """Group Relative Policy Optimization on prompt rows (`data.rows: prompts`, linked), see the module docstring."""
 
-    rows = "prompts"
-    reference = "live"  # the reference is scored as it trains (`pandallm.objectives.reference`), never precomputed
+    passes_option = "num_iterations"
 
     def __init__(
         self,
@@ -128,6 +111,7 @@ class GRPO(Objective):
         loss_type: LossType = "grpo",
         beta: float = 0.0,
         epsilon: float = 0.2,
+        num_iterations: int = 1,
         scale_rewards: bool = True,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -145,6 +129,8 @@ class GRPO(Objective):
                 (token-level over the window).
             beta: Weight of the KL penalty to the reference model (0: no reference needed, none is kept).
             epsilon: Clipping range of the probability ratio.
+            num_iterations: Optimizer steps over each rollout (TRL's name; PPO's epochs): above 1, the later steps
+                train on the same completions against the first step's probabilities, clipped by `epsilon`.
             scale_rewards: Divide the advantages by their group's standard deviation (false: Dr. GRPO's choice).
             temperature: Sampling temperature of the rollouts.
             top_p: Nucleus sampling of the rollouts (1.0: the whole distribution).
@@ -158,35 +144,25 @@ class GRPO(Objective):
                 f"model.objective.init_args.num_generations must be at least 2 (a group's advantages compare its "
                 f"completions), got {num_generations}"
             )
-        checks = (
-            ("beta", beta, beta >= 0, ">= 0"),
-            ("epsilon", epsilon, epsilon > 0, "> 0"),
-            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
-            ("log_samples_every_n_steps", log_samples_every_n_steps, log_samples_every_n_steps >= 0, ">= 0"),
+        check_options((("beta", beta, beta >= 0, ">= 0"), ("epsilon", epsilon, epsilon > 0, "> 0")))
+        self._set_sampling(
+            rewards,
+            num_generations,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            log_samples_every_n_steps,
+            num_iterations,
         )
-        for key, value, ok, valid in checks:
-            if not ok:
-                raise ConfigError(f"model.objective.init_args.{key} must be {valid}, got {value}")
-        # Checked here as `pandallm predict` checks its own (`generation.*`), with this option's name.
-        try:
-            GenerationOptions(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        except ConfigError as error:
-            raise ConfigError(str(error).replace("generation.", "model.objective.init_args.")) from None
-        self.rewards = [dict(entry) for entry in rewards]
-        self._rewards = Rewards(self.rewards)  # imports the functions: a bad path fails as the config is read
-        self.num_generations = num_generations
         self.loss_type = loss_type
         self.beta = beta
         self.epsilon = epsilon
+        self.num_iterations = num_iterations
         self.scale_rewards = scale_rewards
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        self.log_samples_every_n_steps = log_samples_every_n_steps
         # Per instance: the rewards' names are metrics too. `uses_reference`: a reference is kept only with a KL term.
         self.uses_reference = beta > 0
-        named = [f"rewards/{name}{suffix}" for name in self._rewards.names for suffix in ("", "_sq")]
+        named = self.reward_metric_names
         kl = ("kl",) if beta > 0 else ()
         self.metric_names = (*PER_COMPLETION, *named, *PER_TOKEN, *kl, "completions", "tokens")
         self.metric_counts = {
@@ -197,76 +173,63 @@ class GRPO(Objective):
     # ---- a step ----------------------------------------------------------------------------------------------
 
     def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
-        trainer = module._trainer
-        step = trainer.global_step if trainer is not None else 0
-        num = self.num_generations
-        rollout = self.rollout(module, batch, stage, step)
-        prompts = [prompt for prompt in batch["prompt"] for _ in range(num)]
-        where = [place for place in batch["where"] for _ in range(num)]
-        rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask}
-        fields = record_fields(batch["record"], batch["reference"], num)
-        per_reward = self._rewards.score(prompts, rollout.completions, fields, where, rows, len(module.tokenizer))
-        rewards = per_reward @ self._rewards.weights()
-        if stage == "train" and self.log_samples_every_n_steps and step % self.log_samples_every_n_steps == 0:
-            shown = []
-            for i, completion in enumerate(rollout.completions):
-                scores = {name: per_reward[i, j].item() for j, name in enumerate(self._rewards.names)}
-                shown.append({"prompt": prompts[i], "completion": completion, "reward": rewards[i].item(), **scores})
-            log_samples(trainer, step, shown)
-        terms = self.policy_terms(module, rollout, group_advantages(rewards, num, self.scale_rewards))
-        grouped = rewards.view(-1, num)
-        zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(num)
-        metrics = {
-            "reward": rewards.sum(),
-            "reward_sq": (rewards**2).sum(),
-            "frac_reward_zero_std": zero_std.sum(),
-        }
-        for j, name in enumerate(self._rewards.names):
-            metrics[f"rewards/{name}"] = per_reward[:, j].sum()
-            metrics[f"rewards/{name}_sq"] = (per_reward[:, j] ** 2).sum()
-        device = terms.loss_sum.device
-        terms.metrics.update({name: value.to(device).double() for name, value in metrics.items()})
+        slot, entry = self.kept(module, batch, stage)
+        first = entry is None
+        if first:
+            entry = self.sampled(module, batch, stage)
+        terms = self.trained(module, entry)
+        if first:
+            self.keep(module, batch, slot, entry)
         return terms
 
-    def rollout(self, module: PandaLLM, batch: dict[str, Any], stage: Stage, step: int) -> Rollout:
-        """`num_generations` completions of each prompt of the batch, sampled from the policy, as training rows."""
-        from pandallm.model.parallel import shards_parameters  # here: pandallm.model imports the objectives
-
-        if module._trainer is not None and shards_parameters(module.trainer.strategy):
-            raise ConfigError(
-                "model.objective GRPO samples with Hugging Face `generate`, which needs the whole model on each rank; "
-                "FSDP and DeepSpeed ZeRO-3 shard it: use trainer.strategy ddp or deepspeed_stage_2 (with LoRA for "
-                "large models)"
-            )
-        tokenizer = module.tokenizer
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        options = GenerationOptions(
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            seed=rollout_seed(seed, stage, step, module.global_rank, batch["index"].tolist()),
-        )
-        num = self.num_generations
-        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        new_tokens = sample(module.model, tokenizer, prompt_ids, prompt_mask, num, options, self.max_new_tokens)
-        eos, pad = tokenizer.eos_token_id, padding_id(tokenizer)
-        return completion_rows(prompt_ids, prompt_mask, new_tokens, num, eos, pad, tokenizer)
-
-    def policy_terms(self, module: PandaLLM, rollout: Rollout, advantages: torch.Tensor) -> Terms:
-        """The loss of a rollout's completions with their advantages (N,), and the metrics of the policy on them."""
-        ref_logps = None
-        if self.beta > 0:
-            scored = {"input_ids": rollout.input_ids, "position_ids": rollout.position_ids, "labels": rollout.labels}
-            ref_logps = module.reference_scores.token_scores(module, scored, self.temperature)
-        logits = module(rollout.input_ids, rollout.position_ids)
+    def trained(self, module: PandaLLM, entry: dict[str, torch.Tensor]) -> Terms:
+        """The loss of a rollout (`sampled`, or kept from an earlier pass) under the policy now, and its metrics; the
+        first pass adds the policy's log-probabilities to `entry` as the old policy's."""
+        logits = module(entry["input_ids"], entry["position_ids"])
         if self.temperature != 1.0:
             # The probabilities the completions were sampled from (TRL scores at the sampling temperature too).
             logits = logits / self.temperature
-        logps, mask = token_logps(logits, rollout.labels)
+        logps, mask = token_logps(logits, entry["labels"])
+        if "old_logps" not in entry:
+            # The first pass over the rollout: the policy that sampled it is this one (see the module docstring).
+            entry["old_logps"] = logps.detach()
+        terms = self.policy_terms(
+            logps, mask, entry["old_logps"], entry["advantages"], entry.get("ref_logps"), logits.detach()
+        )
+        device = terms.loss_sum.device
+        terms.metrics.update({name: value.to(device) for name, value in self.entry_metrics(entry).items()})
+        return terms
+
+    def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> dict[str, torch.Tensor]:
+        """A new rollout of the batch's prompts: its rows, advantages, metric sums and (with `beta`) the reference's
+        log-probabilities."""
+        num = self.num_generations
+        step = self.step_of(module)
+        rollout = self.rollout(module, batch, stage, step)
+        rewards, metrics = self.score(module, batch, rollout, stage, step)
+        grouped = rewards.view(-1, num)
+        zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(num)
+        metrics["frac_reward_zero_std"] = zero_std.sum().double()
+        metrics["completions"] = torch.tensor(len(rollout.lengths), dtype=torch.float64, device=rewards.device)
+        advantages = group_advantages(rewards, num, self.scale_rewards).float()
+        entry = self.rollout_entry(rollout, metrics, advantages=advantages)
+        if self.beta > 0:
+            entry["ref_logps"] = module.reference_scores.token_scores(module, entry, self.temperature)
+        return entry
+
+    def policy_terms(
+        self,
+        logps: torch.Tensor,
+        mask: torch.Tensor,
+        old_logps: torch.Tensor,
+        advantages: torch.Tensor,
+        ref_logps: torch.Tensor | None,
+        logits: torch.Tensor,
+    ) -> Terms:
+        """The loss of a rollout's completions with their advantages (N,), and the metrics of the policy on them."""
         losses, kl, clipped = token_losses(
             logps,
-            logps.detach(),  # generated by this very policy: pi_old is pi (see the module docstring)
+            old_logps,
             advantages.to(device=logps.device, dtype=logps.dtype),
             self.epsilon,
             self.beta,
@@ -275,29 +238,11 @@ class GRPO(Objective):
         loss, units = loss_sum(losses, mask, self.loss_type, self.max_new_tokens)
         maskf = mask.to(logps.dtype)
         metrics = {
-            "completion_length": rollout.lengths.sum(),
-            "truncated": rollout.truncated.sum(),
             "clip_ratio": (clipped * maskf).sum(),
-            "entropy": entropy_sum(logits.detach(), mask),
-            "completions": torch.tensor(len(rollout.lengths)),
+            "entropy": entropy_sum(logits, mask),
             "tokens": mask.sum(),
         }
         if kl is not None:
             metrics["kl"] = (kl.detach() * maskf).sum()
         metrics = {name: torch.as_tensor(value).to(logps.device).double() for name, value in metrics.items()}
         return Terms(loss, units.to(logps.device), metrics)
-
-    # ---- the logs ----------------------------------------------------------------------------------------------
-
-    def means(self, units: Any, totals: list) -> dict[str, Any]:
-        """The metrics' means, with each `_sq` sum turned into the standard deviation over the same completions."""
-        means = super().means(units, totals)
-        for name in [n for n in means if n.endswith("_sq")]:
-            mean_sq, mean = means.pop(name), means[name[: -len("_sq")]]
-            variance = mean_sq - mean * mean
-            std_name = name[: -len("_sq")] + "_std"
-            if isinstance(variance, torch.Tensor):
-                means[std_name] = variance.clamp(min=0).sqrt()
-            else:
-                means[std_name] = math.sqrt(max(variance, 0.0))
-        return means

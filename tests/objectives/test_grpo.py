@@ -161,7 +161,9 @@ def test_loss_and_gradients_equal_trls_grpo_trainer(tmp_path: Path, loss_type: s
 
     inputs, rollout = trl_batch(tokenizer, torch.Generator().manual_seed(1))
     advantages = torch.tensor([0.7, -0.7, 1.2, -1.2])
-    ours = objective.policy_terms(module, rollout, advantages)
+    entry = objective.rollout_entry(rollout, {}, advantages=advantages)
+    entry["ref_logps"] = module.reference_scores.token_scores(module, entry, temperature)
+    ours = objective.trained(module, entry)
     (ours.loss_sum / ours.count).backward()
 
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)

@@ -12,71 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from pandallm.cli import cli
-from pandallm.data.collate import collate_rows
-from pandallm.data.datamodule import PandaDataModule
 from pandallm.errors import ConfigError, DataFormatError, RewardError
-from pandallm.model.loss import causal_lm_loss_sum
-from pandallm.model.module import PandaLLM
 from tests.conftest import TOKENIZER_DIR, metric_column, write_jsonl
+from tests.objectives.online import ENDS_WITH_WATER, LENGTH_REWARD, common, length_prompts, prompts
 from tests.test_resume import assert_resume_is_exact, fit, losses
 
 pytestmark = pytest.mark.integration
-
-# Single-token words of the test tokenizer: the SFT model ends its replies with one of them, GRPO rewards one.
-WORDS = ["good", "water", "one", "two", "time", "world", "people", "more"]
-SUBJECTS = ["the sky", "grass", "snow", "the sea", "a lemon", "coal", "milk", "a tomato"]
-ENDS_WITH_WATER = '[{function: "pandallm.rewards:ends_with", kwargs: {word: water}}]'
-
-
-def prompts(count: int) -> list[dict]:
-    return [{"input": f"Say something about {SUBJECTS[i % 8]}."} for i in range(count)]
-
-
-def common(root: Path, name: str) -> list[str]:
-    return [
-        "--trainer.accelerator=cpu",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.save_dir={root}",
-        f"--trainer.logger.name={name}",
-        "--model.warmup_steps=0",
-        "--data.pretraining_data_dir=null",
-        "--data.num_workers=0",
-        f"--data.cache_dir={root / 'cache'}",
-    ]
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """llama-tiny taught by SFT to reply with one of WORDS and a full stop, 'water' in 1 reply of 16: the starting
-    point a policy needs for a reward to be found by sampling. A plain loop over pandallm's rows (the prompts are
-    rendered as GRPO renders them), not a `fit`: the fixture is not what is tested, and a loop is ten times faster."""
-    root = tmp_path_factory.mktemp("sft")
-    others = [word for word in WORDS if word != "water"]
-    endings = ["water" if i % 16 == 5 else others[i % 7] for i in range(64)]
-    records = [{"input": p["input"], "target": f"{end}."} for p, end in zip(prompts(64), endings, strict=True)]
-    write_jsonl(root / "sft" / "a.jsonl", records)
-    data = PandaDataModule(
-        str(TOKENIZER_DIR),
-        instruction_tuning_data_dir=str(root / "sft"),
-        pretraining_data_dir=None,
-        cache_dir=str(root / "cache"),
-    )
-    data.setup("fit")
-    torch.manual_seed(0)
-    module = PandaLLM("llama-tiny", str(TOKENIZER_DIR))
-    module.configure_model()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-2)
-    rows = list(data.datasets["train"])
-    for step in range(30):
-        batch = collate_rows([rows[(8 * step + i) % len(rows)] for i in range(8)], data.pad_id)
-        loss_sum, count = causal_lm_loss_sum(module(batch["input_ids"], batch["position_ids"]), batch["labels"])
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return module.export_hf(root / "hf")
 
 
 def grpo_args(root: Path, model: Path, name: str, *extra: str) -> list[str]:
@@ -105,14 +46,6 @@ def test_a_tiny_model_learns_to_end_with_the_rewarded_word(tmp_path: Path, sft_m
     assert sum(rewards[-3:]) / 3 > 0.8, rewards
     samples = [json.loads(line) for line in (Path(run.trainer.log_dir) / "rollouts.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {0} and len(samples) == 32  # step 0's 4 prompts x 8 completions
-
-
-def length_prompts(root: Path) -> dict[str, str]:
-    write_jsonl(root / "rl" / "a.jsonl", prompts(12))
-    return {"instruction_tuning_data_dir": str(root / "rl"), "pretraining_data_dir": "null"}
-
-
-LENGTH_REWARD = '[{function: "pandallm.rewards:length", kwargs: {chars: 12}}]'
 
 
 def test_lora_grpo_resume_after_sigkill_is_exact(tmp_path: Path) -> None:

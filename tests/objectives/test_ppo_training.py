@@ -1,0 +1,152 @@
+"""PPO, and GRPO with several steps per rollout, on the shared machinery: a tiny model learns a verifiable toy task, a
+run killed between two steps of one rollout resumes exactly (the kept rollout comes from the checkpoint), the value
+head is checkpointed and not exported, and rows that do not repeat as the steps need are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pandallm.cli import cli
+from pandallm.errors import ModelError
+from tests.conftest import TOKENIZER_DIR, metric_column, write_jsonl
+from tests.objectives.online import ENDS_WITH_WATER, LENGTH_REWARD, common, length_prompts, prompts
+from tests.test_resume import fit, losses
+
+pytestmark = pytest.mark.integration
+
+
+def rl_args(root: Path, model: str, name: str, objective: str, *extra: str) -> list[str]:
+    write_jsonl(root / "rl" / "a.jsonl", prompts(64))
+    tokenizer = [] if Path(model).exists() else [f"--model.tokenizer={TOKENIZER_DIR}"]
+    return [
+        "fit",
+        *common(root, name),
+        f"--model.model_name_or_path={model}",
+        *tokenizer,
+        f"--model.objective={objective}",
+        f"--data.instruction_tuning_data_dir={root / 'rl'}",
+        "--data.per_device_train_batch_size=4",
+        *extra,
+    ]
+
+
+def test_a_tiny_model_learns_to_end_with_the_rewarded_word_with_ppo(tmp_path: Path, sft_model: Path) -> None:
+    run = cli(
+        rl_args(
+            tmp_path,
+            str(sft_model),
+            "ppo",
+            "PPO",
+            "--trainer.max_steps=16",
+            "--model.learning_rate=1e-2",
+            f"--model.objective.rewards={ENDS_WITH_WATER}",
+            "--model.objective.ppo_epochs=2",
+            "--model.objective.num_generations=4",
+            "--model.objective.max_new_tokens=4",
+            "--model.objective.log_samples_every_n_steps=1",
+        )
+    )
+    log_dir = Path(run.trainer.log_dir)
+    rewards = metric_column(log_dir, "train/reward")
+    assert len(rewards) == 16
+    # Two optimizer steps per rollout: each rollout's reward is logged at both (one sampling, not two).
+    assert rewards[0::2] == rewards[1::2]
+    per_rollout = rewards[0::2]
+    # From near the SFT model's rate (1 in 16 of its data) to above 0.75: measured 0.06, 0.12, 0.44, 0.88, 0.62,
+    # 0.94, 0.94, 0.81 (the same on every run: the rollouts are seeded).
+    assert per_rollout[0] < 0.2, per_rollout
+    assert sum(per_rollout[-3:]) / 3 > 0.75, per_rollout
+    # The second step of a rollout trains against the first's probabilities: its ratios move, and some are clipped.
+    assert max(metric_column(log_dir, "train/clip_ratio")[1::2]) > 0
+    samples = [json.loads(line) for line in (log_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == list(range(0, 16, 2))  # written when sampled
+    # The value head trains and is checkpointed; the export is the policy alone, a plain causal LM.
+    [checkpoint] = (log_dir / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert state["heads.value.weight"].abs().sum() > 0
+    export = log_dir / "hf"
+    assert not any("value" in key for key in load_file(export / "model.safetensors"))
+    AutoModelForCausalLM.from_pretrained(export)
+
+
+def test_lora_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp_path: Path) -> None:
+    # Three steps per rollout, checkpoints every 2 steps, killed after step 3: resumed from step 2, the last step of
+    # the first rollout, which comes from the checkpoint (sampling it again from the moved policy would differ).
+    data = length_prompts(tmp_path)
+    ppo = [
+        "--model.use_lora=true",
+        "--model.lora_r=8",
+        "--model.learning_rate=3e-2",
+        "--model.objective=PPO",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.ppo_epochs=3",
+        "--model.objective.num_generations=2",
+        "--model.objective.max_new_tokens=4",
+        "--model.objective.kl_coef=0.1",
+        "--trainer.max_steps=9",
+    ]
+    fit(tmp_path, "straight", data, *ppo)
+    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
+    fit(tmp_path, "resumed", data, *ppo, *kill, expect_code=-9)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and saved["pandallm"]["rollouts"][0]  # the rollout of steps 0-2, kept
+    fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
+    straight, resumed = losses(tmp_path, "straight"), losses(tmp_path, "resumed")
+    # Stopped at 9 steps (of the 24 of 2 epochs: 12 prompts, 3 per batch, 3 steps per rollout).
+    assert 3 in resumed and max(straight) == 8
+    assert resumed == straight  # every step's loss, as logged text: bit-exact floats
+    assert len(set(straight.values())) == 9  # the run trains: every step's loss differs
+    exports = [
+        sorted((tmp_path / name).glob("version_*/hf/adapter_model.safetensors")) for name in ("straight", "resumed")
+    ]
+    a, b = (load_file(found[-1]) for found in exports)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_with_several_iterations_reuses_each_rollout_and_clips(tmp_path: Path) -> None:
+    run = cli(
+        rl_args(
+            tmp_path,
+            "llama-tiny",
+            "grpo",
+            "GRPO",
+            "--trainer.max_steps=6",
+            "--model.learning_rate=3e-2",
+            f"--model.objective.rewards={LENGTH_REWARD}",
+            "--model.objective.num_iterations=3",
+            "--model.objective.num_generations=2",
+            "--model.objective.max_new_tokens=4",
+            "--model.objective.epsilon=0.05",
+        )
+    )
+    log_dir = Path(run.trainer.log_dir)
+    rewards = metric_column(log_dir, "train/reward")
+    assert rewards[0:3] == [rewards[0]] * 3 and rewards[3:6] == [rewards[3]] * 3
+    clip = metric_column(log_dir, "train/clip_ratio")
+    assert clip[0] == 0 and clip[3] == 0  # the first step of a rollout is on-policy
+    assert max(clip[1:3] + clip[4:6]) > 0  # the later ones are not: epsilon clips them
+
+
+def test_rows_that_do_not_repeat_for_the_steps_of_a_rollout_are_refused(tmp_path: Path) -> None:
+    # Modules built without the CLI's link: the objective takes 2 steps per rollout, the data repeats nothing.
+    args = rl_args(
+        tmp_path,
+        "llama-tiny",
+        "unlinked",
+        "PPO",
+        "--trainer.max_steps=2",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.ppo_epochs=2",
+        "--model.objective.max_new_tokens=2",
+        "--data.shuffle=true",
+    )
+    run = cli(args[1:], run=False)
+    run.datamodule.rollout_passes = 1
+    with pytest.raises(ModelError, match="step 1: this batch's prompts are not those of the rollout"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
