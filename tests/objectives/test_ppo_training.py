@@ -150,3 +150,33 @@ def test_rows_that_do_not_repeat_for_the_steps_of_a_rollout_are_refused(tmp_path
     run.datamodule.rollout_passes = 1
     with pytest.raises(ModelError, match="step 1: this batch's prompts are not those of the rollout"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+@pytest.mark.slow  # six processes: past the default suite's budget; the single-process resume test stays in it
+def test_two_process_ddp_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp_path: Path) -> None:
+    # Every rank keeps the rollout of its own prompts: the checkpoint holds both, each rank takes its own back.
+    data = length_prompts(tmp_path)
+    ppo = [
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.max_steps=6",
+        "--data.per_device_train_batch_size=2",
+        "--model.use_lora=true",
+        "--model.lora_r=8",
+        "--model.learning_rate=3e-2",
+        "--model.objective=PPO",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.ppo_epochs=3",
+        "--model.objective.num_generations=2",
+        "--model.objective.max_new_tokens=4",
+        "--model.objective.kl_coef=0.1",
+    ]
+    fit(tmp_path, "straight", data, *ppo)
+    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
+    fit(tmp_path, "resumed", data, *ppo, *kill, expect_code=-9)
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert sorted(saved["pandallm"]["rollouts"]) == [0, 1]
+    fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
+    straight, resumed = losses(tmp_path, "straight"), losses(tmp_path, "resumed")
+    assert 3 in resumed and max(straight) == 5
+    assert resumed == straight
