@@ -385,6 +385,16 @@ class PandaLLM(L.LightningModule):
         if self.objective.uses_reference:
             self.reference_scores.prepare(self, split)
 
+    def on_fit_start(self) -> None:
+        passes = self.objective.passes
+        data_passes = getattr(self.trainer.datamodule, "rollout_passes", passes)
+        if data_passes != passes:
+            raise ConfigError(
+                f"model.objective {type(self.objective).__name__} takes {self.objective.passes_option}={passes} "
+                f"optimizer steps per rollout, but data.rollout_passes is {data_passes}: the data must repeat each "
+                "step's rows as many times (the CLI links them; set it yourself when building the modules)"
+            )
+
     def on_train_start(self) -> None:
         self._prepare_reference("train")
         self._apply_resumed_settings()

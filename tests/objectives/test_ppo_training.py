@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pandallm.cli import cli
-from pandallm.errors import ModelError
+from pandallm.errors import ConfigError, ModelError
 from tests.conftest import TOKENIZER_DIR, metric_column, write_jsonl
 from tests.objectives.online import ENDS_WITH_WATER, LENGTH_REWARD, common, length_prompts, prompts
 from tests.test_resume import fit, losses
@@ -148,7 +148,12 @@ def test_rows_that_do_not_repeat_for_the_steps_of_a_rollout_are_refused(tmp_path
     )
     run = cli(args[1:], run=False)
     run.datamodule.rollout_passes = 1
-    with pytest.raises(ModelError, match="step 1: this batch's prompts are not those of the rollout"):
+    with pytest.raises(ConfigError, match="PPO takes ppo_epochs=2 optimizer steps per rollout, but data.rollout_pas"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    # Rows that stop repeating (limit_train_batches cutting a rollout short) are refused at the step they reach.
+    longer = [arg for arg in args[1:] if not arg.startswith("--trainer.max_steps")]
+    run = cli([*longer, "--trainer.max_steps=4", "--trainer.limit_train_batches=3"], run=False)
+    with pytest.raises(ModelError, match="step 3: this batch's prompts are not those of the rollout"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
 
 
