@@ -158,6 +158,22 @@ def first_byte(path: Path) -> bytes:
     return b""
 
 
+def holds_nothing(path: Path) -> bool:
+    """Whether a data file is empty: nothing but white space once decompressed, or a Parquet file of no rows. Reads
+    the file's head only (the rest of a file of white space). A saved dataset (a directory) is not checked."""
+    if path.is_dir():
+        return False
+    if logical_suffix(path) == PARQUET_SUFFIX:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{path}: not a readable Parquet file ({e})") from e
+    return first_byte(path) == b""
+
+
 def is_json_lines(path: Path) -> bool:
     """A `.jsonl` file, or a compressed `.json` file of one record per line: C4's shards and many dataset
     repositories name their JSON Lines files `.json.gz`. A compressed `.json` whose first line is not a whole JSON
