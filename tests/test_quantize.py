@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pandallm.errors import ConfigError, ModelError
+from pandallm.model.export import PARTIAL_MARK, replace_directory
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.quantize import calibration_texts, quantize
 from tests.conftest import DOCUMENTS, INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
@@ -69,6 +70,32 @@ def test_bad_input_is_refused_before_any_work(tmp_path: Path, checkpoint: Path) 
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds more than an earlier export"):
         quantize(str(checkpoint), str(tmp_path / "taken"))
+
+
+def test_what_is_at_the_outputs_temporary_name_is_removed_only_if_a_killed_write_left_it(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    # The quantized model is written into `<output>.tmp` first; whatever was there was deleted without a look.
+    (tmp_path / "q.tmp").write_text("a user's file")
+    (tmp_path / "r.tmp").mkdir()
+    (tmp_path / "r.tmp" / "notes.txt").write_text("mine")
+    for output in ("q", "r"):
+        with pytest.raises(ConfigError, match=rf"'{tmp_path / output}.tmp' is in the way .* move or remove it"):
+            quantize(str(checkpoint), str(tmp_path / output))  # before calibrating
+    assert (tmp_path / "q.tmp").read_text() == "a user's file" and (tmp_path / "r.tmp" / "notes.txt").is_file()
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text("{}")
+
+    with pytest.raises(ConfigError, match="is in the way"):
+        replace_directory(tmp_path / "r", write)
+    assert (tmp_path / "r.tmp" / "notes.txt").is_file()
+    # A write a kill interrupted is replaced: it holds the mark `replace_directory` puts in it first.
+    (tmp_path / "s.tmp").mkdir()
+    (tmp_path / "s.tmp" / PARTIAL_MARK).touch()
+    (tmp_path / "s.tmp" / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    assert replace_directory(tmp_path / "s", write) == tmp_path / "s"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json"] and not (tmp_path / "s.tmp").exists()
 
 
 @pytest.mark.skipif(HAS_LLMCOMPRESSOR, reason="llm-compressor is installed here")

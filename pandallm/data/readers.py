@@ -2,9 +2,10 @@
 
 Hugging Face dataset repositories ship `.parquet` files, C4's shards are `.json.gz`, OpenAssistant's trees are
 `.jsonl.gz`, large corpora are often `.jsonl.zst`. A compressed file is read through a decompressing stream, a line
-at a time, never decompressed whole onto disk or into memory (except a `.json` array, which is one value). A Parquet
-file is read a row group at a time. A damaged or truncated file is an error that names it and the line (or row) it
-stopped at: the decompressors report truncation, and zstd's, which does not, is checked for the end of its frame.
+at a time (of at most `MAX_LINE_BYTES`), never decompressed whole onto disk or into memory (except a `.json` array,
+which is one value, and a `.txt` file read as one document). A Parquet file is read a row group at a time. A damaged
+or truncated file is an error that names it and the line (or row) it stopped at: the decompressors report
+truncation, and zstd's, which does not, is checked for the end of its frame.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ COMPRESSIONS = (".gz", ".zst")
 # The suffixes whose files may be compressed: the text kinds. Parquet compresses its own pages.
 COMPRESSIBLE = (".json", ".jsonl", ".txt")
 PARQUET_SUFFIX = ".parquet"
+# The longest line read, in bytes (its b'\n' aside). No record comes near it (a long book is a few MiB); a file
+# without line breaks, or a decompression bomb (a few KiB of gzip or zstd that decompress to GiB of one line), would
+# otherwise be read whole into memory before any record is looked at. Lines are read at most this much at a time.
+MAX_LINE_BYTES = 64 << 20
 
 
 def compression(path: Path) -> str | None:
@@ -44,7 +49,10 @@ class _ZstdRaw(io.RawIOBase):
     """A zstd file's decompressed bytes. zstandard's own reader ends quietly at a truncated frame, which would drop
     the records after the cut without a word: this one checks that every frame it started was complete."""
 
-    CHUNK = 1 << 16  # compressed bytes read at a time
+    CHUNK = 1 << 16  # compressed bytes read from the file at a time
+    # Compressed bytes decompressed at a time: zstd's densest block is 4 bytes for 128 KiB, so a slice gives 32 MiB
+    # at most. A whole chunk of a decompression bomb would give 2 GiB in one call.
+    SLICE = 1 << 10
 
     def __init__(self, path: Path) -> None:
         import zstandard
@@ -52,32 +60,36 @@ class _ZstdRaw(io.RawIOBase):
         self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
         self._context = zstandard.ZstdDecompressor()
         self._frame = self._context.decompressobj()
-        self._pending = b""
+        self._input = memoryview(b"")  # compressed bytes read, not yet decompressed
+        self._pending = b""  # decompressed bytes, handed out from `_offset` on
+        self._offset = 0
         self._started = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
-            chunk = self._file.read(self.CHUNK)
-            if not chunk:
-                if not self._frame.eof and self._started:
-                    raise EOFError("the zstd stream ends inside a frame")
-                return 0
+        while self._offset == len(self._pending):
+            if not self._input:
+                self._input = memoryview(self._file.read(self.CHUNK))
+                if not self._input:
+                    if not self._frame.eof and self._started:
+                        raise EOFError("the zstd stream ends inside a frame")
+                    return 0
             if self._frame.eof:
-                # The last chunk ended exactly where a frame did (no `unused_data` to start the next one from): a
+                # The last slice ended exactly where a frame did (no `unused_data` to start the next one from): a
                 # finished decompressobj refuses more input, and a valid file would read as damaged.
                 self._frame = self._context.decompressobj()
             self._started = True
-            self._pending = self._frame.decompress(chunk)
+            piece, self._input = self._input[: self.SLICE], self._input[self.SLICE :]
+            self._pending, self._offset = self._frame.decompress(piece), 0
             while self._frame.eof and self._frame.unused_data:  # concatenated frames (zstd -c a b > c)
                 rest = self._frame.unused_data
                 self._frame = self._context.decompressobj()
                 self._pending += self._frame.decompress(rest)
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = self._pending[self._offset : self._offset + size]
+        self._offset += size
         return size
 
     def close(self) -> None:
@@ -121,11 +133,18 @@ def _damaged(path: Path, line: int, error: BaseException) -> DataFormatError:
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """`(line number, raw line)` of a text file, plain or compressed, a line at a time; lines end at b'\\n' only."""
+    """`(line number, raw line)` of a text file, plain or compressed, a line at a time; lines end at b'\\n' only. A
+    line longer than `MAX_LINE_BYTES` is an error, found having read that much of it, not the whole line."""
     line_number = 0
     try:
         with open_binary(path) as stream:
-            for line_number, raw in enumerate(stream, start=1):  # noqa: B007 (read in the except clause)
+            while raw := stream.readline(MAX_LINE_BYTES + 1):
+                line_number += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise DatasetError(
+                        f"{path}:{line_number}: a line longer than {MAX_LINE_BYTES >> 20} MiB, longer than any "
+                        "record: a file without line breaks, or a damaged one"
+                    )
                 yield line_number, raw
     except _decompression_errors() as error:
         raise _damaged(path, line_number + 1, error) from error
@@ -156,6 +175,22 @@ def first_byte(path: Path) -> bytes:
     except _decompression_errors() as error:
         raise _damaged(path, 1, error) from error
     return b""
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether a data file is empty: nothing but white space once decompressed, or a Parquet file of no rows. Reads
+    the file's head only (the rest of a file of white space). A saved dataset (a directory) is not checked."""
+    if path.is_dir():
+        return False
+    if logical_suffix(path) == PARQUET_SUFFIX:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{path}: not a readable Parquet file ({e})") from e
+    return first_byte(path) == b""
 
 
 def is_json_lines(path: Path) -> bool:

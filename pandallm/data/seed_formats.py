@@ -93,6 +93,9 @@ def oasst_paths(policy: OasstPaths) -> Callable[[dict, Path, int], Several]:
 
     def parse(value: dict, path: Path, line: int) -> Several:
         conversations: list[Conversation] = []
+        # The paths taken, to leave out equal ones: looked up in `conversations`, a tree with thousands of replies to
+        # one message took seconds, each path compared with every one before it.
+        taken: set[Conversation] = set()
         pending = [("prompt", _required(value, "prompt", dict, "a message object", path, line), [])]
         while pending:
             where, node, before = pending.pop()
@@ -102,7 +105,8 @@ def oasst_paths(policy: OasstPaths) -> Callable[[dict, Path, int], Several]:
                 replies = [min(replies, key=lambda reply: _rank(reply[1]))]
             if not replies:
                 conversation = _through_last_reply(turns)
-                if conversation is not None and conversation not in conversations:
+                if conversation is not None and conversation not in taken:
+                    taken.add(conversation)
                     conversations.append(conversation)
             pending += [(w, reply, turns) for w, reply in reversed(replies)]  # depth first, in the file's order
         if not conversations:

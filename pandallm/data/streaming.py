@@ -20,6 +20,7 @@ that the one whose batch came next comes next again (PyTorch's loader takes batc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pandallm.data.collate import collate_rows
 from pandallm.data.encode import document_ids, pack_with_positions
+from pandallm.data.readers import holds_nothing
 from pandallm.data.records import (
     TEXT_SUFFIX,
     Record,
@@ -44,6 +46,8 @@ from pandallm.data.tokenize import AS_TEXT, special_ids
 from pandallm.errors import DatasetError
 from pandallm.special_tokens import SpecialTokens
 from pandallm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 POSITION_KEY = "stream_position"
 # (epoch, document index, tokens of that document already packed)
@@ -76,6 +80,24 @@ class StreamLayout:
         return self.rank * self.workers_per_rank + slot
 
 
+def with_content(files: Sequence[Path]) -> list[Path]:
+    """`files` without the empty ones, found when the stream is built, before training. An empty file holds no
+    document: a corpus of nothing but empty files would stream no batch (an error from a worker mid-training, and on
+    one rank of several, the others waiting for it), and an empty `.txt` file would fail its worker ("holds no
+    text"). All empty is an error naming them; some empty, a warning naming them (they hold nothing to train on)."""
+    empty = [path for path in files if holds_nothing(path)]
+    if len(empty) == len(files):
+        raise DatasetError(f"data.streaming: no document to stream: every file is empty ({_names(empty)})")
+    if empty:
+        log.warning("pandallm data: data.streaming leaves out %d empty file(s): %s", len(empty), _names(empty))
+    left_out = set(empty)
+    return [path for path in files if path not in left_out]
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(str(path) for path in paths[:10]) + (", ..." if len(paths) > 10 else "")
+
+
 class DocumentStream(IterableDataset):
     """Endless batches of packed pretraining blocks, this worker's share of the corpus (see the module docstring)."""
 
@@ -95,7 +117,7 @@ class DocumentStream(IterableDataset):
         """`epochs`: stop after that many passes (tests and tools); None: endless, as training reads it."""
         if not files:
             raise DatasetError("data.streaming: no pretraining files to stream")
-        self.files = list(files)
+        self.files = with_content(files)
         self.tokenizer_name = tokenizer
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size

@@ -42,12 +42,25 @@ EXPORT_FILES = (
 )
 
 
+# Put first into the temporary directory `replace_directory` writes, taken out before it is swapped in: a directory
+# at the temporary name that holds it is a write a kill interrupted, which may be removed. Anything else there (a
+# user's file or directory) is not pandallm's to delete.
+PARTIAL_MARK = ".pandallm-partial-export"
+
+
+def _temporary_name(directory: Path) -> Path:
+    """Where `replace_directory` writes the new `directory` before swapping it in."""
+    return directory.with_name(directory.name + ".tmp")
+
+
 def check_export_target(directory: str | Path) -> None:
     """Refuse an export target that replacing would destroy: a file, or a directory with anything but an earlier
-    export in it (a run directory, a checkpoint directory)."""
+    export in it (a run directory, a checkpoint directory); or, at its temporary name, anything but a write a kill
+    interrupted."""
     directory = Path(directory)
     if directory.is_file():
         raise ConfigError(f"export to '{directory}': a file is there; give a directory for the Hugging Face model")
+    _check_temporary(_temporary_name(directory), directory)
     if not directory.is_dir():
         return
     foreign = sorted(
@@ -60,6 +73,17 @@ def check_export_target(directory: str | Path) -> None:
             f"export to '{directory}': the directory holds more than an earlier export ({', '.join(foreign[:5])}"
             f"{', ...' if len(foreign) > 5 else ''}), which replacing it would delete; give a new or empty directory"
         )
+
+
+def _check_temporary(tmp: Path, directory: Path) -> None:
+    if not (tmp.exists() or tmp.is_symlink()):
+        return
+    if tmp.is_dir() and not tmp.is_symlink() and ((tmp / PARTIAL_MARK).is_file() or not any(tmp.iterdir())):
+        return  # an interrupted write, or an empty directory: nothing is lost when it is removed
+    raise ConfigError(
+        f"export to '{directory}': '{tmp}' is in the way (the export is written there first) and is not an "
+        "interrupted export (a file, a link, or a directory pandallm did not write); move or remove it"
+    )
 
 
 def inference_tokenizer(
@@ -127,11 +151,15 @@ def save_hf(
 def replace_directory(directory: Path, write: Callable[[Path], None]) -> Path:
     """Fill a directory with `write(tmp)` under a temporary name beside it, then swap it in for `directory` (an
     earlier export at most, never anything else: `check_export_target`) as one step: a kill mid-write leaves the
-    previous export intact rather than a directory of half-written shards. Exports and quantized models alike."""
-    check_export_target(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a write a kill interrupted
+    previous export intact rather than a directory of half-written shards. Exports and quantized models alike.
+    `write` is given an existing, empty directory (but for `PARTIAL_MARK`)."""
+    check_export_target(directory)  # and that what is at the temporary name is a write a kill interrupted, if any
+    tmp = _temporary_name(directory)
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARK).touch()
     write(tmp)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    (tmp / PARTIAL_MARK).unlink()
     swap_in(tmp, directory)
     return directory

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +15,7 @@ import pytest
 import zstandard
 from torch.utils.data import DataLoader
 
-from pandallm.data import PandaDataModule
+from pandallm.data import PandaDataModule, readers
 from pandallm.data.records import find_data_files, lazy_records, read_records
 from pandallm.errors import DataFormatError, DatasetError
 from tests.conftest import DOCUMENTS, INSTRUCTIONS, TOKENIZER_DIR, write_jsonl
@@ -115,6 +117,29 @@ def test_a_zstd_frame_that_ends_exactly_at_a_read_boundary_is_not_damage(tmp_pat
     path = tmp_path / "frames.jsonl.zst"
     path.write_bytes(first + compress(jsonl_bytes(INSTRUCTIONS[:1]), ".zst"))
     assert len(read_records(path)[1]) == len(INSTRUCTIONS) + 1
+
+
+@pytest.mark.parametrize("kind", ["", ".gz", ".zst"])
+def test_a_line_longer_than_the_limit_is_refused_without_being_read_whole(
+    tmp_path: Path, monkeypatch, kind: str
+) -> None:
+    # A decompression bomb: 96 MiB of one line from a few KiB (zstd) or ~100 KiB (gzip). It was read whole, and
+    # zstd's reader decompressed all of it at once, before any line was looked at.
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / f"bomb.jsonl{kind}"
+    data = jsonl_bytes(INSTRUCTIONS[:1]) + b'{"input": "' + b"a" * (96 << 20)
+    path.write_bytes(compress(data, kind) if kind else data)
+    del data
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=rf"bomb.jsonl{re.escape(kind)}:2: a line longer than 1 MiB"):
+            read_records(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20  # a line's limit, and for zstd at most 32 MiB from one slice of compressed bytes
+    path.write_bytes(compress(jsonl_bytes(INSTRUCTIONS), kind) if kind else jsonl_bytes(INSTRUCTIONS))
+    assert len(read_records(path)[1]) == len(INSTRUCTIONS)  # short lines read as before
 
 
 def test_parquet_rows_are_records_numbered_from_one_with_nested_turns(tmp_path: Path) -> None:

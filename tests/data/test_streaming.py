@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import logging
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
@@ -130,3 +134,32 @@ def test_a_paragraph_text_corpus_is_read_a_line_at_a_time(corpus: Path, monkeypa
     lines = text.read_bytes().count(b"\n")
     with pytest.raises(DataFormatError, match=rf"b.txt:{lines}: not valid UTF-8"):
         list(stream(corpus, 0, 1, num_workers=0))
+
+
+def test_empty_files_are_refused_before_training_or_left_out_with_a_warning(tmp_path: Path, caplog) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.jsonl").write_bytes(b"")
+    (empty / "b.jsonl.gz").write_bytes(gzip.compress(b"\n  \n"))  # white space only, once decompressed
+    (empty / "c.txt").write_text("\n\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty / "d.parquet")  # no rows
+    # Read, they gave no document (or an error from a worker, mid-training): refused when the stream is built.
+    with pytest.raises(DatasetError, match=r"no document to stream.*a\.jsonl.*b\.jsonl\.gz.*c\.txt.*d\.parquet"):
+        stream(empty, 0, 1, num_workers=0)
+    with pytest.raises(DatasetError, match=r"a\.jsonl"):
+        PandaDataModule(
+            tokenizer=str(TOKENIZER_DIR),
+            instruction_tuning_data_dir=None,
+            pretraining_data_dir=str(empty),
+            streaming=True,
+            cache_dir=str(tmp_path / "cache"),
+        ).train_dataloader()
+
+    mixed = tmp_path / "mixed"
+    write_jsonl(mixed / "b.jsonl", [{"title": "", "content": f"document {i}"} for i in range(4)])
+    (mixed / "a.jsonl").write_bytes(b"")
+    (mixed / "c.txt").write_text(" \n", encoding="utf-8")  # read, it raised "holds no text" in a worker
+    with caplog.at_level(logging.WARNING):
+        batches = list(DataLoader(stream(mixed, 0, 1, num_workers=0), batch_size=None))
+    assert "2 empty file(s)" in caplog.text and "a.jsonl" in caplog.text and "c.txt" in caplog.text
+    assert len(documents_read(batches)) == 4
