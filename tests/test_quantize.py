@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pandallm.errors import ConfigError, ModelError
-from pandallm.model.export import PARTIAL_MARK, replace_directory
+from pandallm.model.export import PARTIAL_MARK, check_export_target, replace_directory
 from pandallm.tokenizer import load_tokenizer
 from pandallm.tools.quantize import calibration_texts, quantize
 from tests.conftest import DOCUMENTS, INSTRUCTIONS, REPO, TOKENIZER_DIR, write_jsonl
@@ -126,3 +126,12 @@ def test_a_tiny_model_quantized_on_the_cpu_loads_and_generates_in_plain_transfor
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "q")
     out = model.generate(**tokenizer("The river", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 2
+
+
+def test_an_earlier_quantized_output_may_be_replaced(tmp_path: Path) -> None:
+    # What `pandallm quantize` writes beside the weights (its report, llm-compressor's recipe) is part of an export.
+    earlier = tmp_path / "q"
+    earlier.mkdir()
+    for name in ("config.json", "model.safetensors", "quantization.json", "recipe.yaml", "tokenizer.json"):
+        (earlier / name).write_text("{}")
+    check_export_target(earlier)

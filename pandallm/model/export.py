@@ -39,6 +39,8 @@ EXPORT_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "README.md",  # peft's model card
+    "quantization.json",  # `pandallm quantize`'s report, and llm-compressor's recipe beside its weights
+    "recipe.yaml",
 )
 
 
