@@ -48,6 +48,9 @@ def test_a_tiny_model_learns_to_end_with_the_rewarded_word(tmp_path: Path, sft_m
     assert {s["step"] for s in samples} == {0} and len(samples) == 32  # step 0's 4 prompts x 8 completions
 
 
+# Past the default suite's budget: there, the LoRA PPO resume test (test_ppo_training.py) resumes the same rollout
+# machinery (rollouts sampled again from their seeds after the resume, and a rollout kept in the checkpoint).
+@pytest.mark.slow
 def test_lora_grpo_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     # Killed after step 3 (checkpoints every 2 steps), resumed from step 2: the rollouts of steps 3 and on are sampled
     # again from their own seeds, the same completions; with dropout on, and a KL to the base with the adapters
