@@ -160,27 +160,11 @@ class GRPO(OnlineRL):
         self.epsilon = epsilon
         self.num_iterations = num_iterations
         self.scale_rewards = scale_rewards
-        # Per instance: the rewards' names are metrics too. `uses_reference`: a reference is kept only with a KL term.
+        # A reference is kept only with a KL term.
         self.uses_reference = beta > 0
-        named = self.reward_metric_names
-        kl = ("kl",) if beta > 0 else ()
-        self.metric_names = (*PER_COMPLETION, *named, *PER_TOKEN, *kl, "completions", "tokens")
-        self.metric_counts = {
-            **{name: "completions" for name in (*PER_COMPLETION, *named)},
-            **{name: "tokens" for name in (*PER_TOKEN, *kl)},
-        }
+        self._set_metrics(PER_COMPLETION, (*PER_TOKEN, *(("kl",) if beta > 0 else ())))
 
     # ---- a step ----------------------------------------------------------------------------------------------
-
-    def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
-        slot, entry = self.kept(module, batch, stage)
-        first = entry is None
-        if first:
-            entry = self.sampled(module, batch, stage)
-        terms = self.trained(module, entry)
-        if first:
-            self.keep(module, batch, slot, entry)
-        return terms
 
     def trained(self, module: PandaLLM, entry: dict[str, torch.Tensor]) -> Terms:
         """The loss of a rollout (`sampled`, or kept from an earlier pass) under the policy now, and its metrics; the

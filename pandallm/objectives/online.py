@@ -22,7 +22,7 @@ import torch
 
 from pandallm.errors import ConfigError
 from pandallm.generate.options import GenerationOptions
-from pandallm.objectives.base import Objective, Stage
+from pandallm.objectives.base import Objective, Stage, Terms
 from pandallm.rl.buffer import Entry
 from pandallm.rl.rewards import Rewards, record_fields
 from pandallm.rl.rollout import Rollout, completion_rows, rollout_seed, sample
@@ -83,9 +83,35 @@ class OnlineRL(Objective):
         self.seed = seed
         self.log_samples_every_n_steps = log_samples_every_n_steps
 
-    @property
-    def reward_metric_names(self) -> tuple[str, ...]:
-        return tuple(f"rewards/{name}{suffix}" for name in self._rewards.names for suffix in ("", "_sq"))
+    def _set_metrics(self, per_completion: tuple[str, ...], per_token: tuple[str, ...]) -> None:
+        """The metrics (per instance: the rewards' names are metrics too), averaged over the completions or over the
+        completion tokens, each reward's mean and square among the former."""
+        named = tuple(f"rewards/{name}{suffix}" for name in self._rewards.names for suffix in ("", "_sq"))
+        self.metric_names = (*per_completion, *named, *per_token, "completions", "tokens")
+        self.metric_counts = {
+            **{name: "completions" for name in (*per_completion, *named)},
+            **{name: "tokens" for name in per_token},
+        }
+
+    # ---- a step ----------------------------------------------------------------------------------------------
+
+    def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
+        slot, entry = self.kept(module, batch, stage)
+        first = entry is None
+        if first:
+            entry = self.sampled(module, batch, stage)
+        terms = self.trained(module, entry)
+        if first:  # `trained` completed the entry with what the first pass over it measured
+            self.keep(module, batch, slot, entry)
+        return terms
+
+    def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Entry:
+        """A new rollout of the batch's prompts, scored: what `trained` takes."""
+        raise NotImplementedError
+
+    def trained(self, module: PandaLLM, entry: Entry) -> Terms:
+        """The loss of a rollout under the policy now, and its metrics."""
+        raise NotImplementedError
 
     # ---- rollouts --------------------------------------------------------------------------------------------
 

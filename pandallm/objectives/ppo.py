@@ -151,28 +151,12 @@ class PPO(OnlineRL):
         self.vf_coef = vf_coef
         self.whiten_advantages = whiten_advantages
         self.uses_reference = kl_coef > 0
-        named = self.reward_metric_names
-        kl = ("kl",) if kl_coef > 0 else ()
-        self.metric_names = (*ROLLOUT_METRICS, *named, *PER_TOKEN, *kl, "completions", "tokens")
-        self.metric_counts = {
-            **{name: "completions" for name in (*ROLLOUT_METRICS, *named)},
-            **{name: "tokens" for name in (*PER_TOKEN, *kl)},
-        }
+        self._set_metrics(ROLLOUT_METRICS, (*PER_TOKEN, *(("kl",) if kl_coef > 0 else ())))
 
     def trained_modules(self, config: Any) -> dict[str, nn.Module]:
         return {VALUE_HEAD: value_head(config.hidden_size)}
 
     # ---- a step ----------------------------------------------------------------------------------------------
-
-    def terms(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Terms:
-        slot, entry = self.kept(module, batch, stage)
-        first = entry is None
-        if first:
-            entry = self.sampled(module, batch, stage)
-        terms = self.trained(module, entry)
-        if first:
-            self.keep(module, batch, slot, entry)
-        return terms
 
     def trained(self, module: PandaLLM, entry: dict[str, torch.Tensor]) -> Terms:
         """The loss of a rollout (`sampled`, or kept from an earlier pass) under the policy and value head now, and
