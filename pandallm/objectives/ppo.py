@@ -193,7 +193,7 @@ class PPO(OnlineRL):
             **self.entry_metrics(entry),
         }
         device = loss_sum.device
-        return Terms(loss_sum, mask.sum(), {name: value.to(device).double() for name, value in metrics.items()})
+        return Terms(loss_sum, mask.sum(), {name: total.to(device).double() for name, total in metrics.items()})
 
     def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> dict[str, torch.Tensor]:
         """A new rollout of the batch's prompts: its rows, scores, metric sums and (with `kl_coef`) the reference's
