@@ -65,10 +65,15 @@ def plan(trainer: Any, module: Any, datamodule: Any, config: Any) -> Plan:
         tokens_per_row = epoch_tokens / order.length if order.length else 0.0
     parameters, trainable = parameter_counts(module)
     memory = estimate_memory(config, devices=trainer.num_devices).report()
+    if datamodule.rows == "prompts":
+        # Online RL trains each prompt's completions (`num_generations` rows of the prompt and up to
+        # `max_new_tokens` sampled ones): the prompts alone undercount a step by far.
+        objective = module.objective
+        tokens_per_row = objective.num_generations * (tokens_per_row + objective.max_new_tokens)
     return Plan(steps, rows_per_step, rows_per_step * tokens_per_row, parameters, trainable, memory)
 
 
-def report(result: Plan, trainer: Any, datamodule: Any) -> str:
+def report(result: Plan, trainer: Any, module: Any, datamodule: Any) -> str:
     padded = "" if datamodule.packing or datamodule.streaming else ", before padding"
     per_epoch = datamodule.num_train_batches(trainer.world_size)
     epochs = "" if math.isinf(per_epoch) else f"; {math.ceil(per_epoch / trainer.accumulate_grad_batches)} per epoch"
@@ -80,13 +85,27 @@ def report(result: Plan, trainer: Any, datamodule: Any) -> str:
             "the config and the model check out, and the streamed files were found; their records are read only as "
             "training reaches them (`pandallm data check DIR` checks every one first)"
         )
+    accumulated = trainer.accumulate_grad_batches
+    layout = f"{datamodule.train_batch_size} x {trainer.world_size} device(s) x {accumulated} accumulated"
+    if datamodule.rows == "prompts":
+        objective = module.objective
+        tokens = (
+            f"  tokens per optimizer step: at most about {result.tokens_per_step:,.0f} ({result.rows_per_step} prompts "
+            f"of {layout}, each sampled {objective.num_generations} times, its tokens and up to "
+            f"{objective.max_new_tokens} new ones per completion)"
+        )
+        if objective.passes > 1:
+            epochs += f"; {objective.passes} per rollout"
+    else:
+        tokens = (
+            f"  tokens per optimizer step: about {result.tokens_per_step:,.0f} ({result.rows_per_step} rows of "
+            f"{layout}, at most {datamodule.max_seq_length} tokens each{padded})"
+        )
     return "\n".join(
         [
             f"pandallm fit --dry_run: {checked}; nothing was trained",
             f"  optimizer steps: {result.steps:,}{epochs}",
-            f"  tokens per optimizer step: about {result.tokens_per_step:,.0f} ({result.rows_per_step} rows of "
-            f"{datamodule.train_batch_size} x {trainer.world_size} device(s) x {trainer.accumulate_grad_batches} "
-            f"accumulated, at most {datamodule.max_seq_length} tokens each{padded})",
+            tokens,
             f"  parameters: {result.parameters:,}, trainable: {result.trainable:,} "
             f"({result.trainable / max(result.parameters, 1):.2%})",
             "  memory per device, as `pandallm estimate` counts it:",

@@ -81,6 +81,21 @@ class PandaParser(LightningArgumentParser):
 
 
 class PandaCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Only the named subcommand's parser is built: each costs jsonargparse's introspection of every class of the
+        # run (0.7 s of a command's start, times four). All four when the command line starts with another word
+        # (`pandallm --help`), so that the choices and their help stay complete.
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        first = argv[0] if isinstance(argv, list | tuple) and argv else None
+        self._only_subcommand = first if first in LightningCLI.subcommands() else None
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # a staticmethod in LightningCLI, always called on the instance
+        everything = LightningCLI.subcommands()
+        only = getattr(self, "_only_subcommand", None)
+        return {only: everything[only]} if only else everything
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(
             ("model.model_name_or_path", "model.tokenizer"), "data.tokenizer", compute_fn=resolve_tokenizer
@@ -136,7 +151,8 @@ class PandaCLI(LightningCLI):
             return
         from pandallm import dry_run
 
-        print(dry_run.report(dry_run.plan(self.trainer, model, datamodule, self.config.fit), self.trainer, datamodule))
+        result = dry_run.plan(self.trainer, model, datamodule, self.config.fit)
+        print(dry_run.report(result, self.trainer, model, datamodule))
 
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()

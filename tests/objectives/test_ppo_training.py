@@ -185,3 +185,40 @@ def test_two_process_ddp_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp
     straight, resumed = losses(tmp_path, "straight"), losses(tmp_path, "resumed")
     assert 3 in resumed and max(straight) == 5
     assert resumed == straight
+
+
+def test_ppo_from_a_reward_model_trained_by_pandallm(tmp_path: Path) -> None:
+    # LLMBox's workflow: a RewardModel run's export scores the policy's completions (the same tokenizer).
+    write_jsonl(
+        tmp_path / "pairs" / "a.jsonl",
+        [{"prompt": f"Say something about {i}.", "chosen": "water.", "rejected": "good."} for i in range(8)],
+    )
+    rm = cli(
+        [
+            "fit",
+            *common(tmp_path, "rm"),
+            "--trainer.max_steps=2",
+            "--model.model_name_or_path=llama-tiny",
+            f"--model.tokenizer={TOKENIZER_DIR}",
+            "--model.objective=RewardModel",
+            f"--data.instruction_tuning_data_dir={tmp_path / 'pairs'}",
+            "--data.per_device_train_batch_size=2",
+        ]
+    )
+    reward_model = Path(rm.trainer.log_dir) / "hf"
+    run = cli(
+        rl_args(
+            tmp_path,
+            "llama-tiny",
+            "ppo",
+            "PPO",
+            "--trainer.max_steps=2",
+            f"--model.objective.rewards=[{{model: {reward_model}, weight: 2.0}}]",
+            "--model.objective.ppo_epochs=2",
+            "--model.objective.max_new_tokens=3",
+        )
+    )
+    scores = metric_column(Path(run.trainer.log_dir), "train/rewards/reward_model")
+    rewards = metric_column(Path(run.trainer.log_dir), "train/reward")
+    assert len(scores) == 2 and scores[0] == scores[1] != 0  # one rollout, scored by the model, for two steps
+    assert rewards == pytest.approx([2.0 * s for s in scores])
