@@ -75,25 +75,32 @@ def test_a_tiny_model_learns_to_end_with_the_rewarded_word_with_ppo(tmp_path: Pa
     AutoModelForCausalLM.from_pretrained(export)
 
 
+LORA_PPO_3_STEPS_PER_ROLLOUT = [
+    "--model.use_lora=true",
+    "--model.lora_r=8",
+    "--model.learning_rate=3e-2",
+    "--model.objective=PPO",
+    f"--model.objective.rewards={LENGTH_REWARD}",
+    "--model.objective.ppo_epochs=3",
+    "--model.objective.num_generations=2",
+    "--model.objective.max_new_tokens=4",
+    "--model.objective.kl_coef=0.1",
+]
+
+
+def killed_after_step_3(root: Path, data: dict[str, str], args: list[str]) -> None:
+    """The run uninterrupted ("straight"), and killed with SIGKILL after step 3 ("resumed", checkpoints every 2)."""
+    fit(root, "straight", data, *args)
+    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
+    fit(root, "resumed", data, *args, *kill, expect_code=-9)
+
+
 def test_lora_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp_path: Path) -> None:
     # Three steps per rollout, checkpoints every 2 steps, killed after step 3: resumed from step 2, the last step of
     # the first rollout, which comes from the checkpoint (sampling it again from the moved policy would differ).
     data = length_prompts(tmp_path)
-    ppo = [
-        "--model.use_lora=true",
-        "--model.lora_r=8",
-        "--model.learning_rate=3e-2",
-        "--model.objective=PPO",
-        f"--model.objective.rewards={LENGTH_REWARD}",
-        "--model.objective.ppo_epochs=3",
-        "--model.objective.num_generations=2",
-        "--model.objective.max_new_tokens=4",
-        "--model.objective.kl_coef=0.1",
-        "--trainer.max_steps=9",
-    ]
-    fit(tmp_path, "straight", data, *ppo)
-    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
-    fit(tmp_path, "resumed", data, *ppo, *kill, expect_code=-9)
+    ppo = [*LORA_PPO_3_STEPS_PER_ROLLOUT, "--trainer.max_steps=9"]
+    killed_after_step_3(tmp_path, data, ppo)
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and saved["pandallm"]["rollouts"][0]  # the rollout of steps 0-2, kept
     fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
@@ -161,24 +168,9 @@ def test_rows_that_do_not_repeat_for_the_steps_of_a_rollout_are_refused(tmp_path
 def test_two_process_ddp_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp_path: Path) -> None:
     # Every rank keeps the rollout of its own prompts: the checkpoint holds both, each rank takes its own back.
     data = length_prompts(tmp_path)
-    ppo = [
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-        "--trainer.max_steps=6",
-        "--data.per_device_train_batch_size=2",
-        "--model.use_lora=true",
-        "--model.lora_r=8",
-        "--model.learning_rate=3e-2",
-        "--model.objective=PPO",
-        f"--model.objective.rewards={LENGTH_REWARD}",
-        "--model.objective.ppo_epochs=3",
-        "--model.objective.num_generations=2",
-        "--model.objective.max_new_tokens=4",
-        "--model.objective.kl_coef=0.1",
-    ]
-    fit(tmp_path, "straight", data, *ppo)
-    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
-    fit(tmp_path, "resumed", data, *ppo, *kill, expect_code=-9)
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.per_device_train_batch_size=2"]
+    ppo = [*LORA_PPO_3_STEPS_PER_ROLLOUT, *ddp, "--trainer.max_steps=6"]
+    killed_after_step_3(tmp_path, data, ppo)
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sorted(saved["pandallm"]["rollouts"]) == [0, 1]
     fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
