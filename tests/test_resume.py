@@ -150,11 +150,26 @@ def test_resume_two_process_ddp(tmp_path: Path) -> None:
     assert_resume_is_exact(tmp_path, both_kinds(tmp_path), 3, "--trainer.strategy=ddp", "--trainer.devices=2")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_instruction_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default run on `instruction_data`, uninterrupted ("straight" under the returned root): once for the tests
+    that stop the same run in other ways (each worker of `-n` that runs one builds its own)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    fit(root, "straight", instruction_data(root))
+    return root
+
+
 @pytest.mark.parametrize("ddp", [False, True], ids=["single-sigterm", "ddp-sigusr1"])
-def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path: Path, ddp: bool) -> None:
+def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(
+    tmp_path: Path, ddp: bool, request: pytest.FixtureRequest
+) -> None:
     data = both_kinds(tmp_path) if ddp else instruction_data(tmp_path)
     extra = ["--trainer.strategy=ddp", "--trainer.devices=2"] if ddp else []
-    fit(tmp_path, "straight", data, *extra)
+    if ddp:
+        fit(tmp_path, "straight", data, *extra)
+        straight = tmp_path
+    else:
+        straight = request.getfixturevalue("uninterrupted_instruction_run")
     # SIGUSR1 to rank 1 only, under DDP: one save, every rank stops after the same step. SIGTERM to the whole process
     # group otherwise, its two data-loader workers included, as SLURM signals a job step: they must not die of it.
     # (A second signal would stop at once, without saving: tests/test_stop.py.)
@@ -172,14 +187,15 @@ def test_stop_signal_saves_once_at_a_batch_boundary_and_resumes_exactly(tmp_path
     assert "after step 3" in stopped.stderr
     assert not list((tmp_path / "resumed").glob("version_*/hf"))  # a stopped run does not export as if finished
     fit(tmp_path, "resumed", data, *extra, "--ckpt_path=last")
-    assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")
-    a, b = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
+    assert losses(tmp_path, "resumed") == losses(straight, "straight")
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume_from(tmp_path: Path) -> None:
+def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume_from(
+    tmp_path: Path, uninterrupted_instruction_run: Path
+) -> None:
     data = instruction_data(tmp_path)
-    fit(tmp_path, "straight", data)
     killer = ["--trainer.callbacks+=tests.helpers.KillDuringCheckpointWrite", "--trainer.callbacks.step=4"]
     fit(tmp_path, "resumed", data, *killer, expect_code=-9)
     checkpoints = tmp_path / "resumed" / "checkpoints"
@@ -188,8 +204,9 @@ def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume_fr
     assert [p.name for p in checkpoints.glob(".*.tmp-*")]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
     fit(tmp_path, "resumed", data, "--ckpt_path=last")
-    assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")
-    a, b = final_weights(tmp_path, "straight"), final_weights(tmp_path, "resumed")
+    straight = uninterrupted_instruction_run
+    assert losses(tmp_path, "resumed") == losses(straight, "straight")
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
