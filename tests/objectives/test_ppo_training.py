@@ -130,6 +130,7 @@ def test_grpo_with_several_iterations_reuses_each_rollout_and_clips(tmp_path: Pa
             "--model.objective.num_generations=2",
             "--model.objective.max_new_tokens=4",
             "--model.objective.epsilon=0.05",
+            "--trainer.accumulate_grad_batches=2",  # a rollout of two micro-batches, each kept and taken back
         )
     )
     log_dir = Path(run.trainer.log_dir)
