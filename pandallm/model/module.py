@@ -464,6 +464,7 @@ class PandaLLM(L.LightningModule):
         self.log("train/loss", self.step_loss, on_step=True, prog_bar=True)
         # The objective's metrics of this update, as tensors (no device sync until read).
         self.step_metrics = {name: value.float() for name, value in self.objective.means(units, metrics).items()}
+        self.objective.on_window(self, dict(zip(self.objective.metric_names, metrics, strict=True)))
         if logs_this_step(self.trainer):
             for name, value in self.step_metrics.items():
                 self.log(f"train/{name}", value, on_step=True)
@@ -553,6 +554,8 @@ class PandaLLM(L.LightningModule):
         checkpoint["pandallm"] = {**self._run_record(), "skipped_steps": self.skipped_steps}
         if self.reference_scores.scores:
             checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
+        if self.rollouts.kl_coef is not None:
+            checkpoint["pandallm"]["kl_coef"] = self.rollouts.kl_coef
         passes = self.objective.passes
         if passes > 1 and self._trainer is not None and self.trainer.global_step % passes:
             # Saved between two optimizer steps of one rollout: the steps left train on it (every rank's).
@@ -576,6 +579,7 @@ class PandaLLM(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if fitting:
             rollout_buffer.restore(self, checkpoint["pandallm"].get("rollouts", {}), where)
+            self.rollouts.kl_coef = checkpoint["pandallm"].get("kl_coef")
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
         saved = checkpoint.get("hyper_parameters", {})
         self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []

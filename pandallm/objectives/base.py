@@ -94,6 +94,10 @@ class Objective:
         """What validation and testing log besides `loss` and the metrics (perplexity, for SFT)."""
         return {}
 
+    def on_window(self, module: PandaLLM, totals: dict[str, torch.Tensor]) -> None:
+        """Before each optimizer step, with the metric sums of its accumulated batch over every rank (the same on every
+        rank): what an objective adapts between steps (PPO's adaptive KL coefficient)."""
+
     def configure(self, module: PandaLLM) -> None:
         """Called once the model is built (`configure_model`): e.g. a reward model's checks."""
 

@@ -83,6 +83,13 @@ def token_losses(
     return policy, value, clipped > unclipped, value_errors_clipped > value_errors
 
 
+def adapted_kl_coef(coefficient: float, kl: float, completions: float, target: float, horizon: int) -> float:
+    """The adaptive KL controller (Ziegler et al. 2019): the weight times `1 + e * completions / horizon`, with `e` the
+    relative error of the measured KL per completion to the target, clipped to [-0.2, 0.2]."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coefficient * (1.0 + error * completions / horizon)
+
+
 class PPO(OnlineRL):
     """Proximal Policy Optimization with a value head on prompt rows (`data.rows: prompts`, linked), see the module
     docstring."""
@@ -95,6 +102,8 @@ class PPO(OnlineRL):
         ppo_epochs: int = 4,
         num_generations: int = 1,
         kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
         gamma: float = 1.0,
         lam: float = 0.95,
         cliprange: float = 0.2,
@@ -114,7 +123,11 @@ class PPO(OnlineRL):
                 a pandallm `RewardModel` run); see pandallm.rl.rewards and the ready-made pandallm.rewards.
             ppo_epochs: Optimizer steps over each rollout (each step: the rollout's micro-batches of every rank).
             num_generations: Completions sampled per prompt.
-            kl_coef: Weight of the per-token KL penalty to the reference in the rewards (0: no reference kept).
+            kl_coef: Weight of the per-token KL penalty to the reference in the rewards (0: no reference kept); with
+                `kl_target`, its initial value.
+            kl_target: Adapt the KL weight after each rollout toward this KL per completion (nats, summed over its
+                tokens), as Ziegler et al. 2019 and TRL's `adap_kl_ctrl` do; null: a fixed weight.
+            kl_horizon: Completions over which the adaptive weight moves by at most 20 % (the controller's horizon).
             gamma: Discount of GAE (1.0: none, as in RLHF).
             lam: GAE's lambda (bias-variance trade-off of the advantages).
             cliprange: Clipping range of the policy's probability ratio.
@@ -132,6 +145,9 @@ class PPO(OnlineRL):
             (
                 ("num_generations", num_generations, num_generations >= 1, ">= 1"),
                 ("kl_coef", kl_coef, kl_coef >= 0, ">= 0"),
+                ("kl_coef", kl_coef, kl_target is None or kl_coef > 0, "> 0 with kl_target (it adapts by factors)"),
+                ("kl_target", kl_target, kl_target is None or kl_target > 0, "> 0, or null"),
+                ("kl_horizon", kl_horizon, kl_horizon >= 1, ">= 1"),
                 ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
                 ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
                 ("cliprange", cliprange, cliprange > 0, "> 0"),
@@ -144,6 +160,8 @@ class PPO(OnlineRL):
         )
         self.ppo_epochs = ppo_epochs
         self.kl_coef = kl_coef
+        self.kl_target = kl_target
+        self.kl_horizon = kl_horizon
         self.gamma = gamma
         self.lam = lam
         self.cliprange = cliprange
@@ -169,7 +187,7 @@ class PPO(OnlineRL):
         logps, mask = token_logps(logits, entry["labels"])
         if "advantages" not in entry:
             # The first pass over the rollout: this policy sampled it, its values are the rollout's.
-            self.estimate(entry, logps.detach(), values.detach(), mask)
+            self.estimate(entry, logps.detach(), values.detach(), mask, self.kl_coefficient(module))
         policy, value, clipped, value_clipped = token_losses(
             logps,
             entry["old_logps"],
@@ -208,14 +226,42 @@ class PPO(OnlineRL):
         return entry
 
     def estimate(
-        self, entry: dict[str, torch.Tensor], logps: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+        self,
+        entry: dict[str, torch.Tensor],
+        logps: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        coefficient: float,
     ) -> None:
         """The rollout's old log-probabilities and values, KL penalty, advantages and returns, into `entry`."""
         kl = (logps - entry["ref_logps"]) * mask if "ref_logps" in entry else torch.zeros_like(logps)
-        rewards = token_rewards(entry["scores"], kl, mask, self.kl_coef)
+        rewards = token_rewards(entry["scores"], kl, mask, coefficient)
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask)
         entry.update(old_logps=logps, old_values=values, advantages=advantages, returns=returns)
         if self.kl_coef > 0:
             entry[METRIC + "kl"] = kl.sum().double()
+
+    # ---- the adaptive KL coefficient ---------------------------------------------------------------------------
+
+    def kl_coefficient(self, module: PandaLLM) -> float:
+        """The KL weight of the rewards of the rollouts sampled now: as configured, or as adapted so far."""
+        adapted = module.rollouts.kl_coef
+        return self.kl_coef if adapted is None else adapted
+
+    def on_window(self, module: PandaLLM, totals: dict[str, torch.Tensor]) -> None:
+        """At the last step over a rollout (its KL measured over every rank), the adaptive controller's update: the
+        next rollouts' rewards take the new weight, every step over a rollout logs the weight its rewards had."""
+        if self.kl_target is None:
+            return
+        module.log("train/kl_coef", self.kl_coefficient(module), on_step=True)  # the weight this step's rollout has
+        if (module.trainer.global_step + 1) % self.passes == 0:  # the rollout's last step: the next one samples
+            coefficient = adapted_kl_coef(
+                self.kl_coefficient(module),
+                float(totals["kl"] / totals["completions"].clamp(min=1)),
+                float(totals["completions"]),
+                self.kl_target,
+                self.kl_horizon,
+            )
+            module.rollouts.kl_coef = coefficient

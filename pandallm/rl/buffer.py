@@ -22,10 +22,13 @@ Entry = dict[str, torch.Tensor]
 
 
 class RolloutBuffer:
-    """This rank's rollouts of the current optimizer step's micro-batches (slots 0, 1, ... in the order they come)."""
+    """This rank's rollouts of the current optimizer step's micro-batches (slots 0, 1, ... in the order they come), and
+    what online RL adapts from rollout to rollout."""
 
     def __init__(self) -> None:
         self.entries: dict[int, Entry] = {}
+        # PPO's adaptive KL coefficient as adapted so far (None: the configured one), saved in checkpoints beside.
+        self.kl_coef: float | None = None
         self._step: int | None = None  # the optimizer step whose micro-batches are being counted
         self._slot = 0
 

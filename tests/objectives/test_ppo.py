@@ -19,7 +19,7 @@ from pandallm.errors import ConfigError, ModelError
 from pandallm.model.module import PandaLLM
 from pandallm.model.presets import llama_tiny
 from pandallm.objectives import PPO
-from pandallm.objectives.ppo import token_losses, token_rewards
+from pandallm.objectives.ppo import adapted_kl_coef, token_losses, token_rewards
 from pandallm.rl.advantages import gae, whiten
 from pandallm.rl.buffer import RolloutBuffer
 from pandallm.rl.rollout import Rollout
@@ -212,6 +212,15 @@ def test_a_batch_that_is_not_the_kept_rollouts_is_refused() -> None:
 def test_bad_options_are_refused_naming_them(option: str, value: float, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         PPO(REWARD, **{option: value})
+
+
+def test_the_adaptive_kl_weight_moves_toward_its_target_by_at_most_a_fifth_per_horizon() -> None:
+    # Ziegler et al. 2019: e = clip(KL / target - 1, -0.2, 0.2), weight *= 1 + e * n / horizon.
+    assert adapted_kl_coef(0.2, kl=9.0, completions=100, target=6.0, horizon=1000) == pytest.approx(0.2 * 1.02)
+    assert adapted_kl_coef(0.2, kl=3.0, completions=100, target=6.0, horizon=1000) == pytest.approx(0.2 * 0.98)
+    assert adapted_kl_coef(0.2, kl=6.6, completions=100, target=6.0, horizon=1000) == pytest.approx(0.2 * 1.01)
+    with pytest.raises(ConfigError, match="kl_coef must be > 0 with kl_target"):
+        PPO(REWARD, kl_coef=0.0, kl_target=6.0)
 
 
 def test_ppo_epochs_are_the_optimizer_steps_per_rollout() -> None:

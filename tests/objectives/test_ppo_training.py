@@ -85,30 +85,37 @@ LORA_PPO_3_STEPS_PER_ROLLOUT = [
     "--model.objective.num_generations=2",
     "--model.objective.max_new_tokens=4",
     "--model.objective.kl_coef=0.1",
+    "--model.objective.kl_target=0.5",  # an adaptive KL weight: the checkpoint must hold it as adapted so far
+    "--model.objective.kl_horizon=20",
 ]
 
 
-def killed_after_step_3(root: Path, data: dict[str, str], args: list[str]) -> None:
-    """The run uninterrupted ("straight"), and killed with SIGKILL after step 3 ("resumed", checkpoints every 2)."""
+def killed_after(step: int, root: Path, data: dict[str, str], args: list[str]) -> None:
+    """The run uninterrupted ("straight"), and killed with SIGKILL after `step` ("resumed", checkpoints every 2)."""
     fit(root, "straight", data, *args)
-    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=3"]
+    kill = ["--trainer.callbacks+=tests.helpers.KillAtStep", f"--trainer.callbacks.step={step}"]
     fit(root, "resumed", data, *args, *kill, expect_code=-9)
 
 
 def test_lora_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp_path: Path) -> None:
-    # Three steps per rollout, checkpoints every 2 steps, killed after step 3: resumed from step 2, the last step of
-    # the first rollout, which comes from the checkpoint (sampling it again from the moved policy would differ).
+    # Three steps per rollout, checkpoints every 2 steps, killed after step 5: resumed from step 4, in the middle of
+    # the second rollout (steps 3-5), which comes from the checkpoint (sampling it again from the moved policy would
+    # differ), with the KL weight adapted after the first one.
     data = length_prompts(tmp_path)
     ppo = [*LORA_PPO_3_STEPS_PER_ROLLOUT, "--trainer.max_steps=9"]
-    killed_after_step_3(tmp_path, data, ppo)
+    killed_after(5, tmp_path, data, ppo)
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 2 and saved["pandallm"]["rollouts"][0]  # the rollout of steps 0-2, kept
+    assert saved["global_step"] == 4 and saved["pandallm"]["rollouts"][0]  # the rollout of steps 3-5, kept
+    assert saved["pandallm"]["kl_coef"] != 0.1
     fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
     straight, resumed = losses(tmp_path, "straight"), losses(tmp_path, "resumed")
     # Stopped at 9 steps (of the 24 of 2 epochs: 12 prompts, 3 per batch, 3 steps per rollout).
-    assert 3 in resumed and max(straight) == 8
+    assert 5 in resumed and max(straight) == 8
     assert resumed == straight  # every step's loss, as logged text: bit-exact floats
     assert len(set(straight.values())) == 9  # the run trains: every step's loss differs
+    [log_dir] = (tmp_path / "straight").glob("version_*")
+    weights = metric_column(log_dir, "train/kl_coef")  # adapted after steps 2, 5, 8: constant within a rollout
+    assert weights[0:3] == [pytest.approx(0.1)] * 3 and weights[3:6] == [weights[3]] * 3 != weights[6:9], weights
     exports = [
         sorted((tmp_path / name).glob("version_*/hf/adapter_model.safetensors")) for name in ("straight", "resumed")
     ]
@@ -171,7 +178,7 @@ def test_two_process_ddp_ppo_resumed_between_two_steps_of_a_rollout_is_exact(tmp
     data = length_prompts(tmp_path)
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.per_device_train_batch_size=2"]
     ppo = [*LORA_PPO_3_STEPS_PER_ROLLOUT, *ddp, "--trainer.max_steps=6"]
-    killed_after_step_3(tmp_path, data, ppo)
+    killed_after(3, tmp_path, data, ppo)
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert sorted(saved["pandallm"]["rollouts"]) == [0, 1]
     fit(tmp_path, "resumed", data, *ppo, "--ckpt_path=last")
