@@ -9,7 +9,7 @@ trained tokens inside an autograd Function, so at most one chunk's logits exist 
   logits is known in the forward pass up to the scalar that backward brings. The gradients of the hidden states and
   of the head's weight are computed there, chunk by chunk, and backward only scales them (Liger's fused linear
   cross-entropy does the same on GPU). The same three matmuls as the full path: no recomputation.
-- `chunked_token_logps` (preference objectives, GRPO): each token's log-probability gets its own gradient, known
+- `chunked_token_logps` (preference objectives, online RL): each token's log-probability gets its own gradient, known
   only in backward, so backward recomputes each chunk's logits from the saved hidden states (one more matmul).
 
 Only trained positions (label not -100) are projected at all: padding and masked prompts cost no head FLOPs, which
@@ -125,25 +125,30 @@ class _LossSum(torch.autograd.Function):
 
 
 class _TokenLogps(torch.autograd.Function):
-    """Log-probabilities (n,) of `targets` under `hidden` (n, h) projected by `weight` (v, h); backward recomputes
-    each chunk's logits."""
+    """Log-probabilities (n,) of `targets` under `hidden` (n, h) projected by `weight` (v, h), and with `entropy` the
+    entropy of each distribution (n,; no gradient, else empty); backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, dtype: torch.dtype, entropy: bool = False):
         matmul_weight = weight.to(dtype)
         logps = torch.empty(hidden.shape[0], dtype=_softmax_dtype(dtype), device=hidden.device)
         lses = torch.empty_like(logps)
+        entropies = torch.empty(hidden.shape[0] if entropy else 0, dtype=logps.dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
             logits = _chunk_logits(hidden[start:end], matmul_weight, dtype)
             lses[start:end] = logits.logsumexp(-1)
             logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lses[start:end]
+            if entropy:  # H = lse - sum(p * logits), from the chunk's logits while they exist
+                probabilities = (logits - lses[start:end, None]).exp_()
+                entropies[start:end] = lses[start:end] - (probabilities * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lses)
         ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
-        return logps
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, _grad_entropies):
         hidden, weight, targets, lses = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         matmul_weight = weight.to(ctx.dtype)
@@ -162,7 +167,7 @@ class _TokenLogps(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_loss_sum(
@@ -191,13 +196,30 @@ def chunked_token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
 ) -> torch.Tensor:
     """Each position's log-probability of its next token (batch, seq), fp32; 0 where that token is not trained."""
+    return chunked_token_logps_and_entropies(hidden, weight, labels, chunk_tokens, entropy=False)[0]
+
+
+def chunked_token_logps_and_entropies(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_token_logps`, and the entropy of each trained position's next-token distribution (batch, seq; no
+    gradient; 0 elsewhere) from the same chunks of logits (online RL logs it)."""
     trained_hidden, targets, positions = trained_positions(hidden, labels)
-    logps = _TokenLogps.apply(
+    logps, entropies = _TokenLogps.apply(
         trained_hidden,
         weight,
         targets,
         chunk_tokens_for(weight.shape[0], chunk_tokens),
         _compute_dtype(hidden, weight),
+        entropy,
     )
-    dense = torch.zeros(labels.numel(), dtype=logps.dtype, device=logps.device)
-    return dense.index_put((positions,), logps).view(labels.shape)
+
+    def dense(values: torch.Tensor) -> torch.Tensor:
+        flat = torch.zeros(labels.numel(), dtype=logps.dtype, device=logps.device)
+        return flat.index_put((positions,), values).view(labels.shape)
+
+    return dense(logps), dense(entropies) if entropy else torch.zeros_like(labels, dtype=logps.dtype)

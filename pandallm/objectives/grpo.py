@@ -40,8 +40,7 @@ import torch
 
 from pandallm.errors import ConfigError
 from pandallm.objectives.base import Stage, Terms
-from pandallm.objectives.logps import token_logps
-from pandallm.objectives.online import ROLLOUT_METRICS, OnlineRL, check_options, entropy_sum
+from pandallm.objectives.online import ROLLOUT_METRICS, OnlineRL, Scored, check_options, policy_scores
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -169,17 +168,12 @@ class GRPO(OnlineRL):
     def trained(self, module: PandaLLM, entry: dict[str, torch.Tensor]) -> Terms:
         """The loss of a rollout (`sampled`, or kept from an earlier pass) under the policy now, and its metrics; the
         first pass adds the policy's log-probabilities to `entry` as the old policy's."""
-        logits = module(entry["input_ids"], entry["position_ids"])
-        if self.temperature != 1.0:
-            # The probabilities the completions were sampled from (TRL scores at the sampling temperature too).
-            logits = logits / self.temperature
-        logps, mask = token_logps(logits, entry["labels"])
+        # At the sampling temperature: the probabilities the completions were sampled from (TRL scores so too).
+        scored = policy_scores(module, entry, self.temperature)
         if "old_logps" not in entry:
             # The first pass over the rollout: the policy that sampled it is this one (see the module docstring).
-            entry["old_logps"] = logps.detach()
-        terms = self.policy_terms(
-            logps, mask, entry["old_logps"], entry["advantages"], entry.get("ref_logps"), logits.detach()
-        )
+            entry["old_logps"] = scored.logps.detach()
+        terms = self.policy_terms(scored, entry["old_logps"], entry["advantages"], entry.get("ref_logps"))
         device = terms.loss_sum.device
         terms.metrics.update({name: value.to(device) for name, value in self.entry_metrics(entry).items()})
         return terms
@@ -203,14 +197,13 @@ class GRPO(OnlineRL):
 
     def policy_terms(
         self,
-        logps: torch.Tensor,
-        mask: torch.Tensor,
+        scored: Scored,
         old_logps: torch.Tensor,
         advantages: torch.Tensor,
         ref_logps: torch.Tensor | None,
-        logits: torch.Tensor,
     ) -> Terms:
         """The loss of a rollout's completions with their advantages (N,), and the metrics of the policy on them."""
+        logps, mask = scored.logps, scored.mask
         losses, kl, clipped = token_losses(
             logps,
             old_logps,
@@ -221,11 +214,7 @@ class GRPO(OnlineRL):
         )
         loss, units = loss_sum(losses, mask, self.loss_type, self.max_new_tokens)
         maskf = mask.to(logps.dtype)
-        metrics = {
-            "clip_ratio": (clipped * maskf).sum(),
-            "entropy": entropy_sum(logits, mask),
-            "tokens": mask.sum(),
-        }
+        metrics = {"clip_ratio": (clipped * maskf).sum(), "entropy": scored.entropy, "tokens": mask.sum()}
         if kl is not None:
             metrics["kl"] = (kl.detach() * maskf).sum()
         metrics = {name: torch.as_tensor(value).to(logps.device).double() for name, value in metrics.items()}

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
+from pandallm.data.encode import IGNORE_INDEX
 from pandallm.errors import ConfigError
 from pandallm.generate.options import GenerationOptions
+from pandallm.model.chunked_loss import chunked_token_logps_and_entropies
+from pandallm.model.head import head_bypassed
 from pandallm.objectives.base import Objective, Stage, Terms
+from pandallm.objectives.logps import token_logps
 from pandallm.rl.buffer import Entry
 from pandallm.rl.rewards import Rewards, record_fields
 from pandallm.rl.rollout import Rollout, completion_rows, rollout_seed, sample
@@ -218,6 +224,36 @@ class OnlineRL(Objective):
             else:
                 means[std_name] = math.sqrt(max(variance, 0.0))
         return means
+
+
+@dataclass
+class Scored:
+    """The policy on a rollout's rows: what the online objectives' losses and metrics read."""
+
+    logps: torch.Tensor  # (N, T): each completion token's log-probability at the sampling temperature, with gradient
+    mask: torch.Tensor  # (N, T): whether position t holds a completion token's log-probability
+    entropy: torch.Tensor  # the summed entropy of the distributions at those positions (fp64, no gradient)
+    hidden: torch.Tensor  # (N, T, hidden): the decoder's final (normed) states, with gradient (PPO's value head)
+
+
+def policy_scores(module: PandaLLM, entry: Entry, temperature: float) -> Scored:
+    """The policy's scores of a rollout's rows along `module.loss_path` (`model.loss_impl`): from the full logits, or
+    a chunk of completion tokens at a time without the batch x seq x vocab logits (as DPO scores pairs). The
+    temperature divides the logits, or the hidden states before the projection: the same logits, linear in them."""
+    ids, positions, labels = entry["input_ids"], entry["position_ids"], entry["labels"]
+    if module.loss_path == "full":
+        with head_bypassed(module.model, bypass=False) as head:
+            logits = module(ids, positions)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logps, mask = token_logps(logits, labels)
+        return Scored(logps, mask, entropy_sum(logits.detach(), mask), head.hidden)
+    hidden, weight = module.head_input(ids, positions)
+    scaled = hidden / temperature if temperature != 1.0 else hidden
+    chunk = module.hparams.loss_chunk_tokens
+    logps, entropies = chunked_token_logps_and_entropies(scaled, weight, labels, chunk)
+    mask = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+    return Scored(logps, mask, entropies.sum().double(), hidden)
 
 
 def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pandallm.model.head import head_bypassed
 from pandallm.objectives.base import Stage, Terms
-from pandallm.objectives.logps import token_logps
-from pandallm.objectives.online import METRIC, ROLLOUT_METRICS, OnlineRL, check_options, entropy_sum
+from pandallm.objectives.online import METRIC, ROLLOUT_METRICS, OnlineRL, check_options, policy_scores
 from pandallm.rl.advantages import gae, whiten
 
 if TYPE_CHECKING:
@@ -179,12 +177,9 @@ class PPO(OnlineRL):
     def trained(self, module: PandaLLM, entry: dict[str, torch.Tensor]) -> Terms:
         """The loss of a rollout (`sampled`, or kept from an earlier pass) under the policy and value head now, and
         its metrics; the first pass adds the old log-probabilities, values, advantages and returns to `entry`."""
-        with head_bypassed(module.model, bypass=False) as head:
-            logits = module(entry["input_ids"], entry["position_ids"])
-        values = module.heads[VALUE_HEAD](head.hidden).squeeze(-1).float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature  # the probabilities the completions were sampled from
-        logps, mask = token_logps(logits, entry["labels"])
+        scored = policy_scores(module, entry, self.temperature)  # at the temperature the completions were sampled at
+        logps, mask = scored.logps, scored.mask
+        values = module.heads[VALUE_HEAD](scored.hidden).squeeze(-1).float()
         if "advantages" not in entry:
             # The first pass over the rollout: this policy sampled it, its values are the rollout's.
             self.estimate(entry, logps.detach(), values.detach(), mask, self.kl_coefficient(module))
@@ -205,7 +200,7 @@ class PPO(OnlineRL):
             "value_loss": (value.detach() * maskf).sum(),
             "clip_ratio": (clipped * maskf).sum(),
             "value_clip_ratio": (value_clipped * maskf).sum(),
-            "entropy": entropy_sum(logits.detach(), mask),
+            "entropy": scored.entropy,
             "value": (values.detach() * maskf).sum(),
             "tokens": mask.sum(),
             **self.entry_metrics(entry),

@@ -116,8 +116,11 @@ def trl_batch(tokenizer, generator) -> tuple[dict, Rollout]:
     return inputs, rollout
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_loss_and_gradients_equal_trls_grpo_trainer(tmp_path: Path, loss_type: str) -> None:
+@pytest.mark.parametrize(
+    ("loss_type", "loss_impl"), [("grpo", "full"), ("grpo", "chunked"), ("dr_grpo", "chunked"), ("dapo", "full")]
+)
+def test_loss_and_gradients_equal_trls_grpo_trainer(tmp_path: Path, loss_type: str, loss_impl: str) -> None:
+    # Both ways of scoring the policy (`model.loss_impl`): its full logits, or chunks of them.
     trl = pytest.importorskip("trl", reason="TRL is the reference implementation")
     tokenizer = load_tokenizer(str(TOKENIZER_DIR))
     torch.manual_seed(0)
@@ -149,8 +152,9 @@ def test_loss_and_gradients_equal_trls_grpo_trainer(tmp_path: Path, loss_type: s
     trainer.current_gradient_accumulation_steps = 1  # set by its training loop, which is not run here
     objective = GRPO(REWARD, num_generations=2, loss_type=loss_type, beta=beta, temperature=temperature)
     objective.max_new_tokens = max_new_tokens
-    module = PandaLLM(str(tmp_path / "init"), objective=objective)
+    module = PandaLLM(str(tmp_path / "init"), objective=objective, loss_impl=loss_impl)
     module.configure_model()
+    assert module.loss_path == loss_impl
     # A reference that differs from the policy: the starting model with its weights moved, the same on both sides.
     with torch.no_grad():
         for p in trainer.ref_model.parameters():

@@ -119,7 +119,10 @@ def test_the_score_comes_at_the_last_action_and_the_kl_penalty_at_each() -> None
     assert rewards.flatten().tolist() == pytest.approx([0, -0.05, -0.05, 1.95, 0, 0, 0, -1.05, 0, 0])
 
 
-def test_the_loss_of_a_rollout_equals_a_direct_computation_in_plain_transformers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_impl", ["full", "chunked"])
+def test_the_loss_of_a_rollout_equals_a_direct_computation_in_plain_transformers(
+    tmp_path: Path, loss_impl: str
+) -> None:
     # The policy's log-probabilities at the sampling temperature and the value head on the last (normed) hidden
     # states, from transformers' own forward; then the KL penalty, GAE, whitening and the clipped losses as written
     # in the tests above. The first pass: the old policy and values are the current ones.
@@ -128,8 +131,9 @@ def test_the_loss_of_a_rollout_equals_a_direct_computation_in_plain_transformers
     LlamaForCausalLM(LlamaConfig(**llama_tiny(), vocab_size=len(tokenizer))).save_pretrained(tmp_path / "init")
     tokenizer.save_pretrained(tmp_path / "init")
     objective = PPO(REWARD, kl_coef=0.1, temperature=0.7, lam=0.9, vf_coef=0.3)
-    module = PandaLLM(str(tmp_path / "init"), objective=objective)
+    module = PandaLLM(str(tmp_path / "init"), objective=objective, loss_impl=loss_impl)
     module.configure_model()
+    assert module.loss_path == loss_impl
     module.model.eval()  # no dropout: the direct computation below must see the same forward
     with torch.no_grad():
         module.heads["value"].weight.normal_(0, 0.1)  # a value head that predicts something
@@ -173,6 +177,8 @@ def test_the_loss_of_a_rollout_equals_a_direct_computation_in_plain_transformers
     assert float(terms.metrics["kl"]) == pytest.approx(float(kl.sum()), abs=1e-4)
     assert float(terms.metrics["value"]) == pytest.approx(float((values * mask).sum()), abs=1e-4)
     assert float(terms.metrics["clip_ratio"]) == 0  # on-policy: nothing to clip
+    entropies = -(logps.exp() * logps).sum(-1)[:, :-1][mask[:, :-1]]
+    assert float(terms.metrics["entropy"]) == pytest.approx(float(entropies.sum()), rel=1e-5)
     terms.loss_sum.backward()
     assert module.heads["value"].weight.grad.abs().sum() > 0  # the value head trains
 
