@@ -64,9 +64,16 @@ class ReferenceScores:
     def token_scores(self, module: PandaLLM, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
         """The reference's log-probability of each trained token of a batch's rows, (rows, seq), its logits divided
         by `temperature` (online RL: GRPO)."""
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with self._as_reference(module) as forward:
-            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"])[0]
+            if module.loss_path == "full":
+                logits = forward(**inputs).logits
+                return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"])[0]
+            # As the policy's are (`pandallm.objectives.online.policy_scores`): the hidden states scaled instead.
+            with head_bypassed(forward) as head:
+                forward(**inputs)
+        hidden = head.hidden / temperature if temperature != 1.0 else head.hidden
+        return chunked_token_logps(hidden, head.weight, batch["labels"], module.hparams.loss_chunk_tokens)
 
     @contextlib.contextmanager
     def _as_reference(self, module: PandaLLM):
