@@ -34,13 +34,15 @@ class Plan:
 def parameter_counts(module: Any) -> tuple[int, int]:
     """(all parameters, trainable ones) of the model `module` (a `PandaLLM`) builds, counted on the meta device: its
     architecture, with LoRA adapters and `modules_to_save` where configured (the base's quantization changes no
-    count)."""
+    count), and the objective's own trained modules."""
     h = module.hparams
     with torch.device("meta"):
         model = LlamaForCausalLM(module.config)
         if h.use_lora:
             model = apply_lora(model, module.lora)
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+        heads = module.objective.trained_modules(module.config)  # trained fully beside the model: PPO's value head
+    parameters = [*model.parameters(), *(p for head in heads.values() for p in head.parameters())]
+    return sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad)
 
 
 def plan(trainer: Any, module: Any, datamodule: Any, config: Any) -> Plan:

@@ -59,3 +59,27 @@ def test_a_streaming_dry_run_does_not_claim_to_have_checked_the_records(tmp_path
     shown = capsys.readouterr().out
     assert "the config, the data and the model check out" not in shown
     assert "their records are read only as training reaches them (`pandallm data check DIR`" in shown
+
+
+def test_an_online_rl_dry_run_counts_the_completions_and_the_steps_per_rollout(tmp_path: Path, capsys) -> None:
+    write_jsonl(tmp_path / "rl" / "a.jsonl", [{"prompt": f"Say {word}."} for word in ["good", "water", "one", "two"]])
+    ppo = [
+        "--model.objective=PPO",
+        '--model.objective.rewards=[{function: "pandallm.rewards:ends_with"}]',
+        "--model.objective.ppo_epochs=3",
+        "--model.objective.num_generations=2",
+        "--model.objective.max_new_tokens=5",
+        f"--data.instruction_tuning_data_dir={tmp_path / 'rl'}",
+        "--data.val_files=[]",
+        "--data.per_device_train_batch_size=2",
+        "--trainer.max_epochs=1",
+    ]
+    run = cli(["fit", *tiny_fit_args(tmp_path), *ppo, "--dry_run"])
+    shown = capsys.readouterr().out
+    prompts = run.datamodule.datasets["train"]["input_ids"]
+    tokens = 2 * 2 * (sum(len(ids) for ids in prompts) / len(prompts) + 5)  # 2 prompts x 2 completions per step
+    # 4 prompts, 2 per step, each step's rows read 3 times: 6 optimizer steps.
+    assert "  optimizer steps: 6; 6 per epoch; 3 per rollout\n" in shown
+    assert f"  tokens per optimizer step: at most about {tokens:,.0f} (2 prompts of 2 x 1 device(s)" in shown
+    run.model.configure_model()  # the real model, value head included
+    assert f"trainable: {sum(p.numel() for p in run.model.parameters() if p.requires_grad):,} (" in shown

@@ -555,10 +555,9 @@ class PandaLLM(L.LightningModule):
         if self.reference_scores.scores:
             checkpoint["pandallm"]["reference_scores"] = self.reference_scores.state_dict()
         if self.rollouts.kl_coef is not None:
-            checkpoint["pandallm"]["kl_coef"] = self.rollouts.kl_coef
-        passes = self.objective.passes
-        if passes > 1 and self._trainer is not None and self.trainer.global_step % passes:
-            # Saved between two optimizer steps of one rollout: the steps left train on it (every rank's).
+            checkpoint["pandallm"]["kl_coef"] = list(self.rollouts.kl_coef)
+        if self.objective.passes > 1 and self._trainer is not None:
+            # Wherever the run stands in a rollout, the rest of it trains on the kept one (every rank's).
             checkpoint["pandallm"]["rollouts"] = rollout_buffer.gathered_state(self)
         if self.hparams.use_lora:
             keep_trainable(checkpoint, self)
@@ -579,7 +578,8 @@ class PandaLLM(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if fitting:
             rollout_buffer.restore(self, checkpoint["pandallm"].get("rollouts", {}), where)
-            self.rollouts.kl_coef = checkpoint["pandallm"].get("kl_coef")
+            adapted = checkpoint["pandallm"].get("kl_coef")  # [configured, adapted]
+            self.rollouts.kl_coef = list(adapted) if isinstance(adapted, list | tuple) and len(adapted) == 2 else None
         # Applied in `on_train_start`, once Lightning has restored the optimizer and the scheduler over them.
         saved = checkpoint.get("hyper_parameters", {})
         self._changed_optimizer_settings = changed_settings(saved, self.hparams) if fitting else []

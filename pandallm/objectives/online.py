@@ -29,7 +29,7 @@ from pandallm.model.chunked_loss import chunked_token_logps_and_entropies
 from pandallm.model.head import head_bypassed
 from pandallm.objectives.base import Objective, Stage, Terms
 from pandallm.objectives.logps import token_logps
-from pandallm.rl.buffer import Entry
+from pandallm.rl.buffer import Entry, position
 from pandallm.rl.rewards import Rewards, record_fields
 from pandallm.rl.rollout import Rollout, completion_rows, rollout_seed, sample
 from pandallm.rl.samples import log_samples
@@ -159,7 +159,9 @@ class OnlineRL(Objective):
         per_reward = self._rewards.score(prompts, rollout.completions, fields, where, rows, len(module.tokenizer))
         rewards = per_reward @ self._rewards.weights()
         trainer = module._trainer
-        if stage == "train" and self.log_samples_every_n_steps and step % self.log_samples_every_n_steps == 0:
+        # Shown when the rollout trains a step that is a multiple of N (its first step, with one pass per rollout).
+        every = self.log_samples_every_n_steps
+        if stage == "train" and every and (-step) % every < self.passes:
             shown = []
             for i, completion in enumerate(rollout.completions):
                 scores = {name: per_reward[i, j].item() for j, name in enumerate(self._rewards.names)}
@@ -189,11 +191,10 @@ class OnlineRL(Objective):
         (then `slot` is where `keep` puts it, None when nothing is kept: one pass per rollout, or evaluation)."""
         if stage != "train" or self.passes == 1:
             return None, None
-        step = self.step_of(module)
-        slot = module.rollouts.next_slot(step)
-        if step % self.passes == 0:
+        rollout_pass, slot = position(module.trainer, self.passes)
+        if rollout_pass == 0:
             return slot, None
-        return slot, module.rollouts.get(slot, batch["index"], step)
+        return slot, module.rollouts.get(slot, batch["index"], self.step_of(module))
 
     @staticmethod
     def keep(module: PandaLLM, batch: dict[str, Any], slot: int | None, entry: Entry) -> None:

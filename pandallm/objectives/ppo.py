@@ -35,6 +35,7 @@ from torch import nn
 from pandallm.objectives.base import Stage, Terms
 from pandallm.objectives.online import METRIC, ROLLOUT_METRICS, OnlineRL, check_options, policy_scores
 from pandallm.rl.advantages import gae, whiten
+from pandallm.rl.buffer import position
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -241,9 +242,12 @@ class PPO(OnlineRL):
     # ---- the adaptive KL coefficient ---------------------------------------------------------------------------
 
     def kl_coefficient(self, module: PandaLLM) -> float:
-        """The KL weight of the rewards of the rollouts sampled now: as configured, or as adapted so far."""
+        """The KL weight of the rewards of the rollouts sampled now: as configured, or as adapted so far from the same
+        configured start (a run resumed with another `kl_coef`, or without `kl_target`, takes its own)."""
         adapted = module.rollouts.kl_coef
-        return self.kl_coef if adapted is None else adapted
+        if self.kl_target is None or adapted is None or adapted[0] != self.kl_coef:
+            return self.kl_coef
+        return adapted[1]
 
     def on_window(self, module: PandaLLM, totals: dict[str, torch.Tensor]) -> None:
         """At the last step over a rollout (its KL measured over every rank), the adaptive controller's update: the
@@ -251,7 +255,7 @@ class PPO(OnlineRL):
         if self.kl_target is None:
             return
         module.log("train/kl_coef", self.kl_coefficient(module), on_step=True)  # the weight this step's rollout has
-        if (module.trainer.global_step + 1) % self.passes == 0:  # the rollout's last step: the next one samples
+        if position(module.trainer, self.passes)[0] == self.passes - 1:  # the rollout's last step: the next samples
             coefficient = adapted_kl_coef(
                 self.kl_coefficient(module),
                 float(totals["kl"] / totals["completions"].clamp(min=1)),
@@ -259,4 +263,4 @@ class PPO(OnlineRL):
                 self.kl_target,
                 self.kl_horizon,
             )
-            module.rollouts.kl_coef = coefficient
+            module.rollouts.kl_coef = [self.kl_coef, coefficient]

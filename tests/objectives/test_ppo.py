@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from pandallm.model.presets import llama_tiny
 from pandallm.objectives import PPO
 from pandallm.objectives.ppo import adapted_kl_coef, token_losses, token_rewards
 from pandallm.rl.advantages import gae, whiten
-from pandallm.rl.buffer import RolloutBuffer
+from pandallm.rl.buffer import RolloutBuffer, position
 from pandallm.rl.rollout import Rollout
 from pandallm.tokenizer import load_tokenizer
 from tests.conftest import TOKENIZER_DIR
@@ -196,14 +197,30 @@ def test_rows_repeat_window_by_window_and_resume_inside_a_repetition() -> None:
     assert Repeat(window=3, times=1).apply(np.arange(5)).tolist() == [0, 1, 2, 3, 4, 0]
 
 
+def test_a_micro_batch_is_placed_in_its_rollout_by_its_position_in_the_epoch() -> None:
+    # 2 micro-batches per step, 3 steps per rollout: batches 0-5 are the first rollout (its passes 0, 0, 1, 1, 2, 2),
+    # batch 6 starts the next one; a new epoch (batch 0 again) starts a rollout, whatever global step it is.
+    def at(batch: int) -> tuple[int, int]:
+        trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=batch)))
+        trainer.accumulate_grad_batches = 2
+        return position(trainer, passes=3)
+
+    assert [at(b) for b in range(8)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (0, 0), (0, 1)]
+
+
 def test_a_batch_that_is_not_the_kept_rollouts_is_refused() -> None:
     buffer = RolloutBuffer()
-    slot = buffer.next_slot(step=4)
-    buffer.put(slot, torch.tensor([1, 2]), {"x": torch.zeros(1)})
-    assert buffer.next_slot(step=5) == 0
+    buffer.put(0, torch.tensor([1, 2]), {"x": torch.zeros(1)})
     assert buffer.get(0, torch.tensor([1, 2]), step=5)["x"].tolist() == [0.0]
     with pytest.raises(ModelError, match="step 5: this batch's prompts are not those of the rollout"):
         buffer.get(0, torch.tensor([1, 3]), step=5)
+    # A checkpoint's rollout of another number of ranks is not taken back; said only when a step needs it.
+    buffer.load_state_dict({})
+    buffer.lost = "saved in the middle of a rollout by 2 ranks"
+    with pytest.raises(ConfigError, match="by 2 ranks"):
+        buffer.get(0, torch.tensor([1, 2]), step=5)
+    buffer.put(0, torch.tensor([4]), {})  # a new rollout: nothing is missing any more
+    assert buffer.lost is None
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pandallm.cli import cli
-from pandallm.errors import ConfigError, ModelError
+from pandallm.errors import ConfigError
 from tests.conftest import TOKENIZER_DIR, metric_column, write_jsonl
 from tests.objectives.online import ENDS_WITH_WATER, LENGTH_REWARD, common, length_prompts, prompts
 from tests.test_resume import fit, losses
@@ -165,11 +166,62 @@ def test_rows_that_do_not_repeat_for_the_steps_of_a_rollout_are_refused(tmp_path
     run.datamodule.rollout_passes = 1
     with pytest.raises(ConfigError, match="PPO takes ppo_epochs=2 optimizer steps per rollout, but data.rollout_pas"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
-    # Rows that stop repeating (limit_train_batches cutting a rollout short) are refused at the step they reach.
+
+    # An epoch cut short (limit_train_batches: 3 batches, a rollout and a half) ends with the rollout it cut; the next
+    # epoch starts a new one (a micro-batch's place in its rollout is its place in its epoch).
     longer = [arg for arg in args[1:] if not arg.startswith("--trainer.max_steps")]
-    run = cli([*longer, "--trainer.max_steps=4", "--trainer.limit_train_batches=3"], run=False)
-    with pytest.raises(ModelError, match="step 3: this batch's prompts are not those of the rollout"):
-        run.trainer.fit(run.model, datamodule=run.datamodule)
+    run = cli(["fit", *longer, "--trainer.max_steps=5", "--trainer.limit_train_batches=3"])
+    assert len(metric_column(Path(run.trainer.log_dir), "train/reward")) == 5
+
+
+class SaveAtBatch(L.Callback):
+    """Saves a checkpoint after training batch `batch` of the first epoch, wherever it falls: what a validation with
+    `val_check_interval` does inside an accumulation window."""
+
+    def __init__(self, batch: int, path: str) -> None:
+        self.batch, self.path = batch, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_saved_between_two_micro_batches_of_a_rollout_resumes_inside_it(tmp_path: Path) -> None:
+    # 2 micro-batches per step, 2 steps per rollout: batch 4 is the first micro-batch of the second rollout's first
+    # step. The checkpoint saved after it holds that micro-batch's kept rollout, which the rollout's second step
+    # trains on again after the resume (the micro-batch itself is not trained again: its gradient was not saved, as
+    # for any objective resumed inside an accumulation window).
+    args = rl_args(
+        tmp_path,
+        "llama-tiny",
+        "ppo",
+        "PPO",
+        "--model.use_lora=true",
+        "--model.lora_r=8",
+        f"--model.objective.rewards={LENGTH_REWARD}",
+        "--model.objective.ppo_epochs=2",
+        "--model.objective.num_generations=2",
+        "--model.objective.max_new_tokens=3",
+        "--trainer.accumulate_grad_batches=2",
+        "--data.per_device_train_batch_size=2",
+    )
+    saved = tmp_path / "inside.ckpt"
+    cli(
+        [
+            *args,
+            "--trainer.max_steps=3",
+            f"--trainer.callbacks+={__name__}.SaveAtBatch",
+            "--trainer.callbacks.batch=4",
+            f"--trainer.callbacks.path={saved}",
+        ]
+    )
+    state = torch.load(saved, weights_only=True)
+    assert state["global_step"] == 2 and list(state["pandallm"]["rollouts"][0]) == [0]
+    run = cli([*args, "--trainer.max_steps=6", f"--ckpt_path={saved}"])
+    steps = metric_column(Path(run.trainer.log_dir), "train/reward")
+    # Steps 2-5: the rest of the rollout (step 2 without the micro-batch trained before the save, step 3 with both,
+    # the first one taken back from the checkpoint), then the next rollout, the same at its two steps.
+    assert len(steps) == 4 and steps[2] == steps[3]
 
 
 @pytest.mark.slow  # six processes: past the default suite's budget; the single-process resume test stays in it
