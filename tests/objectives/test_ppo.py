@@ -244,6 +244,12 @@ def test_the_adaptive_kl_weight_moves_toward_its_target_by_at_most_a_fifth_per_h
     assert adapted_kl_coef(0.2, kl=6.6, completions=100, target=6.0, horizon=1000) == pytest.approx(0.2 * 1.01)
     with pytest.raises(ConfigError, match="kl_coef must be > 0 with kl_target"):
         PPO(REWARD, kl_coef=0.0, kl_target=6.0)
+    # A checkpoint's adapted weight continues the adaptation it came from, not another configuration's.
+    module = SimpleNamespace(rollouts=RolloutBuffer())
+    module.rollouts.kl_coef = [0.1, 0.08]
+    assert PPO(REWARD, kl_coef=0.1, kl_target=6.0).kl_coefficient(module) == 0.08
+    assert PPO(REWARD, kl_coef=0.3, kl_target=6.0).kl_coefficient(module) == 0.3
+    assert PPO(REWARD, kl_coef=0.1).kl_coefficient(module) == 0.1
 
 
 def test_ppo_epochs_are_the_optimizer_steps_per_rollout() -> None:
