@@ -5,7 +5,8 @@ or a reward model, a per-token KL penalty to the reference, GAE and several opti
 Each rollout (`pandallm.objectives.online`): the policy samples `num_generations` completions of each prompt; a
 completion's reward is its score (the weighted rewards) at its last token, minus `kl_coef * (log pi_old - log
 pi_ref)` at every token (the KL penalty to the reference: the base with LoRA's adapters disabled, or a frozen copy of
-the starting model; `kl_coef: 0` keeps none); the value head's predictions V_old and the rewards give the advantages
+the starting model; `kl_coef: 0` keeps none; with `kl_target`, the weight adapts after each rollout, Ziegler et al.'s
+controller, `train/kl_coef`); the value head's predictions V_old and the rewards give the advantages
 by GAE (`gamma`, `lam`), whitened over the micro-batch's tokens (`whiten_advantages`), and the returns `A + V_old`.
 Then `ppo_epochs` optimizer steps train on that rollout (the data repeats their rows: `data.rollout_passes`), each
 token's loss
