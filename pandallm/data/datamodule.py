@@ -675,11 +675,13 @@ class PandaDataModule(L.LightningDataModule):
         assert self.datasets is not None, "setup('fit') must run first"
         if self.streaming:
             return math.inf
-        rows_per_rank = math.ceil(self.training_order.length / world_size)
+        return math.ceil(self._trained_rows_per_rank(world_size) / self.train_batch_size)
+
+    def _trained_rows_per_rank(self, world_size: int) -> int:
+        """Rows of an epoch each rank trains on: its share, padded as shards are, repetitions included."""
+        rows = math.ceil(self.training_order.length / world_size)
         repeat = self._repeat()
-        if repeat is not None:
-            rows_per_rank = repeat.rows(rows_per_rank)
-        return math.ceil(rows_per_rank / self.train_batch_size)
+        return repeat.rows(rows) if repeat is not None else rows
 
     def _repeat(self) -> Repeat | None:
         """How the training rows repeat for the optimizer steps of each rollout (`rollout_passes`), or None."""
@@ -690,11 +692,10 @@ class PandaDataModule(L.LightningDataModule):
 
     def _trained_rows_per_epoch(self) -> int:
         """Rows of an epoch as training reads them, all ranks together (repetitions included)."""
-        repeat = self._repeat()
-        if repeat is None:
+        if self._repeat() is None:
             return self.training_order.length
         _, world_size = self._rank_and_world()
-        return repeat.rows(math.ceil(self.training_order.length / world_size)) * world_size
+        return self._trained_rows_per_rank(world_size) * world_size
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -46,10 +46,16 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position is scored against, (batch, seq): position t against token t + 1, the last position
+    against nothing (-100). The labels are shifted, not the logits: slicing the logits would copy the largest tensor
+    of the step (batch x seq x vocab)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def trained_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hidden states of trained positions (n, hidden), their next tokens (n,), and their flat positions (n,)."""
-    # Labels shifted, as in `causal_lm_loss_sum`: position t is scored against token t + 1.
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    next_labels = shifted_labels(labels).flatten()
     positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)
     return hidden.flatten(0, 1).index_select(0, positions), next_labels.index_select(0, positions), positions
 

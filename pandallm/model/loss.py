@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pandallm.data.encode import IGNORE_INDEX
-from pandallm.model.chunked_loss import chunked_loss_sum
+from pandallm.model.chunked_loss import chunked_loss_sum, shifted_labels
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -22,9 +22,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     token, e.g. the whole validation set, so that perplexity is exp of the true per-token loss.
     Shapes: logits (batch, seq, vocab), labels (batch, seq); label -100 is not trained.
     """
-    # The labels are shifted, not the logits: position t is scored against token t + 1 and the last position
-    # against nothing. Slicing the logits instead would copy the largest tensor of the step (batch x seq x vocab).
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    next_labels = shifted_labels(labels)
     # At least fp32 for the softmax (bf16 / fp16 logits lose the loss's low bits), and never below the logits' own.
     logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
     loss_sum = F.cross_entropy(logits, next_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

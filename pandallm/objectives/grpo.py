@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from pandallm.errors import ConfigError
-from pandallm.objectives.base import Stage, Terms
+from pandallm.objectives.base import Terms
 from pandallm.objectives.online import ROLLOUT_METRICS, OnlineRL, Scored, check_options, policy_scores
 
 if TYPE_CHECKING:
@@ -178,22 +178,13 @@ class GRPO(OnlineRL):
         terms.metrics.update({name: value.to(device) for name, value in self.entry_metrics(entry).items()})
         return terms
 
-    def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> dict[str, torch.Tensor]:
-        """A new rollout of the batch's prompts: its rows, advantages, metric sums and (with `beta`) the reference's
-        log-probabilities."""
+    def from_rewards(self, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each completion's advantage within its group; the share of completions in groups that teach nothing."""
         num = self.num_generations
-        step = self.step_of(module)
-        rollout = self.rollout(module, batch, stage, step)
-        rewards, metrics = self.score(module, batch, rollout, stage, step)
         grouped = rewards.view(-1, num)
         zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).repeat_interleave(num)
         metrics["frac_reward_zero_std"] = zero_std.sum().double()
-        metrics["completions"] = torch.tensor(len(rollout.lengths), dtype=torch.float64, device=rewards.device)
-        advantages = group_advantages(rewards, num, self.scale_rewards).float()
-        entry = self.rollout_entry(rollout, metrics, advantages=advantages)
-        if self.beta > 0:
-            entry["ref_logps"] = module.reference_scores.token_scores(module, entry, self.temperature)
-        return entry
+        return {"advantages": group_advantages(rewards, num, self.scale_rewards).float()}
 
     def policy_terms(
         self,

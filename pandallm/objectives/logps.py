@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pandallm.data.encode import IGNORE_INDEX
-from pandallm.model.chunked_loss import chunked_token_logps
+from pandallm.model.chunked_loss import chunked_token_logps, shifted_labels
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -31,7 +31,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     Shapes: logits (rows, seq, vocab), labels (rows, seq) -> (rows, seq) each, position t holding the log-probability
     of token t + 1 (0 where that token is not trained), as `sequence_logps` shifts.
     """
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    next_labels = shifted_labels(labels)
     logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
     logps = -F.cross_entropy(logits, next_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return logps.view(labels.shape), next_labels != IGNORE_INDEX
@@ -45,5 +45,5 @@ def policy_sequence_logps(module: PandaLLM, batch: dict[str, Any]) -> tuple[torc
         return sequence_logps(module(input_ids, position_ids), labels)
     hidden, weight = module.head_input(input_ids, position_ids)
     token_logps = chunked_token_logps(hidden, weight, labels, module.hparams.loss_chunk_tokens)
-    trained = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+    trained = shifted_labels(labels) != IGNORE_INDEX
     return token_logps.sum(-1), trained.sum(-1)

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from pandallm.data.encode import IGNORE_INDEX
 from pandallm.errors import ConfigError
 from pandallm.generate.options import GenerationOptions
-from pandallm.model.chunked_loss import chunked_token_logps_and_entropies
+from pandallm.model.chunked_loss import chunked_token_logps_and_entropies, shifted_labels
 from pandallm.model.head import head_bypassed
 from pandallm.objectives.base import Objective, Stage, Terms
 from pandallm.objectives.logps import token_logps
@@ -112,7 +111,20 @@ class OnlineRL(Objective):
         return terms
 
     def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> Entry:
-        """A new rollout of the batch's prompts, scored: what `trained` takes."""
+        """A new rollout of the batch's prompts, scored: its rows, its metric sums, what the objective keeps of its
+        rewards (`from_rewards`) and, with a KL term, the reference's log-probabilities: what `trained` takes."""
+        step = self.step_of(module)
+        rollout = self.rollout(module, batch, stage, step)
+        rewards, metrics = self.score(module, batch, rollout, stage, step)
+        kept = self.from_rewards(rewards, metrics)
+        entry = self.rollout_entry(rollout, metrics, **kept)
+        if self.uses_reference:
+            entry["ref_logps"] = module.reference_scores.token_scores(module, entry, self.temperature)
+        return entry
+
+    def from_rewards(self, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the objective keeps of a rollout's weighted rewards (N,): GRPO's advantages, PPO's scores; its own
+        metric sums are added to `metrics`."""
         raise NotImplementedError
 
     def trained(self, module: PandaLLM, entry: Entry) -> Terms:
@@ -172,6 +184,7 @@ class OnlineRL(Objective):
             "reward_sq": (rewards**2).sum(),
             "completion_length": rollout.lengths.sum(),
             "truncated": rollout.truncated.sum(),
+            "completions": torch.tensor(len(rollout.lengths)),
         }
         for j, name in enumerate(self._rewards.names):
             metrics[f"rewards/{name}"] = per_reward[:, j].sum()
@@ -253,7 +266,7 @@ def policy_scores(module: PandaLLM, entry: Entry, temperature: float) -> Scored:
     scaled = hidden / temperature if temperature != 1.0 else hidden
     chunk = module.hparams.loss_chunk_tokens
     logps, entropies = chunked_token_logps_and_entropies(scaled, weight, labels, chunk)
-    mask = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) != IGNORE_INDEX
+    mask = shifted_labels(labels) != IGNORE_INDEX
     return Scored(logps, mask, entropies.sum().double(), hidden)
 
 

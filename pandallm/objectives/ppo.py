@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pandallm.objectives.base import Stage, Terms
+from pandallm.objectives.base import Terms
 from pandallm.objectives.online import METRIC, ROLLOUT_METRICS, OnlineRL, check_options, policy_scores
 from pandallm.rl.advantages import gae, whiten
 from pandallm.rl.buffer import position
@@ -210,17 +210,9 @@ class PPO(OnlineRL):
         device = loss_sum.device
         return Terms(loss_sum, mask.sum(), {name: total.to(device).double() for name, total in metrics.items()})
 
-    def sampled(self, module: PandaLLM, batch: dict[str, Any], stage: Stage) -> dict[str, torch.Tensor]:
-        """A new rollout of the batch's prompts: its rows, scores, metric sums and (with `kl_coef`) the reference's
-        log-probabilities."""
-        step = self.step_of(module)
-        rollout = self.rollout(module, batch, stage, step)
-        scores, metrics = self.score(module, batch, rollout, stage, step)
-        metrics["completions"] = torch.tensor(len(rollout.lengths), dtype=torch.float64, device=scores.device)
-        entry = self.rollout_entry(rollout, metrics, scores=scores.float())
-        if self.kl_coef > 0:
-            entry["ref_logps"] = module.reference_scores.token_scores(module, entry, self.temperature)
-        return entry
+    def from_rewards(self, rewards: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each completion's score, rewarded at its last token (`estimate`)."""
+        return {"scores": rewards.float()}
 
     def estimate(
         self,

@@ -27,7 +27,7 @@ from pandallm.errors import ConfigError, ModelError
 from pandallm.model.chunked_loss import chunked_token_logps
 from pandallm.model.head import head_bypassed
 from pandallm.model.parallel import shards_parameters
-from pandallm.objectives.logps import sequence_logps, token_logps
+from pandallm.objectives.logps import token_logps
 
 if TYPE_CHECKING:
     from pandallm.model.module import PandaLLM
@@ -50,26 +50,18 @@ class ReferenceScores:
     @torch.no_grad()
     def score(self, module: PandaLLM, batch: dict[str, Any]) -> torch.Tensor:
         """The reference's summed log-probabilities of a batch's 2B sequences."""
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        with self._as_reference(module) as forward:
-            if module.loss_path == "full":
-                return sequence_logps(forward(**inputs).logits, batch["labels"])[0]
-            # As the policy's are (`model.loss_impl`): without the logits of every pair at once.
-            with head_bypassed(forward) as head:
-                forward(**inputs)
-        chunk_tokens = module.hparams.loss_chunk_tokens
-        return chunked_token_logps(head.hidden, head.weight, batch["labels"], chunk_tokens).sum(-1)
+        return self.token_scores(module, batch).sum(-1)
 
     @torch.no_grad()
     def token_scores(self, module: PandaLLM, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
-        """The reference's log-probability of each trained token of a batch's rows, (rows, seq), its logits divided
-        by `temperature` (online RL: GRPO)."""
+        """The reference's log-probability of each trained token of a batch's rows, (rows, seq; 0 elsewhere), its
+        logits divided by `temperature` (online RL), along `model.loss_impl` as the policy's are: from the full logits,
+        or a chunk of tokens at a time, the hidden states scaled instead of the logits."""
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with self._as_reference(module) as forward:
             if module.loss_path == "full":
                 logits = forward(**inputs).logits
                 return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"])[0]
-            # As the policy's are (`pandallm.objectives.online.policy_scores`): the hidden states scaled instead.
             with head_bypassed(forward) as head:
                 forward(**inputs)
         hidden = head.hidden / temperature if temperature != 1.0 else head.hidden
